@@ -1,0 +1,32 @@
+"""deltahub: store, share, version and load fine-tuned models as compressed deltas against their base.
+
+>>> import torch, deltahub
+>>> base = torch.zeros(32, 32, dtype=torch.bfloat16)
+>>> ft = (torch.randn(32, 32) * 1e-2).bfloat16()
+>>> enc = deltahub.encode_tensor("w", base, ft, method="dqrelo", ratio=1/4)
+>>> torch.allclose(enc.decode(base).float(), ft.float(), atol=0.05)
+True
+"""
+
+from .encoding import EncodedTensor, decode_tensor, encode_tensor
+from .errors import (
+    BaseMismatchError,
+    DeltahubError,
+    FormatError,
+    InfeasibleRatioError,
+    InvalidTensorError,
+    ShapeMismatchError,
+    UnknownComponentError,
+    UnknownMethodError,
+    UnsupportedFormatVersionError,
+)
+from .format import FORMAT_VERSION, DeltaReader, DeltaWriter
+from .methods import get_method, list_methods
+from .policy import Policy, Rule
+from .version import __version__
+
+__all__ = [
+    "FORMAT_VERSION", "BaseMismatchError", "DeltaReader", "DeltaWriter", "DeltahubError", "EncodedTensor", "FormatError",
+    "InfeasibleRatioError", "InvalidTensorError", "Policy", "Rule", "ShapeMismatchError", "UnknownComponentError",
+    "UnknownMethodError", "UnsupportedFormatVersionError", "__version__", "decode_tensor", "encode_tensor", "get_method", "list_methods",
+]

@@ -1,0 +1,176 @@
+"""Encode one tensor pair into a record, and decode it back.
+
+This is where the rules that hold for every method live: the delta is computed in float32,
+NaN and Inf are refused, unchanged tensors cost nothing, a grown or shrunk dimension 0 (a
+resized vocabulary) is stored as a delta on the overlap plus dense new rows, 3-D tensors
+(fused Mixture-of-Experts weights) are compressed one slice at a time, and the honest size
+of the record is checked against the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InfeasibleRatioError, InvalidTensorError, ShapeMismatchError
+from .format import prng
+from .format.components import Component, encode_dense
+from .format.dtypes import itemsize, to_name
+from .format.records import decode_record, make_record, record_nbytes
+from .methods import EncodeContext, Method, get_method
+
+
+@dataclass
+class EncodedTensor:
+    """One tensor's record and its stored tensors (keyed ``"{i}.{field}"``), with honest sizes."""
+
+    name: str
+    record: dict
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes: data, header entries and JSON record."""
+        return record_nbytes(self.name, self.record)
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the dense delta in the fine-tune's dtype."""
+        return math.prod(self.record["shape"]) * itemsize(self.record["dtype"])
+
+    @property
+    def ratio(self) -> float:
+        """Achieved ratio: stored bytes over dense bytes."""
+        return self.nbytes / self.dense_nbytes if self.dense_nbytes else 0.0
+
+    def decode(self, base: torch.Tensor | None) -> torch.Tensor | None:
+        """The fine-tuned tensor rebuilt from ``base`` (see :func:`decode_tensor`)."""
+        return decode_tensor(self, base)
+
+
+def _check_finite(name: str, which: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise InvalidTensorError(f"tensor {name!r}: the {which} weight holds {bad} NaN or Inf value(s); fix the checkpoint before compressing")
+
+
+def _blocks(shape: tuple[int, ...], rows: int) -> list[tuple[tuple[int, int] | None, list[int] | None]]:
+    """(rows range, view) of each block the method sees; rows=None means the whole tensor."""
+    if len(shape) == 3:
+        return [((e, e + 1), None) for e in range(rows)]
+    if len(shape) >= 4:
+        return [((0, rows) if rows != shape[0] else None, [rows, math.prod(shape[1:])])]
+    return [((0, rows) if rows != (shape[0] if shape else 1) else None, None)]
+
+
+def encode_tensor(
+    name: str,
+    base: torch.Tensor | None,
+    finetuned: torch.Tensor,
+    method: str | Method = "dqrelo",
+    ratio: float | None = 1 / 8,
+    *,
+    seed: int = 0,
+    **params: Any,
+) -> EncodedTensor:
+    """Compress ``finetuned - base`` with a method at a target ratio of the dense delta's bytes.
+
+    >>> import torch
+    >>> base = torch.zeros(64, 64, dtype=torch.bfloat16)
+    >>> ft = (base.float() + torch.randn(64, 64) * 1e-2).bfloat16()
+    >>> enc = encode_tensor("w", base, ft, "svd", ratio=1/4)
+    >>> enc.ratio <= 1/4, enc.decode(base).dtype
+    (True, torch.bfloat16)
+    """
+    m = method if isinstance(method, Method) else get_method(method, **params)
+    shape = tuple(finetuned.shape)
+    dtype = finetuned.dtype
+    if not dtype.is_floating_point:
+        raise InvalidTensorError(f"tensor {name!r} has dtype {dtype}; deltas are made of floating-point tensors only")
+    _check_finite(name, "fine-tuned", finetuned)
+    if base is None:
+        record, tensors = make_record("added", shape, to_name(dtype), [encode_dense(finetuned, dtype)])
+        return EncodedTensor(name, record, tensors)
+    _check_finite(name, "base", base)
+    bshape = tuple(base.shape)
+    if bshape != shape and (len(bshape) != len(shape) or len(shape) == 0 or bshape[1:] != shape[1:]):
+        raise ShapeMismatchError(
+            f"tensor {name!r}: base shape {list(bshape)} and fine-tuned shape {list(shape)} differ beyond dimension 0; "
+            "only a resized first dimension (vocabulary) can be stored as a delta. Is this the right base model?"
+        )
+    if bshape == shape and base.dtype == dtype and torch.equal(base, finetuned):
+        record, tensors = make_record("unchanged", shape, to_name(dtype))
+        return EncodedTensor(name, record, tensors)
+    if m.needs_weights:
+        if bshape != shape:
+            raise ShapeMismatchError(f"tensor {name!r}: {m.name} needs base and fine-tune of one shape, got {list(bshape)} and {list(shape)}")
+        ctx = _context(name, dtype, shape, ratio, seed, m, None, None)
+        record, tensors = make_record("compressed", shape, to_name(dtype), m.encode_weights(base, finetuned, ctx), method=m.name)  # type: ignore[attr-defined]
+        return EncodedTensor(name, record, tensors)
+
+    overlap = min(shape[0], bshape[0]) if shape else 1
+    delta = finetuned[:overlap].to(torch.float32) - base[:overlap].to(torch.float32) if shape else finetuned.to(torch.float32) - base.to(torch.float32)
+    if not bool(torch.isfinite(delta).all()):
+        raise InvalidTensorError(f"tensor {name!r}: the delta overflows float32; the base and fine-tune are not related")
+    if m.kind == "dense" and bshape == shape:
+        record, tensors = make_record("dense", shape, to_name(dtype), m.encode(delta, _context(name, dtype, shape, None, seed, m, None, None)))
+        return EncodedTensor(name, record, tensors)
+
+    components: list[Component] = []
+    for rows, view in _blocks(shape, overlap):
+        block = delta if rows is None else delta[rows[0] : rows[1]]
+        p_q = view or ([block.numel() // block.shape[-1], block.shape[-1]] if block.dim() else [1, 1])
+        ctx = _context(name, dtype, shape, ratio if m.takes_ratio else None, seed, m, rows, view, block.numel())
+        if rows is not None and len(shape) == 3:
+            ctx.seed = prng.tensor_seed(seed, f"{name}[{rows[0]}]")
+        for c in m.encode(block.reshape(p_q), ctx):
+            if rows is not None:
+                c.meta["rows"] = list(rows)
+            if view is not None:
+                c.meta["view"] = list(view)
+            components.append(c)
+    if shape and overlap < shape[0]:
+        new_rows = encode_dense(finetuned[overlap:], dtype)
+        new_rows.meta["rows"] = [overlap, shape[0]]
+        components.append(new_rows)
+    extra = {"base_shape": list(bshape)} if bshape != shape else {}
+    record, tensors = make_record("compressed", shape, to_name(dtype), components, method=m.name, **extra)
+    enc = EncodedTensor(name, record, tensors)
+    # Each block met its own budget with its own copy of the record's JSON wrapper counted, so
+    # the whole record meets the tensor's budget; check it anyway, a broken promise is a bug.
+    if ratio is not None and m.takes_ratio and bshape == shape and enc.nbytes > math.floor(ratio * enc.dense_nbytes):
+        raise InfeasibleRatioError(f"tensor {name!r}: {m.name} produced {enc.nbytes} bytes, over its budget; please report this bug")
+    return enc
+
+
+def _context(name: str, dtype: torch.dtype, shape: tuple[int, ...], ratio: float | None, seed: int, m: Method, rows, view, block_numel: int | None = None) -> EncodeContext:
+    numel = block_numel if block_numel is not None else math.prod(shape)
+    dense = numel * dtype.itemsize
+    budget = None if ratio is None else math.floor(ratio * dense)
+    if ratio is not None and not (0 < ratio):
+        raise ValueError(f"ratio must be positive, got {ratio}")
+
+    def measure(metas: list[dict]) -> int:
+        comps = []
+        for meta in metas:
+            meta = dict(meta)
+            if rows is not None:
+                meta["rows"] = list(rows)
+            if view is not None:
+                meta["view"] = list(view)
+            comps.append(meta)
+        record = {"kind": "compressed", "shape": list(shape), "dtype": to_name(dtype), "method": m.name, "components": comps}
+        return record_nbytes(name, record)
+
+    return EncodeContext(name=name, dtype=dtype, budget=budget, seed=prng.tensor_seed(seed, name), measure=measure, ratio=ratio, dense_nbytes=dense)
+
+
+def decode_tensor(encoded: EncodedTensor, base: torch.Tensor | None) -> torch.Tensor | None:
+    """Rebuild the fine-tuned tensor: components summed onto the base in float32, cast once."""
+    name = encoded.name
+    return decode_record(name, encoded.record, lambda key: encoded.tensors[key[len(name) + 2 :]], base)
+
+

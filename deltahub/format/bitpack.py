@@ -1,0 +1,75 @@
+"""k-bit packing of unsigned codes into bytes (spec/FORMAT.md, "Bit packing").
+
+Codes form one little-endian bit stream: code ``i`` of width ``k`` occupies stream bits
+``[i*k, (i+1)*k)``, least significant bit first, and stream bit ``b`` is bit ``b % 8``
+(value ``1 << (b % 8)``) of byte ``b // 8``. Unused high bits of the last byte are zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import FormatError
+
+# Work in slices so that unpacking bits never needs 8x the codes' memory at once.
+_CHUNK = 1 << 22
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes needed for ``count`` codes of ``bits`` bits."""
+    return (count * bits + 7) // 8
+
+
+def pack(codes: np.ndarray | torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned integer codes (each < 2**bits) into a uint8 tensor.
+
+    >>> pack(np.array([1, 0, 3]), 2).tolist()
+    [49]
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if isinstance(codes, torch.Tensor):
+        codes = codes.detach().cpu().numpy()
+    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    if flat.size and int(flat.max()) >= (1 << bits):
+        raise ValueError(f"a code does not fit in {bits} bits")
+    if bits == 8:
+        return torch.from_numpy(flat.copy())
+    out = np.empty(packed_nbytes(flat.size, bits), dtype=np.uint8)
+    shifts = np.arange(bits, dtype=np.uint8)
+    # Each chunk of 8 codes is a whole number of bytes, so chunks pack independently.
+    step = _CHUNK - _CHUNK % 8
+    for start in range(0, flat.size, step):
+        part = flat[start : start + step]
+        stream = ((part[:, None] >> shifts) & 1).reshape(-1)
+        packed = np.packbits(stream, bitorder="little")
+        o = start * bits // 8
+        out[o : o + packed.size] = packed
+    return torch.from_numpy(out)
+
+
+def unpack(data: torch.Tensor | np.ndarray, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``count`` codes as a uint8 tensor.
+
+    >>> unpack(pack(np.array([1, 0, 3]), 2), 2, 3).tolist()
+    [1, 0, 3]
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    raw = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    raw = raw.reshape(-1).view(np.uint8)
+    need = packed_nbytes(count, bits)
+    if raw.size != need:
+        raise FormatError(f"packed data holds {raw.size} bytes, {need} expected for {count} {bits}-bit codes")
+    if bits == 8:
+        return torch.from_numpy(raw.copy())
+    out = np.empty(count, dtype=np.uint8)
+    weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint8)
+    step = _CHUNK - _CHUNK % 8
+    for start in range(0, count, step):
+        n = min(step, count - start)
+        b0 = start * bits // 8
+        stream = np.unpackbits(raw[b0 : b0 + packed_nbytes(n, bits)], bitorder="little", count=n * bits)
+        out[start : start + n] = (stream.reshape(n, bits) * weights).sum(axis=1, dtype=np.uint8)
+    return torch.from_numpy(out)

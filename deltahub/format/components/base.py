@@ -1,0 +1,111 @@
+"""What every component shares: the encoded payload, the matrix view, and the type registry."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Mapping
+
+import torch
+
+from ...errors import FormatError, UnknownComponentError
+from ..dtypes import itemsize, to_torch
+
+# field name -> (dtype name, shape)
+Layout = dict[str, tuple[str, tuple[int, ...]]]
+
+
+@dataclass
+class Component:
+    """One encoded component: its JSON ``meta`` (with ``"type"``) and its stored ``tensors`` by field."""
+
+    meta: dict
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def type(self) -> str:
+        return self.meta["type"]
+
+
+def block_shape(shape: tuple[int, ...], meta: Mapping) -> tuple[int, ...]:
+    """Shape of the part of the tensor a component covers (``rows`` restricts dimension 0)."""
+    rows = meta.get("rows")
+    if rows is None:
+        return tuple(shape)
+    if len(shape) == 0:
+        raise FormatError("a component of a 0-d tensor cannot have 'rows'")
+    start, end = rows
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= shape[0]):
+        raise FormatError(f"component rows {rows} do not fit dimension 0 of shape {list(shape)}")
+    return (end - start, *shape[1:])
+
+
+def matrix_view(block: tuple[int, ...], meta: Mapping) -> tuple[int, int]:
+    """The 2-D view [p, q] a matrix component works on: ``meta["view"]`` or [numel // last, last]."""
+    numel = math.prod(block)
+    view = meta.get("view")
+    if view is not None:
+        if len(view) != 2 or view[0] * view[1] != numel or min(view) < 0:
+            raise FormatError(f"component view {view} does not hold the {numel} elements of block {list(block)}")
+        return int(view[0]), int(view[1])
+    if len(block) == 0:
+        return 1, 1
+    q = block[-1]
+    return (numel // q if q else 0), q
+
+
+def layout_nbytes(layout: Layout) -> int:
+    return sum(itemsize(dt) * math.prod(shape) for dt, shape in layout.values())
+
+
+class ComponentType:
+    """A component type: the spec's layout of its stored fields and its decoding."""
+
+    name: ClassVar[str]
+    needs_base: ClassVar[bool] = False
+
+    @classmethod
+    def layout(cls, meta: Mapping, block: tuple[int, ...]) -> Layout:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+COMPONENT_TYPES: dict[str, type[ComponentType]] = {}
+
+
+def register_component(cls: type[ComponentType]) -> type[ComponentType]:
+    COMPONENT_TYPES[cls.name] = cls
+    return cls
+
+
+def component_type(name: str) -> type[ComponentType]:
+    try:
+        return COMPONENT_TYPES[name]
+    except KeyError:
+        raise UnknownComponentError(
+            f"unknown component type {name!r}; this deltahub reads {sorted(COMPONENT_TYPES)}. "
+            "The delta may come from a newer deltahub: upgrade with `pip install -U deltahub`."
+        ) from None
+
+
+def check_fields(where: str, layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Stored tensors must be exactly the layout's fields, with its dtypes and shapes."""
+    missing = sorted(set(layout) - set(tensors))
+    if missing:
+        raise FormatError(f"{where}: stored tensors missing: {missing}; the file is truncated or corrupted")
+    extra = sorted(set(tensors) - set(layout))
+    if extra:
+        raise FormatError(f"{where}: unexpected stored tensors {extra}")
+    for key, (dt, shape) in layout.items():
+        t = tensors[key]
+        if t.dtype != to_torch(dt) or tuple(t.shape) != tuple(shape):
+            raise FormatError(
+                f"{where}: field {key!r} is {t.dtype} {list(t.shape)}, the spec requires {dt} {list(shape)}; "
+                "the file is corrupted or was written by a non-conforming writer"
+            )
+
+
+Decoder = Callable[[Mapping, Mapping[str, torch.Tensor], tuple[int, ...]], torch.Tensor]

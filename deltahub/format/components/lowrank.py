@@ -1,0 +1,166 @@
+"""``lowrank``: U diag(S) V^T with factors stored float or k-bit quantized in rank segments.
+
+Factors are stored vector-major: row ``j`` of a segment ``[start, end)`` of factor U is the
+singular vector ``start + j`` (a column of U, length p); likewise for V (length q).
+Segments carry their own precision, which is how Delta-CoMe's mixed precision is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from ...errors import FormatError
+from .. import bitpack
+from ..dtypes import FLOAT_NAMES, itemsize, to_name, to_torch
+from ..quant import dequantize_groups, quantize_groups
+from .base import Component, ComponentType, Layout, matrix_view, register_component
+
+
+def _ngroups(length: int, group_size: int) -> int:
+    return -(-length // group_size)
+
+
+def _segment_layout(prefix: str, seg: Mapping, length: int) -> Layout:
+    start, end = seg.get("start"), seg.get("end")
+    width = end - start
+    if "bits" in seg:
+        bits, g = seg["bits"], seg.get("group_size")
+        sdt = seg.get("scale_dtype", "F16")
+        if not (isinstance(bits, int) and 1 <= bits <= 8) or not (isinstance(g, int) and g >= 1):
+            raise FormatError(f"lowrank segment {dict(seg)} needs bits in 1..8 and group_size >= 1")
+        if sdt not in ("F16", "F32"):
+            raise FormatError(f"lowrank segment scale_dtype must be F16 or F32, got {sdt!r}")
+        ng = _ngroups(length, g)
+        return {
+            f"{prefix}.codes": ("U8", (bitpack.packed_nbytes(width * length, bits),)),
+            f"{prefix}.scale": (sdt, (width, ng)),
+            f"{prefix}.zero": ("U8", (width, ng)),
+        }
+    dt = seg.get("dtype")
+    if dt not in FLOAT_NAMES:
+        raise FormatError(f"lowrank segment {dict(seg)} needs 'bits' or a float 'dtype'")
+    return {f"{prefix}.values": (dt, (width, length))}
+
+
+def _check_segments(factor: str, segs: Sequence[Mapping], rank: int) -> None:
+    pos = 0
+    for seg in segs:
+        if seg.get("start") != pos or not isinstance(seg.get("end"), int) or seg["end"] <= pos:
+            raise FormatError(f"lowrank {factor} segments must tile [0, {rank}) in order, got {list(segs)}")
+        pos = seg["end"]
+    if pos != rank:
+        raise FormatError(f"lowrank {factor} segments cover [0, {pos}), rank is {rank}")
+
+
+@register_component
+class LowRank(ComponentType):
+    name = "lowrank"
+
+    @classmethod
+    def layout(cls, meta: Mapping, block: tuple[int, ...]) -> Layout:
+        p, q = matrix_view(block, meta)
+        rank = meta.get("rank")
+        if not isinstance(rank, int) or rank < 1:
+            raise FormatError(f"lowrank rank must be a positive integer, got {rank!r}")
+        out: Layout = {"s": ("F32", (rank,))}
+        for factor, length in (("u", p), ("v", q)):
+            segs = meta.get(factor)
+            if not isinstance(segs, list):
+                raise FormatError(f"lowrank needs a segment list {factor!r}")
+            _check_segments(factor, segs, rank)
+            for j, seg in enumerate(segs):
+                out.update(_segment_layout(f"{factor}.{j}", seg, length))
+        return out
+
+    @classmethod
+    def factor(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], factor: str, length: int) -> torch.Tensor:
+        """The factor decoded vector-major, float32 [rank, length]."""
+        parts = []
+        for j, seg in enumerate(meta[factor]):
+            key = f"{factor}.{j}"
+            width = seg["end"] - seg["start"]
+            if "bits" in seg:
+                codes = bitpack.unpack(tensors[f"{key}.codes"], seg["bits"], width * length).view(width, length)
+                parts.append(dequantize_groups(codes, tensors[f"{key}.scale"], tensors[f"{key}.zero"], seg["group_size"]))
+            else:
+                parts.append(tensors[f"{key}.values"].to(torch.float32))
+        return torch.cat(parts, dim=0)
+
+    @classmethod
+    def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:
+        p, q = matrix_view(block, meta)
+        ut = cls.factor(meta, tensors, "u", p)  # [r, p]
+        vt = cls.factor(meta, tensors, "v", q)  # [r, q]
+        us = ut.t() * tensors["s"].to(torch.float32)  # [p, r], rounded to float32 before the product
+        return (us @ vt).reshape(block)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Precision of the rank range ``[start, end)`` of one factor: ``bits`` (quantized) or a float ``dtype``."""
+
+    start: int
+    end: int
+    bits: int | None = None
+    group_size: int = 128
+    dtype: str = "F16"
+
+    def width(self) -> int:
+        return self.end - self.start
+
+    def nbytes(self, length: int, scale_dtype: str = "F16") -> int:
+        if self.bits is None:
+            return self.width() * length * itemsize(self.dtype)
+        ng = _ngroups(length, self.group_size)
+        return bitpack.packed_nbytes(self.width() * length, self.bits) + self.width() * ng * (itemsize(scale_dtype) + 1)
+
+
+def segments_nbytes(segs: Sequence[Segment], p: int, q: int) -> int:
+    """Data bytes of U and V stored with the same segments, plus S (float32)."""
+    rank = segs[-1].end if segs else 0
+    return 4 * rank + sum(s.nbytes(p) + s.nbytes(q) for s in segs)
+
+
+def segment_meta(seg: Segment, scale_dtype: str = "F16") -> dict:
+    """The JSON of one segment as the spec writes it."""
+    if seg.bits is None:
+        return {"start": seg.start, "end": seg.end, "dtype": seg.dtype}
+    return {"start": seg.start, "end": seg.end, "bits": seg.bits, "group_size": seg.group_size, "scale_dtype": scale_dtype}
+
+
+def lowrank_meta(segs: Sequence[Segment], v_segs: Sequence[Segment] | None = None) -> dict:
+    """Meta of a lowrank component with these segments (float16 scales assumed), for planning budgets."""
+    rank = segs[-1].end
+    return {"type": "lowrank", "rank": rank, "u": [segment_meta(s) for s in segs], "v": [segment_meta(s) for s in (v_segs or segs)]}
+
+
+def _encode_factor(prefix: str, vectors: torch.Tensor, segs: Sequence[Segment]) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    metas: list[dict] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for j, seg in enumerate(segs):
+        block = vectors[seg.start : seg.end]
+        key = f"{prefix}.{j}"
+        if seg.bits is None:
+            metas.append(segment_meta(seg))
+            tensors[f"{key}.values"] = block.to(to_torch(seg.dtype)).contiguous()
+        else:
+            gq = quantize_groups(block, seg.bits, seg.group_size)
+            metas.append(segment_meta(seg, to_name(gq.scale.dtype)))
+            tensors[f"{key}.codes"] = bitpack.pack(gq.codes, seg.bits)
+            tensors[f"{key}.scale"] = gq.scale.contiguous()
+            tensors[f"{key}.zero"] = gq.zero.contiguous()
+    return metas, tensors
+
+
+def encode_lowrank(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, segs: Sequence[Segment], v_segs: Sequence[Segment] | None = None) -> Component:
+    """Encode U [p, r], S [r], V [q, r] (so the block is U diag(S) V^T) with the given segments."""
+    rank = s.numel()
+    if rank < 1:
+        raise ValueError("a lowrank component needs rank >= 1")
+    um, ut = _encode_factor("u", u.t().contiguous().to(torch.float32), segs)
+    vm, vt = _encode_factor("v", v.t().contiguous().to(torch.float32), v_segs or segs)
+    meta = {"type": "lowrank", "rank": rank, "u": um, "v": vm}
+    return Component(meta, {"s": s.to(torch.float32).contiguous(), **ut, **vt})

@@ -1,0 +1,180 @@
+"""``sparse``: some elements of the block, the rest zero (DeltaDQ, DARE, magnitude pruning).
+
+Positions come from CSR arrays (``index: "csr"``) or from a mask regenerated from a seed
+(``index: "seeded"``, see prng.py). Values are floats, or k-bit codes with a float32 scale and
+integer zero point and offset: ``value = scale * (code + offset - zero)``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ...errors import FormatError
+from .. import bitpack, prng
+from ..dtypes import FLOAT_NAMES, itemsize, to_name, to_torch
+from .base import Component, ComponentType, Layout, matrix_view, register_component
+
+
+def indices_dtype(q: int) -> str:
+    return "U16" if q <= 1 << 16 else ("I32" if q <= 1 << 31 else "I64")
+
+
+def indptr_dtype(nnz: int) -> str:
+    return "I32" if nnz < 1 << 31 else "I64"
+
+
+def _values_layout(meta: Mapping, nnz: int) -> Layout:
+    values = meta.get("values")
+    if not isinstance(values, Mapping):
+        raise FormatError("sparse needs a 'values' object")
+    if "bits" in values:
+        bits = values["bits"]
+        if not (isinstance(bits, int) and 1 <= bits <= 8):
+            raise FormatError(f"sparse values bits must be in 1..8, got {bits!r}")
+        if not isinstance(values.get("zero"), int) or not isinstance(values.get("offset", 0), int):
+            raise FormatError("sparse quantized values need integer 'zero' and 'offset'")
+        return {"codes": ("U8", (bitpack.packed_nbytes(nnz, bits),)), "scale": ("F32", (1,))}
+    if values.get("dtype") not in FLOAT_NAMES:
+        raise FormatError(f"sparse values need 'bits' or a float 'dtype', got {dict(values)}")
+    return {"values": (values["dtype"], (nnz,))}
+
+
+def _mask_nnz(meta: Mapping, p: int, q: int) -> int:
+    mask = meta["mask"]
+    if mask.get("kind") == "group":
+        g, keep = mask["group_size"], mask["keep"]
+        full, tail = divmod(q, g)
+        return p * (full * keep + (prng.group_keep_count(tail, g, keep) if tail else 0))
+    return int(meta["nnz"])  # bernoulli: counted when decoding and checked against this
+
+
+@register_component
+class Sparse(ComponentType):
+    name = "sparse"
+
+    @classmethod
+    def layout(cls, meta: Mapping, block: tuple[int, ...]) -> Layout:
+        p, q = matrix_view(block, meta)
+        nnz = meta.get("nnz")
+        if not isinstance(nnz, int) or not 0 <= nnz <= p * q:
+            raise FormatError(f"sparse nnz must be an integer in 0..{p * q}, got {nnz!r}")
+        index = meta.get("index")
+        if index == "csr":
+            out: Layout = {"indptr": (indptr_dtype(nnz), (p + 1,)), "indices": (indices_dtype(q), (nnz,))}
+        elif index == "seeded":
+            mask = meta.get("mask")
+            if not isinstance(meta.get("seed"), str) or not isinstance(mask, Mapping):
+                raise FormatError("seeded sparse needs a hex 'seed' and a 'mask'")
+            if mask.get("kind") == "group":
+                g, keep = mask.get("group_size"), mask.get("keep")
+                if not (isinstance(g, int) and g >= 1 and isinstance(keep, int) and 0 <= keep <= g):
+                    raise FormatError(f"group mask needs group_size >= 1 and 0 <= keep <= group_size, got {dict(mask)}")
+            elif mask.get("kind") == "bernoulli":
+                t = mask.get("threshold")
+                if not (isinstance(t, int) and 0 <= t <= 1 << prng.KEY_BITS):
+                    raise FormatError(f"bernoulli mask threshold must be in 0..2**53, got {t!r}")
+            else:
+                raise FormatError(f"unknown sparse mask kind {mask.get('kind')!r}; known: group, bernoulli")
+            if _mask_nnz(meta, p, q) != nnz:
+                raise FormatError(f"sparse nnz {nnz} does not match its group mask ({_mask_nnz(meta, p, q)})")
+            out = {}
+        else:
+            raise FormatError(f"sparse index must be 'csr' or 'seeded', got {index!r}")
+        out.update(_values_layout(meta, nnz))
+        return out
+
+    @classmethod
+    def mask(cls, meta: Mapping, p: int, q: int) -> torch.Tensor:
+        seed = int(meta["seed"], 16)
+        m = meta["mask"]
+        if m["kind"] == "group":
+            return prng.group_mask(seed, p, q, m["group_size"], m["keep"])
+        return prng.bernoulli_mask(seed, p, q, m["threshold"])
+
+    @classmethod
+    def flat_positions(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], p: int, q: int) -> torch.Tensor:
+        """Row-major flat positions of the stored values, int64 [nnz]."""
+        nnz = meta["nnz"]
+        if meta["index"] == "seeded":
+            pos = torch.nonzero(cls.mask(meta, p, q).reshape(-1)).reshape(-1)
+            if pos.numel() != nnz:
+                raise FormatError(f"seeded mask selects {pos.numel()} elements, the record says {nnz}")
+            return pos
+        indptr = tensors["indptr"].to(torch.int64)
+        cols = tensors["indices"].to(torch.int64)
+        counts = indptr[1:] - indptr[:-1]
+        if int(indptr[0]) != 0 or int(indptr[-1]) != nnz or bool((counts < 0).any()):
+            raise FormatError("CSR indptr must start at 0, never decrease, and end at nnz")
+        if nnz and (int(cols.min()) < 0 or int(cols.max()) >= q):
+            raise FormatError(f"CSR column index out of range 0..{q - 1}")
+        rows = torch.repeat_interleave(torch.arange(p, dtype=torch.int64), counts)
+        return rows * q + cols
+
+    @classmethod
+    def values(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        v = meta["values"]
+        if "bits" in v:
+            codes = bitpack.unpack(tensors["codes"], v["bits"], meta["nnz"]).to(torch.float32)
+            return tensors["scale"].to(torch.float32) * (codes + float(v.get("offset", 0) - v["zero"]))
+        return tensors["values"].to(torch.float32)
+
+    @classmethod
+    def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:
+        p, q = matrix_view(block, meta)
+        out = torch.zeros(p * q, dtype=torch.float32)
+        out[cls.flat_positions(meta, tensors, p, q)] = cls.values(meta, tensors)
+        return out.reshape(block)
+
+
+def csr_from_mask(mask2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """indptr and column indices (dtypes of the spec) of a bool mask [p, q]."""
+    p, q = mask2d.shape
+    counts = mask2d.sum(dim=1, dtype=torch.int64)
+    indptr = torch.zeros(p + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(counts, 0)
+    nnz = int(indptr[-1])
+    cols = torch.nonzero(mask2d)[:, 1]
+    return indptr.to(to_torch(indptr_dtype(nnz))), cols.to(to_torch(indices_dtype(q)))
+
+
+def csr_nbytes(p: int, q: int, nnz: int) -> int:
+    return itemsize(indptr_dtype(nnz)) * (p + 1) + itemsize(indices_dtype(q)) * nnz
+
+
+def encode_sparse(
+    mask2d: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    index: str = "csr",
+    seed: int | None = None,
+    mask_meta: dict | None = None,
+    value_dtype: torch.dtype | None = None,
+    codes: torch.Tensor | None = None,
+    bits: int | None = None,
+    scale: float | None = None,
+    zero: int | None = None,
+    offset: int = 0,
+) -> Component:
+    """Encode the ``values`` at the True positions of ``mask2d`` (row-major order).
+
+    Give either ``value_dtype`` (float values) or ``codes``/``bits``/``scale``/``zero``/``offset``.
+    For ``index="seeded"`` give the ``seed`` and ``mask_meta`` that regenerate ``mask2d``.
+    """
+    nnz = int(mask2d.sum())
+    meta: dict = {"type": "sparse", "index": index, "nnz": nnz}
+    tensors: dict[str, torch.Tensor] = {}
+    if index == "csr":
+        tensors["indptr"], tensors["indices"] = csr_from_mask(mask2d)
+    else:
+        meta["seed"] = f"{seed:016x}"
+        meta["mask"] = mask_meta
+    if codes is not None:
+        meta["values"] = {"bits": bits, "zero": zero, "offset": offset}
+        tensors["codes"] = bitpack.pack(codes, bits)
+        tensors["scale"] = torch.tensor([scale], dtype=torch.float32)
+    else:
+        meta["values"] = {"dtype": to_name(value_dtype)}
+        tensors["values"] = values.to(value_dtype).contiguous()
+    return Component(meta, tensors)

@@ -1,0 +1,75 @@
+"""``delta_config.json`` (spec/FORMAT.md, "delta_config.json"): reading, writing, version checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Iterable, Mapping
+
+from ..errors import FormatError, UnsupportedFormatVersionError
+
+FORMAT_NAME = "deltahub"
+FORMAT_VERSION = "1.0"
+CONFIG_NAME = "delta_config.json"
+INDEX_NAME = "delta.safetensors.index.json"
+FINETUNED_CONFIG_NAME = "finetuned_config.json"
+
+
+def shard_name(index: int, total: int) -> str:
+    """``delta-00001-of-00003.safetensors`` (1-based)."""
+    return f"delta-{index:05d}-of-{total:05d}.safetensors"
+
+
+def check_version(version: object) -> tuple[int, int]:
+    """Parse ``"MAJOR.MINOR"`` and refuse majors this deltahub does not read."""
+    if not isinstance(version, str) or version.count(".") != 1 or not all(p.isdigit() for p in version.split(".")):
+        raise FormatError(f"format_version must look like '1.0', got {version!r}")
+    major, minor = (int(p) for p in version.split("."))
+    ours = int(FORMAT_VERSION.split(".")[0])
+    if major != ours:
+        hint = "upgrade with `pip install -U deltahub`" if major > ours else "read it with deltahub < 0.1 or re-compress it"
+        raise UnsupportedFormatVersionError(
+            f"this delta uses format {version}; this deltahub reads format {ours}.x only: {hint}"
+        )
+    return major, minor
+
+
+def fingerprint(entries: Iterable[tuple[str, str, tuple[int, ...]]]) -> str:
+    """``"sha256:<hex>"`` of the sorted lines ``name\\tDTYPE\\t[d0,d1,...]\\n`` of a checkpoint's tensors.
+
+    >>> fingerprint([("w", "BF16", (2, 3))])[:15]
+    'sha256:bbf99fbd'
+    """
+    h = hashlib.sha256()
+    for name, dtype, shape in sorted(entries):
+        h.update(f"{name}\t{dtype}\t[{','.join(str(d) for d in shape)}]\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def validate_config(cfg: Mapping) -> None:
+    """Top-level checks of a parsed ``delta_config.json``."""
+    if cfg.get("format") != FORMAT_NAME:
+        raise FormatError(f"{CONFIG_NAME} has format {cfg.get('format')!r}, expected {FORMAT_NAME!r}: this is not a deltahub delta")
+    check_version(cfg.get("format_version"))
+    if not isinstance(cfg.get("tensors"), Mapping):
+        raise FormatError(f"{CONFIG_NAME} has no 'tensors' object")
+
+
+def dumps_config(cfg: Mapping) -> str:
+    """Serialize with readable top-level fields and one line per tensor record (deterministic)."""
+    top = {k: v for k, v in cfg.items() if k != "tensors"}
+    text = json.dumps(top, indent=2, sort_keys=True, ensure_ascii=False)
+    lines = [f"    {json.dumps(n, ensure_ascii=False)}: {json.dumps(r, separators=(',', ':'), sort_keys=True, ensure_ascii=False)}" for n, r in cfg.get("tensors", {}).items()]
+    body = "{\n" + ",\n".join(lines) + "\n  }" if lines else "{}"
+    return text[:-2] + f',\n  "tensors": {body}\n}}\n' if top else f'{{\n  "tensors": {body}\n}}\n'
+
+
+def loads_config(text: str, where: str = CONFIG_NAME) -> dict:
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{where} is not valid JSON ({e}); the file is truncated or corrupted") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{where} must hold a JSON object")
+    validate_config(cfg)
+    return cfg

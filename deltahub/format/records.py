@@ -1,0 +1,180 @@
+"""Per-tensor records (spec/FORMAT.md, "Records"): what is stored for each tensor and how it decodes.
+
+A record is a JSON object with ``kind`` (unchanged, dense, compressed, added, removed),
+``shape`` and ``dtype`` of the fine-tuned tensor, and for dense, compressed and added a list
+of ``components``. Component ``i``'s field ``f`` of tensor ``name`` is stored under the
+safetensors key ``f"{name}::{i}.{f}"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Callable, Mapping
+
+import torch
+
+from ..errors import FormatError, InvalidTensorError
+from .components import Component, block_shape, check_fields, component_type, layout_nbytes
+from .dtypes import FLOAT_NAMES, itemsize, to_torch
+
+KINDS = ("unchanged", "dense", "compressed", "added", "removed")
+SEPARATOR = "::"
+# Upper bound of the digits of one data offset in a safetensors header (10 TB shards).
+_OFFSET_DIGITS = 13
+
+
+def stored_key(name: str, index: int, field: str) -> str:
+    return f"{name}{SEPARATOR}{index}.{field}"
+
+
+def compact_json(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def make_record(kind: str, shape: tuple[int, ...], dtype: str, components: list[Component] | None = None, **extra: object) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Build a record and its stored tensors keyed ``"{i}.{field}"`` (prefix with the tensor name to store)."""
+    record: dict = {"kind": kind, "shape": list(shape), "dtype": dtype, **extra}
+    tensors: dict[str, torch.Tensor] = {}
+    if components is not None:
+        record["components"] = [c.meta for c in components]
+        for i, c in enumerate(components):
+            for f, t in c.tensors.items():
+                tensors[f"{i}.{f}"] = t
+    return record, tensors
+
+
+def validate_record(name: str, record: Mapping) -> None:
+    """Check a record's structure and every component's layout; raise :class:`FormatError` naming ``name``."""
+    where = f"tensor {name!r}"
+    kind = record.get("kind")
+    if kind not in KINDS:
+        raise FormatError(f"{where}: unknown record kind {kind!r}; known kinds are {list(KINDS)}")
+    shape = record.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise FormatError(f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    if record.get("dtype") not in FLOAT_NAMES + ("I64", "I32", "I16", "I8", "U8", "BOOL"):
+        raise FormatError(f"{where}: unknown dtype {record.get('dtype')!r}")
+    comps = record.get("components")
+    if kind in ("unchanged", "removed"):
+        if comps:
+            raise FormatError(f"{where}: a {kind} record stores no components")
+        return
+    if not isinstance(comps, list) or not comps:
+        raise FormatError(f"{where}: a {kind} record needs a non-empty 'components' list")
+    base_shape = record.get("base_shape")
+    if base_shape is not None:
+        if kind != "compressed" or len(base_shape) != len(shape) or list(base_shape[1:]) != shape[1:]:
+            raise FormatError(f"{where}: base_shape {base_shape} may differ from shape {shape} only in dimension 0 of a compressed record")
+    if kind in ("dense", "added"):
+        if len(comps) != 1 or comps[0].get("type") != "dense" or "rows" in comps[0]:
+            raise FormatError(f"{where}: a {kind} record holds exactly one dense component over the whole tensor")
+        if kind == "added" and comps[0].get("dtype") != record["dtype"]:
+            raise FormatError(f"{where}: an added tensor is stored in its own dtype {record['dtype']}")
+    types = [c.get("type") for c in comps]
+    if "lossless" in types and len(comps) != 1:
+        raise FormatError(f"{where}: a lossless component must be the record's only component")
+    for i, meta in enumerate(comps):
+        if not isinstance(meta, Mapping):
+            raise FormatError(f"{where}: component {i} is not an object")
+        component_type(meta.get("type")).layout(meta, block_shape(tuple(shape), meta))
+
+
+def record_layout(name: str, record: Mapping) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every stored key of the record with its dtype and shape, as the spec fixes them."""
+    out = {}
+    shape = tuple(record["shape"])
+    for i, meta in enumerate(record.get("components") or []):
+        for f, spec in component_type(meta["type"]).layout(meta, block_shape(shape, meta)).items():
+            out[stored_key(name, i, f)] = spec
+    return out
+
+
+def record_nbytes(name: str, record: Mapping) -> int:
+    """Honest bytes of one tensor: stored data, its safetensors header entries (offsets at their
+    widest) and its JSON record. This is what a method's budget is compared with."""
+    layout = record_layout(name, record)
+    data = layout_nbytes(layout)
+    header = 0
+    for key, (dt, shape) in layout.items():
+        entry = compact_json({key: {"dtype": dt, "shape": list(shape), "data_offsets": [0, 0]}})
+        header += len(entry.encode()) + 2 * (_OFFSET_DIGITS - 1)  # braces of the entry replace the comma
+    meta = len(compact_json({name: dict(record)}).encode())
+    return data + header + meta
+
+
+def dense_nbytes(record: Mapping) -> int:
+    """Bytes of the dense delta in the fine-tune's dtype: the denominator of every ratio."""
+    return math.prod(record["shape"]) * itemsize(record["dtype"])
+
+
+def _placed_base(name: str, base: torch.Tensor, shape: tuple[int, ...], base_shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(base.shape) != base_shape:
+        raise FormatError(f"tensor {name!r}: the base tensor has shape {list(base.shape)}, the delta was made against {list(base_shape)}")
+    if base_shape == shape:
+        return base.to(torch.float32)
+    out = torch.zeros(shape, dtype=torch.float32)
+    n = min(shape[0], base_shape[0])
+    out[:n] = base[:n].to(torch.float32)
+    return out
+
+
+def decode_record(name: str, record: Mapping, get: Callable[[str], torch.Tensor], base: torch.Tensor | None) -> torch.Tensor | None:
+    """The fine-tuned tensor ``name``, or ``None`` for a removed tensor.
+
+    ``get(key)`` returns the stored tensor under a full safetensors key; ``base`` is the base
+    model's tensor of that name (``None`` only for added tensors). Components are summed onto
+    the base in float32 and the sum is cast once to the record's dtype.
+    """
+    validate_record(name, record)
+    kind = record["kind"]
+    shape = tuple(record["shape"])
+    dtype = to_torch(record["dtype"])
+    if kind == "removed":
+        return None
+    if kind != "added" and base is None:
+        raise InvalidTensorError(f"tensor {name!r} is stored as a delta ({kind}) but no base tensor was given")
+    if kind == "unchanged":
+        if tuple(base.shape) != shape:
+            raise FormatError(f"tensor {name!r}: unchanged against a base of shape {list(shape)}, got {list(base.shape)}")
+        return base.to(dtype)
+    comps = record["components"]
+    tensors_by_comp = []
+    for i, meta in enumerate(comps):
+        ctype = component_type(meta["type"])
+        layout = ctype.layout(meta, block_shape(shape, meta))
+        fetched = {f: get(stored_key(name, i, f)) for f in layout}
+        check_fields(f"tensor {name!r} component {i} ({meta['type']})", layout, fetched)
+        tensors_by_comp.append((ctype, meta, fetched))
+    if kind == "added":
+        return tensors_by_comp[0][2]["values"].reshape(shape)
+    base_shape = tuple(record.get("base_shape", shape))
+    if tensors_by_comp[0][0].needs_base:
+        ctype, meta, fetched = tensors_by_comp[0]
+        if base_shape != shape or tuple(base.shape) != shape:
+            raise FormatError(f"tensor {name!r}: lossless needs a base of shape {list(shape)}, got {list(base.shape)}")
+        return ctype.decode_exact(meta, fetched, base, dtype)
+    acc = _placed_base(name, base, shape, base_shape)
+    for ctype, meta, fetched in tensors_by_comp:
+        part = ctype.decode(meta, fetched, block_shape(shape, meta))
+        rows = meta.get("rows")
+        if rows is None:
+            acc += part.reshape(shape)
+        else:
+            acc[rows[0] : rows[1]] += part.reshape(block_shape(shape, meta))
+    return acc.to(dtype)
+
+
+def delta_from_components(shape: tuple[int, ...], components: list[Component]) -> torch.Tensor:
+    """The decoded delta (float32) of components that do not need the base. For tests and evaluation."""
+    acc = torch.zeros(shape, dtype=torch.float32)
+    for c in components:
+        ctype = component_type(c.type)
+        blk = block_shape(shape, c.meta)
+        part = ctype.decode(c.meta, c.tensors, blk)
+        rows = c.meta.get("rows")
+        if rows is None:
+            acc += part.reshape(shape)
+        else:
+            acc[rows[0] : rows[1]] += part.reshape(blk)
+    return acc

@@ -1,0 +1,227 @@
+"""A delta repo on disk (spec/FORMAT.md, "Repository layout"): the writer and the reader.
+
+The writer puts everything in a temporary sibling folder and renames it into place only when
+the config, the index and every shard are complete, so an interrupted run never leaves a
+delta that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+
+from ..errors import FormatError
+from . import records as rec
+from .config import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, dumps_config, loads_config, shard_name
+from .safetensors_stream import SafetensorsStreamWriter
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` -> 5_000_000_000; ``"500MiB"`` -> 524_288_000; ints pass through."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+class DeltaWriter:
+    """Write a delta repo tensor by tensor with bounded memory.
+
+    >>> import tempfile, torch
+    >>> from deltahub.format.components import encode_dense
+    >>> out = tempfile.mkdtemp() + "/delta"
+    >>> with DeltaWriter(out) as w:
+    ...     record, tensors = rec.make_record("dense", (2,), "F32", [encode_dense(torch.ones(2), torch.float32)])
+    ...     w.add("norm.weight", record, tensors)
+    ...     path = w.finish({})
+    >>> DeltaReader(path).names()
+    ['norm.weight']
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
+            raise FileExistsError(f"{self.out_dir} exists and is not empty; choose another folder or pass overwrite=True")
+        self.max_shard_size = parse_size(max_shard_size)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        self._records: dict[str, dict] = {}
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._writer: SafetensorsStreamWriter | None = None
+        self._keys: list[str] = []
+        self._sha: list[str] = []
+        self._done = False
+
+    def __enter__(self) -> "DeltaWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
+
+    def _roll(self, incoming: int) -> None:
+        if self._writer is not None and self._writer.nbytes and self._writer.nbytes + incoming > self.max_shard_size:
+            self._close_shard()
+        if self._writer is None:
+            path = self._tmp / f"shard-{len(self._shards):05d}.tmp"
+            self._writer = SafetensorsStreamWriter(path, metadata={"format": "pt", "deltahub_format_version": FORMAT_VERSION})
+            self._keys = []
+
+    def _close_shard(self) -> None:
+        assert self._writer is not None
+        self._sha.append(self._writer.close())
+        self._shards.append((self._writer.path, self._keys))
+        self._writer = None
+
+    def add(self, name: str, record: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Add one tensor's record; ``tensors`` are keyed ``"{i}.{field}"`` as made by ``records.make_record``."""
+        if name in self._records:
+            raise ValueError(f"tensor {name!r} added twice")
+        if rec.SEPARATOR in name:
+            raise ValueError(f"tensor name {name!r} contains the reserved separator {rec.SEPARATOR!r}")
+        rec.validate_record(name, record)
+        full = {f"{name}{rec.SEPARATOR}{k}": t for k, t in tensors.items()}
+        layout = rec.record_layout(name, record)
+        if set(layout) != set(full):
+            raise ValueError(f"tensor {name!r}: stored tensors {sorted(full)} do not match the record's layout {sorted(layout)}")
+        size = sum(t.numel() * t.element_size() for t in full.values())
+        if full:
+            self._roll(size)
+            for key in sorted(full, key=lambda k: list(layout).index(k)):
+                self._writer.add(key, full[key])
+                self._keys.append(key)
+        self._records[name] = record
+
+    def add_file(self, relpath: str, data: bytes | str | os.PathLike) -> None:
+        """Copy an extra file (fine-tune config, tokenizer files, model card) into the repo."""
+        dest = self._tmp / relpath
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            dest.write_bytes(data)
+        else:
+            shutil.copyfile(data, dest)
+
+    def stored_bytes(self) -> int:
+        """Bytes of shards written so far (data and headers)."""
+        done = sum(p.stat().st_size for p, _ in self._shards)
+        return done + (self._writer.nbytes if self._writer else 0)
+
+    def finish(self, config: Mapping) -> Path:
+        """Write shards, index and ``delta_config.json``, then move the repo into place."""
+        if self._writer is not None:
+            self._close_shard()
+        total = len(self._shards)
+        weight_map: dict[str, str] = {}
+        checksums: dict[str, str] = {}
+        total_size = 0
+        for i, ((path, keys), sha) in enumerate(zip(self._shards, self._sha), start=1):
+            final = shard_name(i, total)
+            os.replace(path, self._tmp / final)
+            total_size += (self._tmp / final).stat().st_size
+            checksums[final] = sha
+            for k in keys:
+                weight_map[k] = final
+        index = {"metadata": {"total_size": total_size, "format_version": FORMAT_VERSION, "sha256": checksums}, "weight_map": weight_map}
+        (self._tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **{k: v for k, v in config.items() if k != "tensors"}}
+        cfg["tensors"] = self._records
+        (self._tmp / CONFIG_NAME).write_text(dumps_config(cfg))
+        self._install()
+        self._done = True
+        return self.out_dir
+
+    def _install(self) -> None:
+        backup = None
+        if self.out_dir.exists():
+            backup = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+            os.replace(self.out_dir, backup)
+        os.replace(self._tmp, self.out_dir)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Throw away everything written so far."""
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._done = True
+
+
+class DeltaReader:
+    """Read a delta repo from a local folder: config, records, stored tensors, decoding.
+
+    Tensors are read lazily from memory-mapped shards; nothing is loaded until asked for.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        cfg_path = self.path / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FormatError(f"{self.path} has no {CONFIG_NAME}: it is not a deltahub delta repo")
+        self.config = loads_config(cfg_path.read_text(), str(cfg_path))
+        self.records: dict[str, dict] = self.config["tensors"]
+        index_path = self.path / INDEX_NAME
+        if not index_path.is_file():
+            raise FormatError(f"{self.path} has no {INDEX_NAME}; the delta is incomplete")
+        try:
+            self.index = json.loads(index_path.read_text())
+            self.weight_map: dict[str, str] = self.index["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise FormatError(f"{index_path} is malformed ({e})") from None
+        self._handles: dict[str, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self.records)
+
+    def record(self, name: str) -> dict:
+        try:
+            return self.records[name]
+        except KeyError:
+            raise KeyError(f"the delta has no record for tensor {name!r}") from None
+
+    def _handle(self, shard: str):
+        if shard not in self._handles:
+            path = self.path / shard
+            if not path.is_file():
+                raise FormatError(f"shard {shard} is missing from {self.path}; download the delta again")
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise FormatError(f"shard {shard} is unreadable ({e}); the file is truncated or corrupted") from None
+        return self._handles[shard]
+
+    def get(self, key: str) -> torch.Tensor:
+        """A stored tensor by its full key ``"{name}::{i}.{field}"``."""
+        shard = self.weight_map.get(key)
+        if shard is None:
+            raise FormatError(f"stored tensor {key!r} is not in {INDEX_NAME}; the delta is incomplete")
+        try:
+            return self._handle(shard).get_tensor(key)
+        except FormatError:
+            raise
+        except Exception as e:
+            raise FormatError(f"stored tensor {key!r} cannot be read from {shard} ({e}); the file is truncated or corrupted") from None
+
+    def decode(self, name: str, base: torch.Tensor | None) -> torch.Tensor | None:
+        """The fine-tuned tensor ``name`` given the base's tensor (``None`` if removed)."""
+        return rec.decode_record(name, self.record(name), self.get, base)
+
+    def iter_decoded(self, base: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.records:
+            t = self.decode(name, base.get(name))
+            if t is not None:
+                yield name, t

@@ -1,0 +1,11 @@
+"""Compression methods: each a short recipe that produces components, found by name.
+
+>>> from deltahub.methods import list_methods
+>>> list_methods()
+['bitdelta', 'dare', 'deltacome', 'deltadq', 'dense', 'dqrelo', 'lossless', 'magnitude', 'svd']
+"""
+
+from . import bitdelta, dare, deltacome, deltadq, dense, dqrelo, lossless, magnitude, svd  # noqa: F401  (registration)
+from .base import METHODS, EncodeContext, Method, get_method, list_methods, register_method
+
+__all__ = ["METHODS", "EncodeContext", "Method", "get_method", "list_methods", "register_method"]

@@ -1,0 +1,111 @@
+"""The method interface and its registry: a method is a recipe that turns a delta into components."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..errors import InfeasibleRatioError, UnknownMethodError
+from ..format.components import Component
+
+
+@dataclass
+class EncodeContext:
+    """What a method knows besides the delta: the tensor, its dtype, its byte budget, its seed.
+
+    ``measure(metas)`` returns the honest bytes (data, header entries, JSON record) of a record
+    holding components with these metas, so methods fit their parameters to the budget without
+    guessing at overheads.
+    """
+
+    name: str
+    dtype: torch.dtype
+    budget: int | None
+    seed: int
+    measure: Callable[[list[dict]], int]
+    ratio: float | None = None
+
+    def fits(self, metas: list[dict]) -> bool:
+        return self.budget is None or self.measure(metas) <= self.budget
+
+    def infeasible(self, method: str, minimum_metas: list[dict], hint: str = "") -> InfeasibleRatioError:
+        need = self.measure(minimum_metas)
+        dense = self.dense_nbytes
+        msg = (
+            f"tensor {self.name!r}: {method} needs at least {need} bytes ({need / dense:.4g} of the dense delta) "
+            f"but the ratio {self.ratio:.4g} allows {self.budget}"
+        )
+        return InfeasibleRatioError(msg + (f"; {hint}" if hint else "; raise the ratio or use a rule to store this tensor with 'dense'"))
+
+    dense_nbytes: int = 0
+
+
+class Method:
+    """Base class of compression methods. Subclasses are dataclasses of their parameters.
+
+    ``kind`` is the record kind the method produces; ``takes_ratio`` says whether a target ratio
+    applies; ``needs_weights`` methods get ``(base, finetuned)`` instead of the delta.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str] = "compressed"
+    takes_ratio: ClassVar[bool] = True
+    needs_weights: ClassVar[bool] = False
+
+    def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:  # pragma: no cover - interface
+        """Encode a float32 matrix ``delta`` [p, q] into components."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **params: Any) -> Method:
+    """Instantiate a registered method with its parameters.
+
+    >>> get_method("svd", rank=8).rank
+    8
+    """
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise TypeError(f"method {name!r} has no parameter(s) {unknown}; it takes {sorted(fields)}")
+    return cls(**params)
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods, sorted."""
+    return sorted(METHODS)
+
+
+def largest_fitting(lo: int, hi: int, fits: Callable[[int], bool]) -> int | None:
+    """Largest ``x`` in ``[lo, hi]`` with ``fits(x)`` for a monotone ``fits``; ``None`` if not even ``lo`` fits."""
+    if hi < lo or not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
