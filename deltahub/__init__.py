@@ -1,8 +1,8 @@
 """deltahub: store, share, version and load fine-tuned models as compressed deltas against their base.
 
 >>> import torch, deltahub
->>> base = torch.zeros(32, 32, dtype=torch.bfloat16)
->>> ft = (torch.randn(32, 32) * 1e-2).bfloat16()
+>>> base = torch.zeros(128, 128, dtype=torch.bfloat16)
+>>> ft = (torch.randn(128, 128) * 1e-2).bfloat16()
 >>> enc = deltahub.encode_tensor("w", base, ft, method="dqrelo", ratio=1/4)
 >>> torch.allclose(enc.decode(base).float(), ft.float(), atol=0.05)
 True

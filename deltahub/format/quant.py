@@ -38,9 +38,9 @@ def _pick_scale_dtype(scale: torch.Tensor) -> torch.dtype:
 def quantize_groups(x: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None) -> GroupQuant:
     """Quantize each row of ``x`` [n, length] in groups of ``group_size`` consecutive elements.
 
-    >>> q = quantize_groups(torch.tensor([[0.5, -1.0, 0.25]]), bits=2, group_size=2)
+    >>> q = quantize_groups(torch.tensor([[0.5, -1.0, 0.75]]), bits=2, group_size=2)
     >>> dequantize_groups(q.codes, q.scale, q.zero, 2).tolist()
-    [[0.5, -1.0, 0.0]]
+    [[0.5, -1.0, 0.75]]
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")

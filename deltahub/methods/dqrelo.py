@@ -44,6 +44,11 @@ class DQRELO(Method):
         sign = encode_sign(delta, self.per_row)
         residual = delta - delta_from_components(tuple(delta.shape), [sign])
         metas = lambda r: [lowrank_meta([Segment(0, r, dtype=self.factor_dtype)])]  # noqa: E731
+        if self.rank is None and ctx.budget is not None and not ctx.fits([sign_meta(self.per_row)] + metas(1)):
+            # Room for the sign plane only: D-QRELO with a rank-0 residual, i.e. BitDelta.
+            if not ctx.fits([sign_meta(self.per_row)]):
+                raise ctx.infeasible("dqrelo", [sign_meta(self.per_row)])
+            return [sign]
         rank = choose_rank(self.rank, min(delta.shape), metas, ctx, "dqrelo", extra=[sign_meta(self.per_row)])
         u, s, v = truncated_svd(residual, rank, randomized=self.randomized, oversample=self.oversample, niter=self.niter, seed=ctx.seed)
         return [sign, encode_lowrank(u, s, v, [Segment(0, rank, dtype=self.factor_dtype)])]
