@@ -1,17 +1,54 @@
-"""The ``deltahub`` command line: a thin typer layer over deltahub's public API."""
+"""The ``deltahub`` command line: a thin typer layer over deltahub's public API.
+
+Errors from bad input print one line and exit with status 1; ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, help="Compressed deltas of fine-tuned models.")
+import deltahub
+from deltahub.card import human_bytes
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False, help="Store, share and load fine-tuned models as compressed deltas.")
 console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+TOKEN_HELP = "Hub token (default: HF_TOKEN or the saved login). Never printed."
 
 
-def _ratio(text: str) -> float:
-    """Accept ``1/8`` or ``0.125``."""
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    """deltahub: compressed, versioned deltas of fine-tuned models."""
+    _state["debug"] = debug
+
+
+def _fail(e: BaseException) -> None:
+    if _state["debug"]:
+        raise e
+    err_console.print(f"[red]Error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (deltahub.DeltahubError, FileExistsError, ValueError, TypeError, KeyError, OSError) as e:
+        _fail(e)
+
+
+def _ratio(text: str | None) -> float | None:
+    """Accept ``1/8``, ``0.125`` or ``none``."""
+    if text is None or text.lower() == "none":
+        return None
     try:
         if "/" in text:
             num, den = text.split("/")
@@ -21,14 +58,138 @@ def _ratio(text: str) -> float:
         raise typer.BadParameter(f"{text!r} is not a ratio; write it as 1/8 or 0.125") from None
 
 
+def _params(items: List[str]) -> dict:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise typer.BadParameter(f"--param {item!r} must be key=value, e.g. --param rank=64")
+        out[key] = _literal(value)
+    return out
+
+
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+@app.command()
+def compress(
+    base: str = typer.Argument(..., help="Base model: local folder or Hub id."),
+    finetuned: str = typer.Argument(..., help="Fine-tuned model: local folder or Hub id."),
+    out: Path = typer.Argument(..., help="Folder to write the delta repo to."),
+    method: str = typer.Option("dqrelo", "--method", "-m", help=f"One of: {', '.join(deltahub.list_methods())}."),
+    ratio: str = typer.Option("1/8", "--ratio", "-r", help="Target stored bytes / dense delta bytes, e.g. 1/8; 'none' for methods without one."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable), e.g. rank=64."),
+    rule: List[str] = typer.Option([], "--rule", help="PATTERN=METHOD[:k=v,...] for matching tensor names (repeatable), e.g. '*.mlp.*=svd:rank=64'."),
+    device: str = typer.Option("cpu", help="Where SVDs run: cpu or cuda."),
+    revision: Optional[str] = typer.Option(None, help="Revision of the fine-tune (Hub)."),
+    base_revision: Optional[str] = typer.Option(None, help="Revision of the base (Hub)."),
+    seed: int = typer.Option(0, help="Global seed of the random masks (dare, deltadq)."),
+    max_shard_size: str = typer.Option("5GB", help="Largest shard, e.g. 5GB or 500MB."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+    cache_dir: Optional[Path] = typer.Option(None, help="Hugging Face cache folder."),
+) -> None:
+    """Compress FINETUNED - BASE into a delta repo at OUT.
+
+    Example: deltahub compress Qwen/Qwen2.5-0.5B Qwen/Qwen2.5-0.5B-Instruct qwen-delta --ratio 1/8
+    """
+    result = _run(
+        deltahub.compress, base, finetuned, out, method, _ratio(ratio), params=_params(param), rules=rule, seed=seed, device=device,
+        revision=revision, base_revision=base_revision, token=token, cache_dir=cache_dir, max_shard_size=max_shard_size, overwrite=overwrite,
+    )
+    console.print(str(result), highlight=False)
+    if result.fallbacks:
+        console.print(f"{len(result.fallbacks)} tensor(s) too small for the ratio were stored dense: {', '.join(result.fallbacks[:5])}", highlight=False)
+
+
+@app.command()
+def apply(
+    delta: str = typer.Argument(..., help="Delta repo: local folder or Hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the full checkpoint."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the one recorded in the delta)."),
+    revision: Optional[str] = typer.Option(None, help="Revision of the delta (tag, branch or commit)."),
+    base_revision: Optional[str] = typer.Option(None, help="Revision of the base."),
+    verify_base: bool = typer.Option(True, help="Refuse a base that differs from the recorded one."),
+    max_shard_size: str = typer.Option("5GB", help="Largest shard of the output."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+) -> None:
+    """Write the full fine-tuned checkpoint (base + delta) for transformers or vLLM.
+
+    Example: deltahub apply user/qwen-delta -o qwen-instruct
+    """
+    path = _run(deltahub.apply, delta, out, base, revision=revision, base_revision=base_revision, verify_base=verify_base, max_shard_size=max_shard_size, overwrite=overwrite, token=token)
+    console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def info(
+    delta: str = typer.Argument(..., help="Delta repo: local folder or Hub id (only delta_config.json is read)."),
+    tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    revision: Optional[str] = typer.Option(None, help="Revision of the delta."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+) -> None:
+    """Show what a delta holds: base, method, ratio, sizes and, with --tensors, each tensor.
+
+    Example: deltahub info user/qwen-delta --tensors
+    """
+    result = _run(deltahub.info, delta, revision=revision, token=token)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(with_tensors=tensors), indent=2))
+        return
+    cfg = result.config
+    base, method, totals, summary = cfg.get("base", {}), cfg.get("method", {}), cfg.get("totals", {}), cfg.get("summary", {})
+    console.print(f"[bold]{delta}[/bold]  deltahub format {cfg['format_version']}", highlight=False)
+    console.print(f"base:    {base.get('name_or_path')}" + (f" @ {base['revision']}" if base.get("revision") else ""), highlight=False)
+    console.print(f"method:  {method.get('name')}  ratio {method.get('ratio')}  params {method.get('params')}", highlight=False)
+    if totals.get("stored_bytes"):
+        console.print(f"size:    {human_bytes(totals['stored_bytes'])} stored for {human_bytes(totals['dense_bytes'])} dense: ratio {totals['ratio']:.4f}", highlight=False)
+    if summary.get("mean_rel_error") is not None:
+        console.print(f"error:   mean {summary['mean_rel_error']:.4f}, worst {summary['max_rel_error']:.4f}", highlight=False)
+    kinds: dict[str, int] = {}
+    for t in result.tensors:
+        kinds[t.kind] = kinds.get(t.kind, 0) + 1
+    console.print("tensors: " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())), highlight=False)
+    if tensors:
+        table = Table()
+        for col in ("tensor", "kind", "method", "shape", "components", "stored", "ratio"):
+            table.add_column(col, justify="right" if col in ("stored", "ratio") else "left")
+        for t in result.tensors:
+            table.add_row(t.name, t.kind, t.method or "", "x".join(map(str, t.shape)), "+".join(t.components), human_bytes(t.stored_bytes), f"{t.ratio:.4f}")
+        console.print(table)
+
+
+@app.command()
+def verify(
+    delta: str = typer.Argument(..., help="Delta repo: local folder or Hub id."),
+    base: Optional[str] = typer.Option(None, help="Also check this base against the recorded one."),
+    check_base: bool = typer.Option(False, "--check-base", help="Also check the recorded base."),
+    revision: Optional[str] = typer.Option(None, help="Revision of the delta."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+) -> None:
+    """Check a delta's integrity (shards, checksums, layouts, decoding) and, optionally, its base.
+
+    Example: deltahub verify qwen-delta --base Qwen/Qwen2.5-0.5B
+    """
+    report = _run(deltahub.verify, delta, base, check_base=check_base, revision=revision, token=token)
+    console.print(str(report), highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @app.command()
 def methods() -> None:
     """List the compression methods.
 
     Example: deltahub methods
     """
-    import deltahub
-
     for name in deltahub.list_methods():
         typer.echo(name)
 
@@ -45,7 +206,7 @@ def demo(
     """
     from deltahub.demo import run_demo
 
-    rows_out = run_demo(_ratio(ratio), rows, cols)
+    rows_out = _run(run_demo, _ratio(ratio), rows, cols)
     table = Table(title=f"deltahub methods on a {rows}x{cols} bf16 delta, target ratio {ratio}")
     for col in ("method", "honest ratio", "rel. error", "encode s", "decode s", "note"):
         table.add_column(col, justify="left" if col in ("method", "note") else "right")
@@ -54,5 +215,10 @@ def demo(
     console.print(table)
 
 
+def run() -> None:
+    """Entry point of the ``deltahub`` script."""
+    app(prog_name="deltahub")
+
+
 if __name__ == "__main__":
-    app()
+    sys.exit(run())

@@ -8,6 +8,9 @@
 True
 """
 
+from .apply import apply
+from .checkpoint import Checkpoint, CheckpointError
+from .compress import CompressResult, compress
 from .encoding import EncodedTensor, decode_tensor, encode_tensor
 from .errors import (
     BaseMismatchError,
@@ -21,12 +24,15 @@ from .errors import (
     UnsupportedFormatVersionError,
 )
 from .format import FORMAT_VERSION, DeltaReader, DeltaWriter
+from .inspect import DeltaInfo, VerifyReport, info, verify
 from .methods import get_method, list_methods
+from .model import DeltaModel
 from .policy import Policy, Rule
 from .version import __version__
 
 __all__ = [
-    "FORMAT_VERSION", "BaseMismatchError", "DeltaReader", "DeltaWriter", "DeltahubError", "EncodedTensor", "FormatError",
-    "InfeasibleRatioError", "InvalidTensorError", "Policy", "Rule", "ShapeMismatchError", "UnknownComponentError",
-    "UnknownMethodError", "UnsupportedFormatVersionError", "__version__", "decode_tensor", "encode_tensor", "get_method", "list_methods",
+    "FORMAT_VERSION", "BaseMismatchError", "Checkpoint", "CheckpointError", "CompressResult", "DeltaInfo", "DeltaModel",
+    "DeltaReader", "DeltaWriter", "DeltahubError", "EncodedTensor", "FormatError", "InfeasibleRatioError", "InvalidTensorError",
+    "Policy", "Rule", "ShapeMismatchError", "UnknownComponentError", "UnknownMethodError", "UnsupportedFormatVersionError",
+    "VerifyReport", "__version__", "apply", "compress", "decode_tensor", "encode_tensor", "get_method", "info", "list_methods", "verify",
 ]

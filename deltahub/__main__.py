@@ -1,3 +1,5 @@
-from cli.main import app
+"""``python -m deltahub`` runs the command line."""
 
-app(prog_name="deltahub")
+from cli.main import run
+
+run()

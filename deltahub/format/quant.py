@@ -3,7 +3,7 @@
 Decoding is exact and fixed by the spec: ``value = scale * (code - zero)`` in float32.
 Encoding is the writer's choice; deltahub's is data-free round-to-nearest:
 the range of each group is ``[min(x, 0), max(x, 0)]`` (so zero is always representable),
-``scale = (hi - lo) / (2**bits - 1)`` rounded to the stored scale dtype,
+``scale = (hi - lo) / (2**bits - 1)`` rounded up to the stored scale dtype,
 ``zero = clamp(round(-lo / scale))`` and ``code = clamp(round(x / scale) + zero)``,
 rounding half to even, with the *stored* scale so the error is the one readers see.
 """
@@ -55,10 +55,14 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int, scale_dtype: to
     lo = g.amin(dim=2).clamp(max=0.0)
     hi = g.amax(dim=2).clamp(min=0.0)
     qmax = (1 << bits) - 1
-    scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    sdt = scale_dtype or _pick_scale_dtype(scale)
-    scale = scale.to(sdt).to(torch.float32)
+    exact = (hi.to(torch.float64) - lo.to(torch.float64)) / qmax
+    exact = torch.where(exact > 0, exact, torch.ones_like(exact))
+    sdt = scale_dtype or _pick_scale_dtype(exact)
+    # Round the scale up to the stored dtype, never down: a smaller scale would leave the
+    # group's extreme values outside the code range, clamped by more than half a step.
+    stored = exact.to(sdt)
+    stored = torch.where(stored.to(torch.float64) < exact, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    scale = stored.to(torch.float32)
     zero = torch.round(-lo / scale).clamp(0, qmax)
     codes = (torch.round(g / scale[:, :, None]) + zero[:, :, None]).clamp(0, qmax)
     codes = codes.reshape(n, ngroups * group_size)[:, :length]

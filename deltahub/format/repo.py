@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -37,6 +37,14 @@ def parse_size(size: int | str) -> int:
     return int(s)
 
 
+def check_out_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a non-empty output folder unless ``overwrite`` (checked before any work starts)."""
+    p = Path(path)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
+        raise FileExistsError(f"{p} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
+    return p
+
+
 class DeltaWriter:
     """Write a delta repo tensor by tensor with bounded memory.
 
@@ -52,9 +60,7 @@ class DeltaWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> None:
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
-            raise FileExistsError(f"{self.out_dir} exists and is not empty; choose another folder or pass overwrite=True")
+        self.out_dir = check_out_dir(out_dir, overwrite)
         self.max_shard_size = parse_size(max_shard_size)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
@@ -119,8 +125,12 @@ class DeltaWriter:
         done = sum(p.stat().st_size for p, _ in self._shards)
         return done + (self._writer.nbytes if self._writer else 0)
 
-    def finish(self, config: Mapping) -> Path:
-        """Write shards, index and ``delta_config.json``, then move the repo into place."""
+    def finish(self, config: Mapping, card: Callable[[dict], str] | None = None) -> Path:
+        """Write shards, index and ``delta_config.json``, then move the repo into place.
+
+        If ``config["totals"]["dense_bytes"]`` is given, ``stored_bytes`` (shards, index and the
+        config file itself) and ``ratio`` are filled in. ``card(config)`` renders ``README.md``.
+        """
         if self._writer is not None:
             self._close_shard()
         total = len(self._shards)
@@ -138,7 +148,21 @@ class DeltaWriter:
         (self._tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **{k: v for k, v in config.items() if k != "tensors"}}
         cfg["tensors"] = self._records
-        (self._tmp / CONFIG_NAME).write_text(dumps_config(cfg))
+        text = dumps_config(cfg)
+        totals = cfg.get("totals")
+        if isinstance(totals, dict) and totals.get("dense_bytes"):
+            # The config counts its own size: iterate until the digits settle.
+            fixed = total_size + (self._tmp / INDEX_NAME).stat().st_size
+            for _ in range(5):
+                stored = fixed + len(text.encode())
+                cfg["totals"] = {**totals, "stored_bytes": stored, "ratio": round(stored / totals["dense_bytes"], 6)}
+                new = dumps_config(cfg)
+                if len(new.encode()) == len(text.encode()) and new == text:
+                    break
+                text = new
+        (self._tmp / CONFIG_NAME).write_text(text)
+        if card is not None:
+            (self._tmp / "README.md").write_text(card(cfg))
         self._install()
         self._done = True
         return self.out_dir

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
+
+_DEVICE = torch.device("cpu")
+
+
+@contextlib.contextmanager
+def compute_device(device: str | torch.device) -> Iterator[None]:
+    """Run the SVDs inside on ``device`` (e.g. ``"cuda"``); results always come back to the CPU."""
+    global _DEVICE
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    old, _DEVICE = _DEVICE, dev
+    try:
+        yield
+    finally:
+        _DEVICE = old
 
 
 def truncated_svd(x: torch.Tensor, rank: int, *, randomized: bool = False, oversample: int = 16, niter: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -11,7 +30,7 @@ def truncated_svd(x: torch.Tensor, rank: int, *, randomized: bool = False, overs
     The randomized variant (Halko et al., 2011) uses ``rank + oversample`` probe vectors and
     ``niter`` power iterations, seeded so repeated runs give identical bytes.
     """
-    x = x.to(torch.float32)
+    x = x.to(device=_DEVICE, dtype=torch.float32)
     if randomized and rank + oversample < min(x.shape):
         gen_state = torch.random.get_rng_state()
         try:
@@ -19,9 +38,13 @@ def truncated_svd(x: torch.Tensor, rank: int, *, randomized: bool = False, overs
             u, s, v = torch.svd_lowrank(x, q=rank + oversample, niter=niter)
         finally:
             torch.random.set_rng_state(gen_state)
-        return u[:, :rank].contiguous(), s[:rank].contiguous(), v[:, :rank].contiguous()
+        return _cpu(u[:, :rank]), _cpu(s[:rank]), _cpu(v[:, :rank])
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    return u[:, :rank].contiguous(), s[:rank].contiguous(), vh[:rank].t().contiguous()
+    return _cpu(u[:, :rank]), _cpu(s[:rank]), _cpu(vh[:rank].t())
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.to("cpu").contiguous()
 
 
 def singular_values(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,224 @@
+"""Lazy, tensor-at-a-time access to safetensors checkpoints in local folders or on the Hub.
+
+Nothing is read until a tensor is asked for; tensors come from memory-mapped shards, so
+memory stays near the tensors in use, not the model (the approach mergekit takes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from .errors import DeltahubError, FormatError
+from .format.config import fingerprint as _fingerprint
+from .format.dtypes import itemsize
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+MODEL_FILE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+
+
+class CheckpointError(DeltahubError, ValueError):
+    """A checkpoint cannot be used: missing, pickle-only, or without safetensors weights."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def resolve(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    allow_patterns: list[str] | None = None,
+) -> tuple[Path, str | None]:
+    """A local folder for a path or Hub repo id, and the commit hash when it came from a Hub.
+
+    Hub downloads go through ``huggingface_hub.snapshot_download``, so they honour the
+    standard cache, ``HF_TOKEN``/saved logins, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the folder that holds the checkpoint")
+        if revision is not None:
+            raise CheckpointError(f"{path} is a local folder; a revision ({revision!r}) only applies to Hub repos")
+        return path, None
+    repo_id = str(name_or_path)
+    if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")):
+        raise CheckpointError(f"{repo_id} is neither an existing folder nor a Hub repo id like 'user/model'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        local = snapshot_download(
+            repo_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            allow_patterns=allow_patterns or MODEL_FILE_PATTERNS,
+        )
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo_id} has no revision {revision!r}; list its branches and tags with `deltahub log {repo_id}`") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id} is not a local folder and no Hub repo of that name is visible (check the name, or log in for private repos)") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{repo_id} is not in the local cache and downloads are off (HF_HUB_OFFLINE or local_files_only); connect once to download it") from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"downloading {repo_id} failed: {e}") from None
+    local_path = Path(local)
+    commit = local_path.name if _HEX40.match(local_path.name) else None
+    return local_path, commit
+
+
+class Checkpoint:
+    """A safetensors checkpoint (single file or sharded with an index), read lazily.
+
+    >>> import tempfile, torch; from safetensors.torch import save_file
+    >>> d = tempfile.mkdtemp(); save_file({"w": torch.ones(2, 3)}, f"{d}/model.safetensors")
+    >>> ckpt = Checkpoint.open(d)
+    >>> ckpt.names(), ckpt.info("w")
+    (['w'], TensorInfo(dtype='F32', shape=(2, 3)))
+    """
+
+    def __init__(self, path: Path, revision: str | None = None, source: str | None = None) -> None:
+        self.path = path
+        self.revision = revision
+        self.source = source or str(path)
+        self._files = self._find_files()
+        self._handles: dict[Path, object] = {}
+        self._lock = threading.Lock()
+        self._where: dict[str, Path] = {}
+        self._info: dict[str, TensorInfo] = {}
+        for f in self._files:
+            h = self._handle(f)
+            for key in h.keys():
+                if key in self._where:
+                    raise FormatError(f"tensor {key!r} appears in both {self._where[key].name} and {f.name}")
+                self._where[key] = f
+        for key, f in self._where.items():
+            sl = self._handle(f).get_slice(key)
+            self._info[key] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()))
+
+    @classmethod
+    def open(cls, name_or_path: str | os.PathLike, **kwargs) -> "Checkpoint":
+        """Open a local folder or Hub repo id (``revision``, ``token``, ``cache_dir``, ``local_files_only``)."""
+        path, commit = resolve(name_or_path, **kwargs)
+        return cls(path, commit, str(name_or_path))
+
+    def _find_files(self) -> list[Path]:
+        index = self.path / SAFETENSORS_INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise FormatError(f"{index} is malformed ({e})") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{self.source}: shard(s) {missing} named in {SAFETENSORS_INDEX} are missing; download the checkpoint again")
+            return files
+        files = sorted(p for p in self.path.glob("*.safetensors") if not p.name.startswith("delta-"))
+        if files:
+            return files
+        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{self.source} holds only pickle weights ({', '.join(pickles)}); deltahub reads safetensors only, since pickles can run code. "
+                "Convert once with: python -c \"from transformers import AutoModel; "
+                f"AutoModel.from_pretrained('{self.source}').save_pretrained('OUT_DIR')\""
+            )
+        raise CheckpointError(f"{self.source} has no *.safetensors weights")
+
+    def _handle(self, f: Path):
+        with self._lock:
+            if f not in self._handles:
+                try:
+                    self._handles[f] = safe_open(str(f), framework="pt")
+                except Exception as e:  # safetensors' own error types
+                    raise FormatError(f"{f} is not a readable safetensors file ({e}); it is truncated or corrupted") from None
+            return self._handles[f]
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (shard by shard), which keeps reads sequential."""
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def info(self, name: str) -> TensorInfo:
+        return self._info[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (a copy out of the memory map)."""
+        try:
+            f = self._where[name]
+        except KeyError:
+            raise KeyError(f"{self.source} has no tensor {name!r}") from None
+        try:
+            return self._handle(f).get_tensor(name)
+        except Exception as e:
+            raise FormatError(f"tensor {name!r} cannot be read from {f.name} ({e}); the file is truncated or corrupted") from None
+
+    def sample_digest(self, name: str) -> str:
+        """16 hex digits of SHA-256 over the first and last rows of a tensor (dimension 0; the
+        whole tensor below 2 dimensions). Two rows are enough to tell another model of the same
+        shapes apart, and reading them costs almost nothing."""
+        sl = self._handle(self._where[name]).get_slice(name)
+        shape = self._info[name].shape
+        if len(shape) < 2 or shape[0] <= 2:
+            parts = [sl[:]] if shape else [self.get(name).reshape(1)]
+        else:
+            parts = [sl[0:1], sl[shape[0] - 1 : shape[0]]]
+        h = hashlib.sha256()
+        for p in parts:
+            h.update(p.contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """The spec's fingerprint of tensor names, dtypes and shapes."""
+        return _fingerprint((n, i.dtype, i.shape) for n, i in self._info.items())
+
+    def file(self, relpath: str) -> Path | None:
+        p = self.path / relpath
+        return p if p.is_file() else None
+
+    def config(self) -> dict | None:
+        p = self.file("config.json")
+        return json.loads(p.read_text()) if p else None
+
+    def total_bytes(self) -> int:
+        """Bytes of all tensors (what storing this checkpoint whole costs, headers aside)."""
+        return sum(itemsize(i.dtype) * math.prod(i.shape) for i in self._info.values())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)

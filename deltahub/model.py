@@ -1,0 +1,138 @@
+"""``DeltaModel.from_pretrained``: base + decoded delta -> an ordinary transformers model.
+
+Each tensor is decoded only when transformers asks for it: the loader hands transformers a
+state dict of lazy entries, so transformers' own loading (key renames, fused Mixture-of-
+Experts weights, ``device_map``/``max_memory``/disk offload through accelerate, tied
+embeddings) runs unchanged, and the model equals, bit for bit, loading the checkpoint that
+``deltahub apply`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import DeltahubError, FormatError
+from .format import FINETUNED_CONFIG_NAME, DeltaReader
+from .format.dtypes import to_torch
+from .sources import HubOptions, check_base, open_base, open_delta
+
+
+class _LazyDecoded:
+    """A state-dict entry that decodes its tensor on ``entry[...]`` (what transformers calls)."""
+
+    def __init__(self, name: str, reader: DeltaReader, base: Checkpoint, errors: list[BaseException]) -> None:
+        self.name, self.reader, self.base, self.errors = name, reader, base, errors
+        rec = reader.record(name)
+        self.shape = tuple(rec["shape"])
+        self.dtype = to_torch(rec["dtype"])
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        try:
+            b = self.base.get(self.name) if self.name in self.base else None
+            t = self.reader.decode(self.name, b)
+        except BaseException as e:  # transformers may swallow loader errors; keep them to re-raise
+            self.errors.append(e)
+            raise
+        return t if index is Ellipsis else t[index]
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+
+def finetuned_config(reader: DeltaReader):
+    """The fine-tune's transformers config, kept in the delta repo as ``finetuned_config.json``."""
+    from transformers import AutoConfig
+
+    path = reader.path / FINETUNED_CONFIG_NAME
+    if not path.is_file():
+        raise FormatError(f"{reader.path} has no {FINETUNED_CONFIG_NAME}, so the model cannot be rebuilt; load the base with transformers and apply the delta with `deltahub apply`")
+    data = json.loads(path.read_text())
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise FormatError(f"{path} has no model_type")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def _model_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+class DeltaModel:
+    """Load fine-tunes stored as deltas. The API mirrors transformers and PEFT.
+
+    Example::
+
+        from deltahub import DeltaModel
+        model = DeltaModel.from_pretrained("user/my-delta", device_map="auto")
+        model.generate(...)
+    """
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        delta: str | os.PathLike,
+        base: str | os.PathLike | None = None,
+        *,
+        revision: str | None = None,
+        base_revision: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        verify_base: bool = True,
+        **model_kwargs: Any,
+    ):
+        """Return a transformers model of the fine-tune's architecture with base + delta weights.
+
+        ``delta``: local folder or Hub repo id (``revision``: tag, branch or commit). ``base``:
+        defaults to the base recorded in the delta, at its pinned revision; a base whose tensor
+        names, shapes or sampled weights differ is refused unless ``verify_base=False``.
+        ``dtype="auto"`` keeps the fine-tune's dtype. ``device_map``, ``max_memory`` and
+        ``offload_folder`` work as in ``transformers.AutoModel.from_pretrained``.
+        """
+        hub = HubOptions(token, cache_dir, local_files_only)
+        reader = open_delta(delta, revision, hub)
+        base_ckpt = open_base(reader, base, base_revision, hub)
+        if verify_base:
+            check_base(reader, base_ckpt)
+        config = finetuned_config(reader)
+        if dtype == "auto":
+            ft_dtype = reader.config.get("finetuned", {}).get("dtype")
+            dtype = getattr(torch, ft_dtype) if ft_dtype else getattr(config, "dtype", None) or torch.float32
+        errors: list[BaseException] = []
+        state = {n: _LazyDecoded(n, reader, base_ckpt, errors) for n, r in reader.records.items() if r["kind"] != "removed"}
+        model = _model_class(config).from_pretrained(
+            None,
+            config=config,
+            state_dict=state,
+            dtype=dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+            **model_kwargs,
+        )
+        if errors:
+            err = errors[0]
+            raise err if isinstance(err, DeltahubError) else FormatError(f"decoding the delta failed: {err}")
+        gen = reader.path / "generation_config.json"
+        if gen.is_file() and getattr(model, "can_generate", lambda: False)():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(reader.path)
+        return model
+
+
