@@ -59,13 +59,17 @@ def finetuned_config(reader: DeltaReader):
 
 
 def _model_class(config):
+    """The class named in ``architectures``; else the causal-LM class of the config, else the bare model."""
     import transformers
 
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    return transformers.AutoModel
+    for mapping in (transformers.MODEL_FOR_CAUSAL_LM_MAPPING, transformers.MODEL_MAPPING):
+        if type(config) in mapping:
+            return mapping[type(config)]
+    raise FormatError(f"transformers has no model class for {type(config).__name__}; set 'architectures' in {FINETUNED_CONFIG_NAME}")
 
 
 class DeltaModel:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-from .methods import get_method
+from .methods import METHODS, get_method
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,15 @@ class Policy:
         for rule in self.rules:
             if fnmatchcase(name, rule.pattern):
                 params = dict(rule.params)
-                ratio = params.pop("ratio", self.ratio)
+                ratio = params.pop("ratio", self._ratio_for(rule.method))
                 return rule.method, params, ratio
         if len(shape) <= self.dense_max_ndim:
             return "dense", {}, None
-        return self.method, dict(self.params), self.ratio
+        return self.method, dict(self.params), self._ratio_for(self.method)
+
+    def _ratio_for(self, method: str) -> float | None:
+        # dense and lossless have no target ratio: the policy's does not apply to them.
+        return self.ratio if METHODS[method].takes_ratio else None
 
     def to_dict(self) -> dict:
         return {"method": self.method, "ratio": self.ratio, "params": self.params, "rules": [r.to_dict() for r in self.rules], "dense_max_ndim": self.dense_max_ndim}

@@ -1,0 +1,134 @@
+"""compress -> DeltaModel.from_pretrained / apply on tiny real architectures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import deltahub
+from deltahub import DeltaModel
+
+from model_pairs import ARCHS, load, make_pair, tokens
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits.float()
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    out = {arch: make_pair(arch, root) for arch in ARCHS}
+    out["qwen3_moe_fused"] = make_pair("qwen3_moe", root / "fused", fused=True)
+    out["llama_grown"] = make_pair("llama", root / "grown", grow_vocab=8)
+    out["bert_fp32"] = make_pair("bert", root / "fp32", dtype=torch.float32)
+    return out
+
+
+CASES = ARCHS + ["qwen3_moe_fused", "llama_grown", "bert_fp32"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loaded_delta_equals_applied_checkpoint_and_approximates_finetune(case, pairs, tmp_path):
+    arch = case.split("_fused")[0].replace("_grown", "").replace("_fp32", "")
+    base, ft = pairs[case]
+    result = deltahub.compress(base, ft, tmp_path / "delta", method="dqrelo", ratio=1 / 4, progress=False)
+    assert result.stored_bytes > 0 and (tmp_path / "delta" / "delta_config.json").is_file()
+    model = DeltaModel.from_pretrained(tmp_path / "delta")
+    assert type(model) is type(load(ft, arch))
+    applied = deltahub.apply(tmp_path / "delta", tmp_path / "applied", progress=False)
+    ref = load(applied, arch)
+    x = tokens()
+    got, want = _logits(model, x), _logits(ref, x)
+    assert torch.equal(got, want), "the delta model must equal the applied checkpoint bit for bit"
+    for (k, a), (k2, b) in zip(sorted(model.state_dict().items()), sorted(ref.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+    true_ft, true_base = _logits(load(ft, arch), x), _logits(load(base, arch), x) if "grown" not in case else None
+    err = (got - true_ft).norm()
+    if true_base is not None:
+        assert err < 0.5 * (true_base - true_ft).norm(), "the compressed fine-tune must be much closer to the fine-tune than the base is"
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3_moe", "gpt2"])
+def test_lossless_reproduces_finetune_exactly(case, pairs, tmp_path):
+    base, ft = pairs[case]
+    deltahub.compress(base, ft, tmp_path / "delta", method="lossless", ratio=None, progress=False)
+    model = DeltaModel.from_pretrained(tmp_path / "delta")
+    ref = load(ft, case)
+    x = tokens()
+    assert torch.equal(_logits(model, x), _logits(ref, x))
+
+
+def test_records_for_tied_moe_and_grown_vocab(pairs, tmp_path):
+    base, ft = pairs["qwen2"]
+    deltahub.compress(base, ft, tmp_path / "tied", progress=False)
+    records = deltahub.DeltaReader(tmp_path / "tied").records
+    assert "lm_head.weight" not in records  # tied: stored once, tied again by transformers
+    base, ft = pairs["qwen3_moe_fused"]
+    result = deltahub.compress(base, ft, tmp_path / "fused", ratio=1 / 2, progress=False)
+    rec = deltahub.DeltaReader(tmp_path / "fused").record("model.layers.0.mlp.experts.gate_up_proj")
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in result.fallbacks  # the tiny router may fall back
+    assert len(rec["shape"]) == 3 and {tuple(c["rows"]) for c in rec["components"]} == {(e, e + 1) for e in range(rec["shape"][0])}
+    base, ft = pairs["llama_grown"]
+    deltahub.compress(base, ft, tmp_path / "grown", progress=False)
+    rec = deltahub.DeltaReader(tmp_path / "grown").record("model.embed_tokens.weight")
+    assert rec["base_shape"][0] + 8 == rec["shape"][0]
+    assert rec["components"][-1]["type"] == "dense" and rec["components"][-1]["rows"] == [rec["base_shape"][0], rec["shape"][0]]
+
+
+def test_delta_repo_layout_card_and_config(pairs, tmp_path):
+    base, ft = pairs["llama"]
+    result = deltahub.compress(base, ft, tmp_path / "delta", method="svd", ratio=1 / 8, max_shard_size="20KB", progress=False)
+    files = sorted(p.name for p in (tmp_path / "delta").iterdir())
+    assert "config.json" not in files and "finetuned_config.json" in files and "README.md" in files
+    shards = [f for f in files if f.startswith("delta-")]
+    assert len(shards) > 1 and all(f.endswith(f"-of-{len(shards):05d}.safetensors") for f in shards)
+    cfg = json.loads((tmp_path / "delta" / "delta_config.json").read_text())
+    assert cfg["base"]["fingerprint"] == deltahub.Checkpoint.open(base).fingerprint()
+    assert cfg["finetuned"]["dtype"] == "bfloat16" and cfg["method"]["name"] == "svd"
+    on_disk = sum((tmp_path / "delta" / f).stat().st_size for f in shards + ["delta.safetensors.index.json", "delta_config.json"])
+    assert cfg["totals"]["stored_bytes"] == on_disk == result.stored_bytes
+    card = (tmp_path / "delta" / "README.md").read_text()
+    assert "library_name: deltahub" in card and "DeltaModel.from_pretrained" in card
+    # an unchanged re-compression is byte-identical (determinism)
+    deltahub.compress(base, ft, tmp_path / "again", method="svd", ratio=1 / 8, max_shard_size="20KB", progress=False)
+    for f in shards + ["delta_config.json", "delta.safetensors.index.json"]:
+        assert (tmp_path / "delta" / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
+
+
+def test_rules_and_dense_fallback(pairs, tmp_path):
+    base, ft = pairs["llama"]
+    result = deltahub.compress(base, ft, tmp_path / "d", method="dqrelo", ratio=1 / 8, rules=["*.mlp.*=deltacome:ratio=1/2", "lm_head.weight=lossless"], progress=False)
+    by_name = {t.name: t for t in result.tensors}
+    assert by_name["model.layers.0.mlp.up_proj.weight"].method == "deltacome"
+    assert by_name["lm_head.weight"].method == "lossless" and by_name["lm_head.weight"].rel_error == 0
+    assert by_name["model.norm.weight"].kind == "dense"
+    assert by_name["model.layers.0.self_attn.k_proj.weight"].method in ("dqrelo", "dense")
+    # 48x48 attention weights are too small for 1/8 once metadata is counted: they fall back to dense, visibly
+    assert result.fallbacks and all(by_name[n].kind == "dense" for n in result.fallbacks)
+    cfg = deltahub.DeltaReader(tmp_path / "d").config
+    assert cfg["summary"]["fallback_dense"] == result.fallbacks
+    assert [r["pattern"] for r in cfg["rules"]] == ["*.mlp.*", "lm_head.weight"]
+
+
+def test_device_map_with_disk_offload(pairs, tmp_path):
+    base, ft = pairs["llama"]
+    deltahub.compress(base, ft, tmp_path / "delta", progress=False)
+    model = DeltaModel.from_pretrained(tmp_path / "delta", device_map="auto", max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload")
+    assert "disk" in set(model.hf_device_map.values())
+    ref = DeltaModel.from_pretrained(tmp_path / "delta")
+    x = tokens()
+    assert torch.equal(_logits(model, x), _logits(ref, x))
+
+
+def test_generate_and_pipeline(pairs, tmp_path):
+    base, ft = pairs["llama"]
+    deltahub.compress(base, ft, tmp_path / "delta", progress=False)
+    model = DeltaModel.from_pretrained(tmp_path / "delta")
+    out = model.generate(tokens()[:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+    assert isinstance(model, transformers.PreTrainedModel)
