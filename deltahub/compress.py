@@ -147,6 +147,7 @@ def compress(
     base_ckpt = Checkpoint.open(base, revision=base_revision, **hub)
     ft_ckpt = Checkpoint.open(finetuned, revision=revision, **hub)
     _check_architectures(base_ckpt, ft_ckpt)
+    _check_ratios(policy, {to_torch(ft_ckpt.info(n).dtype) for n in ft_ckpt.names()})
     result = CompressResult(Path(out_dir))
     names = ft_ckpt.names()
     removed = [n for n in base_ckpt.names() if n not in ft_ckpt]
@@ -201,6 +202,17 @@ def compress(
     result.stored_bytes = DeltaReader(path).config["totals"]["stored_bytes"]
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_ratios(policy: Policy, dtypes: set[torch.dtype]) -> None:
+    """Fail before any work when a method can never meet its ratio (not per tensor, with fallbacks)."""
+    choices = [(policy.method, policy.params, policy._ratio_for(policy.method))]
+    choices += [(r.method, {k: v for k, v in r.params.items() if k != "ratio"}, r.params.get("ratio", policy._ratio_for(r.method))) for r in policy.rules]
+    for method, params, ratio in choices:
+        m = get_method(method, **params)
+        for dt in dtypes:
+            if dt.is_floating_point:
+                m.check_ratio(ratio, dt)
 
 
 def _encode(name: str, base: torch.Tensor | None, ft: torch.Tensor, policy: Policy, seed: int, fallback_dense: bool) -> tuple[EncodedTensor, str]:

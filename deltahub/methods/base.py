@@ -59,6 +59,9 @@ class Method:
         """Encode a float32 matrix ``delta`` [p, q] into components."""
         raise NotImplementedError
 
+    def check_ratio(self, ratio: float | None, dtype: torch.dtype, name: str = "") -> None:
+        """Refuse ratios the method can never meet for weights of ``dtype``, whatever the tensor."""
+
     def params(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 

@@ -34,13 +34,17 @@ class DQRELO(Method):
     oversample: int = 16
     niter: int = 4
 
-    def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
-        bits = 8 * ctx.dtype.itemsize
-        if ctx.ratio is not None and ctx.ratio <= 1 / bits:
+    def check_ratio(self, ratio: float | None, dtype: torch.dtype, name: str = "") -> None:
+        bits = 8 * dtype.itemsize
+        if ratio is not None and ratio <= 1 / bits:
+            where = f"tensor {name!r}: " if name else ""
             raise InfeasibleRatioError(
-                f"tensor {ctx.name!r}: dqrelo stores a 1-bit sign plane (1/{bits} of a {bits}-bit delta) plus a low-rank "
-                f"residual, so its ratio must be above 1/{bits}; got {ctx.ratio:.4g}. Use 'bitdelta' for 1/{bits} or less."
+                f"{where}dqrelo stores a 1-bit sign plane (1/{bits} of a {bits}-bit delta) plus a low-rank "
+                f"residual, so its ratio must be above 1/{bits}; got {ratio:.4g}. Use 'bitdelta' for 1/{bits} or less."
             )
+
+    def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
+        self.check_ratio(ctx.ratio, ctx.dtype, ctx.name)
         sign = encode_sign(delta, self.per_row)
         residual = delta - delta_from_components(tuple(delta.shape), [sign])
         metas = lambda r: [lowrank_meta([Segment(0, r, dtype=self.factor_dtype)])]  # noqa: E731
