@@ -158,7 +158,8 @@ def compress(
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="Compressing", disable=not progress)
         for name in names:
             info = ft_ckpt.info(name)
-            dtypes[info.dtype] = dtypes.get(info.dtype, 0) + math.prod(info.shape)
+            if to_torch(info.dtype).is_floating_point:
+                dtypes[info.dtype] = dtypes.get(info.dtype, 0) + math.prod(info.shape)
             ft = ft_ckpt.get(name)
             b = base_ckpt.get(name) if name in base_ckpt else None
             if b is not None:

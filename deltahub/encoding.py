@@ -57,6 +57,14 @@ def _check_finite(name: str, which: str, t: torch.Tensor) -> None:
         raise InvalidTensorError(f"tensor {name!r}: the {which} weight holds {bad} NaN or Inf value(s); fix the checkpoint before compressing")
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (torch.equal calls -0.0 and +0.0 equal, and NaN unequal to itself)."""
+    if a.numel() == 0:
+        return True
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().reshape(-1).view(bits), b.contiguous().reshape(-1).view(bits))
+
+
 def _blocks(shape: tuple[int, ...], rows: int) -> list[tuple[tuple[int, int] | None, list[int] | None]]:
     """(rows range, view) of each block the method sees; rows=None means the whole tensor."""
     if len(shape) == 3:
@@ -101,7 +109,7 @@ def encode_tensor(
             f"tensor {name!r}: base shape {list(bshape)} and fine-tuned shape {list(shape)} differ beyond dimension 0; "
             "only a resized first dimension (vocabulary) can be stored as a delta. Is this the right base model?"
         )
-    if bshape == shape and base.dtype == dtype and torch.equal(base, finetuned):
+    if bshape == shape and base.dtype == dtype and _same_bits(base, finetuned):
         record, tensors = make_record("unchanged", shape, to_name(dtype))
         return EncodedTensor(name, record, tensors)
     if m.needs_weights:
@@ -127,6 +135,8 @@ def encode_tensor(
         if rows is not None and len(shape) == 3:
             ctx.seed = prng.tensor_seed(seed, f"{name}[{rows[0]}]")
         for c in m.encode(block.reshape(p_q), ctx):
+            if c.type == "dense":  # dense values are stored in the block's own shape, not the matrix view
+                c.tensors["values"] = c.tensors["values"].reshape(block.shape)
             if rows is not None:
                 c.meta["rows"] = list(rows)
             if view is not None:

@@ -31,6 +31,9 @@ def pack(codes: np.ndarray | torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if isinstance(codes, torch.Tensor):
         codes = codes.detach().cpu().numpy()
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8 and codes.size and (int(codes.min()) < 0 or int(codes.max()) > 255):
+        raise ValueError(f"a code does not fit in {bits} bits")  # checked before the uint8 cast wraps it
     flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
     if flat.size and int(flat.max()) >= (1 << bits):
         raise ValueError(f"a code does not fit in {bits} bits")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Iterable, Mapping
 
 from ..errors import FormatError, UnsupportedFormatVersionError
@@ -22,12 +23,12 @@ def shard_name(index: int, total: int) -> str:
 
 def check_version(version: object) -> tuple[int, int]:
     """Parse ``"MAJOR.MINOR"`` and refuse majors this deltahub does not read."""
-    if not isinstance(version, str) or version.count(".") != 1 or not all(p.isdigit() for p in version.split(".")):
+    if not isinstance(version, str) or not re.fullmatch(r"[0-9]+\.[0-9]+", version):
         raise FormatError(f"format_version must look like '1.0', got {version!r}")
     major, minor = (int(p) for p in version.split("."))
     ours = int(FORMAT_VERSION.split(".")[0])
     if major != ours:
-        hint = "upgrade with `pip install -U deltahub`" if major > ours else "read it with deltahub < 0.1 or re-compress it"
+        hint = "upgrade with `pip install -U deltahub`" if major > ours else "read it with the older deltahub that wrote it, or re-compress it"
         raise UnsupportedFormatVersionError(
             f"this delta uses format {version}; this deltahub reads format {ours}.x only: {hint}"
         )
@@ -59,8 +60,10 @@ def dumps_config(cfg: Mapping) -> str:
     """Serialize with readable top-level fields and one line per tensor record (deterministic)."""
     top = {k: v for k, v in cfg.items() if k != "tensors"}
     text = json.dumps(top, indent=2, sort_keys=True, ensure_ascii=False)
-    lines = [f"    {json.dumps(n, ensure_ascii=False)}: {json.dumps(r, separators=(',', ':'), sort_keys=True, ensure_ascii=False)}" for n, r in cfg.get("tensors", {}).items()]
-    body = "{\n" + ",\n".join(lines) + "\n  }" if lines else "{}"
+    from .records import config_line
+
+    lines = [config_line(n, r) for n, r in cfg.get("tensors", {}).items()]
+    body = "{\n" + "".join(lines)[:-2] + "\n  }" if lines else "{}"
     return text[:-2] + f',\n  "tensors": {body}\n}}\n' if top else f'{{\n  "tensors": {body}\n}}\n'
 
 

@@ -27,6 +27,7 @@ _BY_NAME: dict[str, torch.dtype] = {
 _BY_DTYPE = {v: k for k, v in _BY_NAME.items()}
 
 FLOAT_NAMES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+KNOWN_DTYPES = tuple(_BY_NAME)
 
 
 def to_torch(name: str) -> torch.dtype:

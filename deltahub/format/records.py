@@ -16,7 +16,7 @@ import torch
 
 from ..errors import FormatError, InvalidTensorError
 from .components import Component, block_shape, check_fields, component_type, layout_nbytes
-from .dtypes import FLOAT_NAMES, itemsize, to_torch
+from .dtypes import FLOAT_NAMES, KNOWN_DTYPES, itemsize, to_torch
 
 KINDS = ("unchanged", "dense", "compressed", "added", "removed")
 SEPARATOR = "::"
@@ -53,8 +53,10 @@ def validate_record(name: str, record: Mapping) -> None:
     shape = record.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise FormatError(f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}")
-    if record.get("dtype") not in FLOAT_NAMES + ("I64", "I32", "I16", "I8", "U8", "BOOL"):
+    if record.get("dtype") not in KNOWN_DTYPES:
         raise FormatError(f"{where}: unknown dtype {record.get('dtype')!r}")
+    if kind in ("dense", "compressed", "added") and record["dtype"] not in FLOAT_NAMES:
+        raise FormatError(f"{where}: a {kind} record needs a floating-point dtype, got {record['dtype']}")
     comps = record.get("components")
     if kind in ("unchanged", "removed"):
         if comps:
@@ -64,6 +66,8 @@ def validate_record(name: str, record: Mapping) -> None:
         raise FormatError(f"{where}: a {kind} record needs a non-empty 'components' list")
     base_shape = record.get("base_shape")
     if base_shape is not None:
+        if not isinstance(base_shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in base_shape):
+            raise FormatError(f"{where}: 'base_shape' must be a list of non-negative integers, got {base_shape!r}")
         if kind != "compressed" or len(base_shape) != len(shape) or list(base_shape[1:]) != shape[1:]:
             raise FormatError(f"{where}: base_shape {base_shape} may differ from shape {shape} only in dimension 0 of a compressed record")
     if kind in ("dense", "added"):
@@ -99,8 +103,12 @@ def record_nbytes(name: str, record: Mapping) -> int:
     for key, (dt, shape) in layout.items():
         entry = compact_json({key: {"dtype": dt, "shape": list(shape), "data_offsets": [0, 0]}})
         header += len(entry.encode()) + 2 * (_OFFSET_DIGITS - 1)  # braces of the entry replace the comma
-    meta = len(compact_json({name: dict(record)}).encode())
-    return data + header + meta
+    return data + header + len(config_line(name, record).encode())
+
+
+def config_line(name: str, record: Mapping) -> str:
+    """The record's line in ``delta_config.json``, exactly as written there."""
+    return f"    {json.dumps(name, ensure_ascii=False)}: {compact_json(dict(record))},\n"
 
 
 def dense_nbytes(record: Mapping) -> int:
@@ -112,7 +120,7 @@ def _placed_base(name: str, base: torch.Tensor, shape: tuple[int, ...], base_sha
     if tuple(base.shape) != base_shape:
         raise FormatError(f"tensor {name!r}: the base tensor has shape {list(base.shape)}, the delta was made against {list(base_shape)}")
     if base_shape == shape:
-        return base.to(torch.float32)
+        return base.to(torch.float32, copy=True)  # accumulated into: never alias the caller's tensor
     out = torch.zeros(shape, dtype=torch.float32)
     n = min(shape[0], base_shape[0])
     out[:n] = base[:n].to(torch.float32)

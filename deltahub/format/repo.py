@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from ..errors import FormatError
 from . import records as rec
+from .components import check_fields
 from .config import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, dumps_config, loads_config, shard_name
 from .safetensors_stream import SafetensorsStreamWriter
 
@@ -101,8 +102,7 @@ class DeltaWriter:
         rec.validate_record(name, record)
         full = {f"{name}{rec.SEPARATOR}{k}": t for k, t in tensors.items()}
         layout = rec.record_layout(name, record)
-        if set(layout) != set(full):
-            raise ValueError(f"tensor {name!r}: stored tensors {sorted(full)} do not match the record's layout {sorted(layout)}")
+        check_fields(f"tensor {name!r}", layout, full)
         size = sum(t.numel() * t.element_size() for t in full.values())
         if full:
             self._roll(size)
@@ -150,16 +150,19 @@ class DeltaWriter:
         cfg["tensors"] = self._records
         text = dumps_config(cfg)
         totals = cfg.get("totals")
-        if isinstance(totals, dict) and totals.get("dense_bytes"):
-            # The config counts its own size: iterate until the digits settle.
+        if isinstance(totals, dict) and "dense_bytes" in totals:
+            # The config counts its own size. Raise the guess until the text fits in it, then pad
+            # with spaces (valid JSON whitespace) so the file is exactly that long.
             fixed = total_size + (self._tmp / INDEX_NAME).stat().st_size
-            for _ in range(5):
-                stored = fixed + len(text.encode())
-                cfg["totals"] = {**totals, "stored_bytes": stored, "ratio": round(stored / totals["dense_bytes"], 6)}
-                new = dumps_config(cfg)
-                if len(new.encode()) == len(text.encode()) and new == text:
+            dense = totals["dense_bytes"]
+            stored = fixed + len(text.encode())
+            while True:
+                cfg["totals"] = {**totals, "stored_bytes": stored, "ratio": round(stored / dense, 6) if dense else None}
+                text = dumps_config(cfg)
+                if fixed + len(text.encode()) <= stored:
+                    text = text[:-1] + " " * (stored - fixed - len(text.encode())) + "\n"
                     break
-                text = new
+                stored = fixed + len(text.encode())
         (self._tmp / CONFIG_NAME).write_text(text)
         if card is not None:
             (self._tmp / "README.md").write_text(card(cfg))

@@ -47,7 +47,7 @@ class SafetensorsStreamWriter:
         if key in self._entries:
             raise ValueError(f"duplicate tensor key {key!r}")
         t = tensor.detach().cpu().contiguous()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         self._spool.write(data)
         self._entries[key] = {"dtype": to_name(t.dtype), "shape": list(t.shape), "data_offsets": [self._offset, self._offset + len(data)]}
         self._offset += len(data)
@@ -58,7 +58,7 @@ class SafetensorsStreamWriter:
         header = dict(self._entries)
         if self._metadata:
             header["__metadata__"] = self._metadata
-        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         raw += b" " * (-len(raw) % 8)
         h = hashlib.sha256()
         with open(self.path, "wb") as out, open(self._spool_path, "rb") as spool:

@@ -44,7 +44,7 @@ class DARE(Method):
                 raise ValueError(f"tensor {ctx.name!r}: dare needs a target ratio or a drop rate p")
             threshold = None
         mask_meta = lambda t: {"kind": "bernoulli", "threshold": t}  # noqa: E731
-        # float16 values unless the rescaled survivors overflow it; then refit with float32.
+        # float16 values unless the rescaled survivors overflow it or are all subnormal in it; then refit with float32.
         for vdt in ([float_value_dtype(0.0, self.value_dtype)] if self.value_dtype else [torch.float16, torch.float32]):
             t = threshold
             if t is None:
@@ -57,7 +57,7 @@ class DARE(Method):
             mask = torch.from_numpy(keys < np.uint64(t)).view(p, q)
             keep_rate = t / full
             values = delta[mask] / keep_rate if keep_rate > 0 else delta[mask]
-            if values.numel() == 0 or float(values.abs().max()) <= float(torch.finfo(vdt).max):
+            if vdt != torch.float16 or values.numel() == 0 or float_value_dtype(float(values.abs().max()), None) == torch.float16:
                 break
         threshold = t
         comp = encode_sparse(mask, values, index=self.storage, seed=ctx.seed, mask_meta=mask_meta(threshold), value_dtype=vdt)

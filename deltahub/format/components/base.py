@@ -45,7 +45,7 @@ def matrix_view(block: tuple[int, ...], meta: Mapping) -> tuple[int, int]:
     numel = math.prod(block)
     view = meta.get("view")
     if view is not None:
-        if len(view) != 2 or view[0] * view[1] != numel or min(view) < 0:
+        if not isinstance(view, list) or len(view) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in view) or view[0] * view[1] != numel:
             raise FormatError(f"component view {view} does not hold the {numel} elements of block {list(block)}")
         return int(view[0]), int(view[1])
     if len(block) == 0:

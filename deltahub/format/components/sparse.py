@@ -7,6 +7,7 @@ integer zero point and offset: ``value = scale * (code + offset - zero)``.
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import torch
@@ -33,8 +34,10 @@ def _values_layout(meta: Mapping, nnz: int) -> Layout:
         bits = values["bits"]
         if not (isinstance(bits, int) and 1 <= bits <= 8):
             raise FormatError(f"sparse values bits must be in 1..8, got {bits!r}")
-        if not isinstance(values.get("zero"), int) or not isinstance(values.get("offset", 0), int):
-            raise FormatError("sparse quantized values need integer 'zero' and 'offset'")
+        for key in ("zero", "offset"):
+            v = values.get(key, 0)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 255:
+                raise FormatError(f"sparse quantized values need an integer {key!r} in 0..255, got {v!r}")
         return {"codes": ("U8", (bitpack.packed_nbytes(nnz, bits),)), "scale": ("F32", (1,))}
     if values.get("dtype") not in FLOAT_NAMES:
         raise FormatError(f"sparse values need 'bits' or a float 'dtype', got {dict(values)}")
@@ -65,8 +68,8 @@ class Sparse(ComponentType):
             out: Layout = {"indptr": (indptr_dtype(nnz), (p + 1,)), "indices": (indices_dtype(q), (nnz,))}
         elif index == "seeded":
             mask = meta.get("mask")
-            if not isinstance(meta.get("seed"), str) or not isinstance(mask, Mapping):
-                raise FormatError("seeded sparse needs a hex 'seed' and a 'mask'")
+            if not isinstance(meta.get("seed"), str) or not re.fullmatch(r"[0-9a-f]{16}", meta["seed"]) or not isinstance(mask, Mapping):
+                raise FormatError(f"seeded sparse needs a 'seed' of 16 lowercase hex digits and a 'mask', got seed {meta.get('seed')!r}")
             if mask.get("kind") == "group":
                 g, keep = mask.get("group_size"), mask.get("keep")
                 if not (isinstance(g, int) and g >= 1 and isinstance(keep, int) and 0 <= keep <= g):
@@ -110,7 +113,10 @@ class Sparse(ComponentType):
         if nnz and (int(cols.min()) < 0 or int(cols.max()) >= q):
             raise FormatError(f"CSR column index out of range 0..{q - 1}")
         rows = torch.repeat_interleave(torch.arange(p, dtype=torch.int64), counts)
-        return rows * q + cols
+        pos = rows * q + cols
+        if nnz > 1 and not bool((pos[1:] > pos[:-1]).all()):
+            raise FormatError("CSR column indices must be strictly increasing within each row")
+        return pos
 
     @classmethod
     def values(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
