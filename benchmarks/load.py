@@ -1,0 +1,55 @@
+"""Load benchmark: DeltaModel.from_pretrained against from_pretrained of the applied checkpoint.
+
+Same disk, warm page cache (each load runs twice in a fresh process; the faster run counts),
+peak resident memory of the loading process. Also the throughput of ``deltahub apply``.
+Targets (issue #3): at most 1.5x the time and 1.3x the peak memory of the plain load.
+
+    python -m benchmarks.load --model smollm2-light
+    python -m benchmarks.load --model generated --hidden 2048 --layers 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+import deltahub
+
+from .measure import markdown_table, run_measured
+from .pairs import CACHE, get_pair
+
+
+def prepare(model: str, hidden: int, layers: int, method: str = "dqrelo", ratio: float = 1 / 8):
+    base, ft, label = get_pair(model, hidden, layers)
+    work = CACHE / "bench" / f"{model}-h{hidden}-l{layers}-{method}"
+    delta, applied = work / "delta", work / "applied"
+    if not (delta / "delta_config.json").is_file():
+        shutil.rmtree(delta, ignore_errors=True)
+        deltahub.compress(base, ft, delta, method=method, ratio=ratio)
+    return base, ft, delta, applied, label
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-light")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    base, ft, delta, applied, label = prepare(args.model, args.hidden, args.layers)
+    apply_m = run_measured("import deltahub, shutil", f"shutil.rmtree({str(applied)!r}, ignore_errors=True)\ndeltahub.apply({str(delta)!r}, {str(applied)!r}, progress=False)")
+    size_gb = sum(p.stat().st_size for p in applied.glob("*.safetensors")) / 1e9
+    setup = "import torch, transformers\nfrom deltahub import DeltaModel\ntorch.set_grad_enabled(False)"
+    plain = run_measured(setup, f"m = transformers.AutoModelForCausalLM.from_pretrained({str(applied)!r})", args.repeat)
+    ours = run_measured(setup, f"m = DeltaModel.from_pretrained({str(delta)!r})", args.repeat)
+    rows = [
+        ["from_pretrained(applied checkpoint)", f"{plain.seconds:.2f}", f"{plain.peak_mib:.0f}", "1.00x", "1.00x"],
+        ["DeltaModel.from_pretrained(delta)", f"{ours.seconds:.2f}", f"{ours.peak_mib:.0f}", f"{ours.seconds / plain.seconds:.2f}x", f"{ours.peak_mib / plain.peak_mib:.2f}x"],
+    ]
+    print(f"\n### Load: {label}, delta dqrelo 1/8\n")
+    print(markdown_table(["load", "seconds", "peak MiB", "time vs plain", "memory vs plain"], rows))
+    print(f"\napply: {apply_m.seconds:.2f} s for {size_gb:.2f} GB ({size_gb / apply_m.seconds:.2f} GB/s), peak {apply_m.peak_mib:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Run a snippet in a fresh Python process and report its wall time and peak resident memory.
+
+A fresh process per measurement keeps one run's memory from counting in the next; the peak is
+``ru_maxrss`` of that process (resident pages, memory-mapped checkpoint pages included, which is
+what a user sees in ``top``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+_WRAPPER = """
+import json, resource, time
+t0 = time.perf_counter()
+{body}
+seconds = time.perf_counter() - t0
+print("@@RESULT@@" + json.dumps({{"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "extra": globals().get("extra")}}))
+"""
+
+
+@dataclass
+class Measurement:
+    seconds: float
+    peak_mib: float
+    extra: object = None
+
+
+def run_measured(setup: str, body: str, repeat: int = 1, env: dict | None = None) -> Measurement:
+    """Time ``body`` (after untimed ``setup``) in a child process; the best of ``repeat`` runs."""
+    code = textwrap.dedent(setup) + "\n" + _WRAPPER.format(body=textwrap.indent(textwrap.dedent(body), ""))
+    best: Measurement | None = None
+    for _ in range(repeat):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            raise RuntimeError(f"measured snippet failed:\n{p.stderr[-3000:]}")
+        line = next(l for l in p.stdout.splitlines() if l.startswith("@@RESULT@@"))
+        data = json.loads(line[len("@@RESULT@@") :])
+        m = Measurement(data["seconds"], data["peak_mib"], data["extra"])
+        if best is None or m.seconds < best.seconds:
+            best = m
+    assert best is not None
+    return best
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,24 @@
+"""The model pairs the benchmarks run on: the real SmolLM2/Austen pair and generated ones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE = Path(os.environ.get("DELTAHUB_CACHE", Path.home() / ".cache" / "deltahub"))
+
+
+def get_pair(model: str, hidden: int = 2048, layers: int = 24) -> tuple[Path, Path, str]:
+    """``(base, finetuned, label)`` for ``smollm2-light``, ``smollm2-heavy`` or ``generated``."""
+    if model.startswith("smollm2"):
+        from .real_pair import base_path, finetuned_path
+
+        recipe = model.split("-", 1)[1] if "-" in model else "light"
+        return base_path(), finetuned_path(recipe), f"SmolLM2-135M + Austen ({recipe})"
+    if model == "generated":
+        from .generated import build
+
+        base, ft = build(hidden, layers)
+        gb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e9
+        return base, ft, f"generated Llama h{hidden} l{layers} ({gb:.1f} GB)"
+    raise SystemExit(f"unknown model {model!r}: use smollm2-light, smollm2-heavy or generated")
