@@ -1,6 +1,6 @@
 """Compress a fine-tune, inspect it, load it with DeltaModel.from_pretrained, generate, apply it.
 
-Runs offline in under a minute: it builds a small Llama-style base, fine-tunes it for a few
+Runs offline in about a minute: it builds a small Llama-style base, fine-tunes it for a few
 steps, and works on those two folders. With network, pass Hub ids instead, for example:
 
     BASE = "Qwen/Qwen2.5-0.5B"
@@ -23,7 +23,7 @@ from deltahub import DeltaModel
 
 
 def make_local_pair(root: Path) -> tuple[Path, Path]:
-    """A 4-layer Llama base and a fine-tune of it (60 AdamW steps on a repeating pattern)."""
+    """A 4-layer Llama base and a fine-tune of it (20 AdamW steps on a repeating pattern)."""
     config = transformers.LlamaConfig(
         vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
@@ -33,9 +33,9 @@ def make_local_pair(root: Path) -> tuple[Path, Path]:
     model.to(torch.bfloat16).save_pretrained(root / "base")
     model.float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    pattern = torch.arange(64).repeat(8)[:128]
-    for _ in range(60):
-        batch = torch.stack([pattern.roll(int(s)) for s in torch.randint(0, 64, (8,))])
+    pattern = torch.arange(32).repeat(2)
+    for _ in range(20):
+        batch = torch.stack([pattern.roll(int(s)) for s in torch.randint(0, 32, (4,))])
         model(input_ids=batch, labels=batch).loss.backward()
         opt.step()
         opt.zero_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +25,14 @@ from .config import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, dumps_
 from .safetensors_stream import SafetensorsStreamWriter
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+# "model.layers.12.mlp.up_proj.weight" -> "model.layers.12": tensors of one block share a shard.
+_LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
+
+
+def layer_group(name: str) -> str:
+    """The transformer block a tensor belongs to ("" for embeddings, final norm, heads)."""
+    m = _LAYER.match(name)
+    return m.group(1) if m else ""
 
 
 def parse_size(size: int | str) -> int:
@@ -60,7 +69,7 @@ class DeltaWriter:
     ['norm.weight']
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> None:
+    def __init__(self, out_dir: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False, shard_by_layer: bool = True) -> None:
         self.out_dir = check_out_dir(out_dir, overwrite)
         self.max_shard_size = parse_size(max_shard_size)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +80,8 @@ class DeltaWriter:
         self._keys: list[str] = []
         self._sha: list[str] = []
         self._done = False
+        self.shard_by_layer = shard_by_layer
+        self._group: str | None = None
 
     def __enter__(self) -> "DeltaWriter":
         return self
@@ -79,9 +90,14 @@ class DeltaWriter:
         if not self._done:
             self.abort()
 
-    def _roll(self, incoming: int) -> None:
-        if self._writer is not None and self._writer.nbytes and self._writer.nbytes + incoming > self.max_shard_size:
+    def _roll(self, incoming: int, group: str) -> None:
+        # A new shard at each transformer block (so an unchanged block gives identical shard bytes
+        # in the next version, which the Hub stores once) and whenever the size limit is reached.
+        if self._writer is not None and self._writer.nbytes and (
+            self._writer.nbytes + incoming > self.max_shard_size or (self.shard_by_layer and group != self._group)
+        ):
             self._close_shard()
+        self._group = group
         if self._writer is None:
             path = self._tmp / f"shard-{len(self._shards):05d}.tmp"
             self._writer = SafetensorsStreamWriter(path, metadata={"format": "pt", "deltahub_format_version": FORMAT_VERSION})
@@ -105,7 +121,7 @@ class DeltaWriter:
         check_fields(f"tensor {name!r}", layout, full)
         size = sum(t.numel() * t.element_size() for t in full.values())
         if full:
-            self._roll(size)
+            self._roll(size, layer_group(name))
             for key in sorted(full, key=lambda k: list(layout).index(k)):
                 self._writer.add(key, full[key])
                 self._keys.append(key)
