@@ -185,6 +185,90 @@ def verify(
 
 
 @app.command()
+def push(
+    delta: Path = typer.Argument(..., help="Local delta repo folder (from `deltahub compress`)."),
+    repo: str = typer.Argument(..., help="Hub repo id, e.g. user/my-delta."),
+    tag: Optional[str] = typer.Option(None, help="Version tag (default: the next vN)."),
+    message: Optional[str] = typer.Option(None, "--message", "-m", help="Commit message."),
+    private: bool = typer.Option(False, help="Create the repo private."),
+    branch: Optional[str] = typer.Option(None, help="Branch to push to (default main)."),
+    create_pr: bool = typer.Option(False, help="Open a pull request instead of committing to the branch."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+) -> None:
+    """Upload a delta as a new version: one commit, one tag; unchanged shards are not re-uploaded.
+
+    Example: deltahub push qwen-delta user/qwen-delta -m "3 epochs, lr 1e-5"
+    """
+    from deltahub.hub import push as _push
+
+    result = _run(_push, delta, repo, tag=tag, message=message, private=private or None, branch=branch, create_pr=create_pr, token=token)
+    console.print(str(result), highlight=False)
+
+
+@app.command()
+def pull(
+    repo: str = typer.Argument(..., help="Hub repo id."),
+    revision: Optional[str] = typer.Option(None, help="Version: tag, branch or commit (default: the head)."),
+    local_dir: Optional[Path] = typer.Option(None, help="Copy into this folder instead of only the Hugging Face cache."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+) -> None:
+    """Download a version of a delta (cached; works offline from the cache with HF_HUB_OFFLINE=1).
+
+    Example: deltahub pull user/qwen-delta --revision v2
+    """
+    from deltahub.hub import pull as _pull
+
+    console.print(str(_run(_pull, repo, revision=revision, local_dir=local_dir, token=token)), highlight=False)
+
+
+@app.command()
+def log(
+    repo: str = typer.Argument(..., help="Hub repo id."),
+    branch: str = typer.Option("main", help="Branch to list."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+) -> None:
+    """List the versions of a delta repo, newest first, and what the history costs.
+
+    Example: deltahub log user/qwen-delta
+    """
+    from deltahub.hub import history
+
+    hist = _run(history, repo, branch=branch, token=token)
+    versions = [v for v in hist.versions if v.method is not None]
+    if as_json:
+        rows = [{"tags": v.tags, "commit": v.commit, "date": v.date.isoformat() if v.date else None, "message": v.message, "method": v.method, "ratio": v.ratio, "stored_bytes": v.stored_bytes, "base": v.base} for v in versions]
+        typer.echo(json.dumps({"repo": repo, "versions": rows, "history_bytes": hist.stored_bytes, "full_model_bytes": hist.full_model_bytes}, indent=2))
+        return
+    table = Table(title=f"{repo} ({branch})")
+    for col in ("version", "commit", "date", "message", "method", "ratio", "stored", "base"):
+        table.add_column(col)
+    for v in versions:
+        table.add_row(", ".join(v.tags) or "-", v.commit[:8], v.date.strftime("%Y-%m-%d %H:%M") if v.date else "", v.message, v.method or "", f"{v.ratio:.4f}" if v.ratio else "", human_bytes(v.stored_bytes or 0), v.base or "")
+    console.print(table)
+    console.print(hist.summary(), highlight=False)
+
+
+@app.command()
+def rollback(
+    repo: str = typer.Argument(..., help="Hub repo id."),
+    to: str = typer.Option(..., "--to", help="Version to restore: tag or commit."),
+    message: Optional[str] = typer.Option(None, "--message", "-m", help="Commit message."),
+    force: bool = typer.Option(False, help="Roll back even to a version made against another base."),
+    branch: str = typer.Option("main", help="Branch to roll back."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+) -> None:
+    """Make the head equal to an earlier version with a new commit (server-side copies, no upload).
+
+    Example: deltahub rollback user/qwen-delta --to v2
+    """
+    from deltahub.hub import rollback as _rollback
+
+    result = _run(_rollback, repo, to, message=message, force=force, branch=branch, token=token)
+    console.print(f"rolled back {repo} to {to}: new head {result.commit[:12]} tagged {result.tag}", highlight=False)
+
+
+@app.command()
 def methods() -> None:
     """List the compression methods.
 

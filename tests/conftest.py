@@ -10,8 +10,6 @@ import math
 import pytest
 import torch
 
-from deltahub.format import prng
-
 
 def structured_delta(p: int, q: int, rank: int = 4, noise: float = 0.05, scale: float = 1e-2, seed: int = 0) -> torch.Tensor:
     """A float32 delta [p, q]: a rank-``rank`` part with decaying singular values plus Gaussian noise.
@@ -69,15 +67,28 @@ def component_tensors(tensors: dict[str, torch.Tensor], i: int) -> dict[str, tor
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def block_seed(global_seed: int, name: str) -> int:
-    return prng.tensor_seed(global_seed, name)
+def write_delta(out_dir, encoded, config: dict | None = None, **writer_kwargs):
+    """Write EncodedTensors with the real DeltaWriter; returns the repo path."""
+    from deltahub import DeltaWriter
+
+    with DeltaWriter(out_dir, **writer_kwargs) as w:
+        for enc in encoded:
+            w.add(enc.name, enc.record, enc.tensors)
+        return w.finish(config or {})
 
 
-@pytest.fixture(scope="session")
-def make_delta():
-    return structured_delta
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Tests that draw from torch's global generator draw the same numbers on every run."""
+    torch.manual_seed(0)
+    yield
 
 
-@pytest.fixture(scope="session")
-def make_pair():
-    return model_pair
+@pytest.fixture(scope="module")
+def single_threaded_torch():
+    """The tensors here are small: extra threads only add contention (a 129x257 SVD takes ~0.5 s on
+    two busy cores, ~10 ms on one). Used by the method-level test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
