@@ -80,7 +80,7 @@ class History:
         n = sum(1 for v in self.versions if v.method is not None)
         full = self.full_model_bytes
         saved = f", {full / self.stored_bytes:.1f}x less" if self.stored_bytes else ""
-        return f"{n} versions take {human_bytes(self.stored_bytes)} on the Hub; as full models they would take {human_bytes(full)}{saved}"
+        return f"{n} version{'s' if n != 1 else ''} take {human_bytes(self.stored_bytes)} on the Hub; as full models they would take {human_bytes(full)}{saved}"
 
 
 @dataclass
@@ -268,6 +268,9 @@ def _commit(api: HfApi, repo_id: str, ops: list, message: str, parent: str | Non
                 "Pull the latest version, check it, and push again."
             ) from None
         raise _hub_error(e, repo_id) from None
+    except (RuntimeError, OSError) as e:  # huggingface_hub wraps failed LFS uploads in RuntimeError
+        cause = e.__cause__ or e
+        raise HubError(f"{repo_id}: uploading failed ({str(cause).splitlines()[0]}); nothing was committed, push again") from None
 
 
 def pull(

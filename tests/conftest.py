@@ -92,3 +92,25 @@ def single_threaded_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ the local Hub
+
+
+@pytest.fixture(scope="session")
+def hub():
+    """The local Hub test double, on the port the root conftest pointed HF_ENDPOINT at."""
+    import os
+
+    import huggingface_hub.constants
+    from hub_server import HubServer
+
+    endpoint = os.environ["HF_ENDPOINT"]
+    assert huggingface_hub.constants.ENDPOINT == endpoint, "huggingface_hub was imported before HF_ENDPOINT was set"
+    port = int(endpoint.rsplit(":", 1)[1])
+    server = HubServer(port=port).start()
+    yield server
+    server.stop()
+
+
+HUB_TOKEN = "hf_deltahub_test_token_do_not_print"

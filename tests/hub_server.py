@@ -168,6 +168,7 @@ class HubServer:
         self.verbose = verbose
 
         self.lfs_failure_status = 403
+        self.before_commit = None  # one-shot callable(repo_type, repo_id, revision), run before a commit is applied
         self._lfs_failures_pending = 0
         self.lfs_bytes_uploaded = 0
         self.lfs_uploads = 0
@@ -285,6 +286,19 @@ class HubServer:
             raise KeyError(path)
         return self._blob_path(entry["sha256"]).read_bytes()
 
+    def commit_directly(self, repo_id: str, files: dict[str, bytes], title: str, branch: str = "main", repo_type: str = "model") -> str:
+        """Commit regular files to ``branch`` without HTTP (another user's push, for race tests)."""
+        with self._lock:
+            repo = self._repo(repo_id, repo_type)
+            head = repo["branches"][branch]
+            tree = dict(repo["commits"][head]["tree"])
+            for path, data in files.items():
+                tree[path] = self._entry_regular(data)
+            cid = self._new_commit(repo, [head], tree, title, "", "someone-else")
+            repo["branches"][branch] = cid
+            self._save()
+            return cid
+
     # ------------------------------------------------------------------ storage helpers
 
     def _save(self) -> None:
@@ -357,7 +371,7 @@ class HubServer:
         if rev.startswith("refs/pr/") and rev[len("refs/pr/"):] in repo["prs"]:
             return "prs", rev[len("refs/pr/"):]
         if rev in repo["tags"] or rev in repo["commits"]:
-            raise HubError(400, f"Invalid rev id: {rev} is not a branch", "RevisionNotFound")
+            raise HubError(400, f"Invalid rev id: {rev} is not a branch")
         raise _rev_not_found(rev)
 
     def _history(self, repo: dict, cid: str) -> list[dict]:
@@ -754,10 +768,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._json({"url": url, "name": repo_id, "id": repo_id})
 
     def _delete_repo(self) -> None:
-        self._write_user()
+        user = self._write_user()
         body = self._json_body()
         repo_type = body.get("type") or "model"
-        repo_id = f"{body.get('organization') or 'user'}/{body.get('name')}"
+        repo_id = f"{body.get('organization') or user}/{body.get('name')}"
         with self.hub._lock:
             if self.hub._state["repos"].pop(f"{repo_type}:{repo_id}", None) is None:
                 raise _repo_not_found(repo_type, repo_id)
@@ -1145,6 +1159,9 @@ class _Handler(BaseHTTPRequestHandler):
         parent = header.get("parentCommit")
         create_pr = _truthy(q.get("create_pr"))
         hub = self.hub
+        hook, hub.before_commit = hub.before_commit, None  # one-shot: lets a test land a competing commit now
+        if hook is not None:
+            hook(repo_type, repo_id, rev)
 
         # Regular file contents are stored before taking the lock (content-addressed, harmless if unused).
         prepared = []
