@@ -6,6 +6,7 @@ Errors from bad input print one line and exit with status 1; ``--debug`` shows t
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -268,6 +269,47 @@ def rollback(
     console.print(f"rolled back {repo} to {to}: new head {result.commit[:12]} tagged {result.tag}", highlight=False)
 
 
+@app.command("eval")
+def eval_(
+    delta: str = typer.Argument(..., help="Delta repo: local folder or Hub id."),
+    finetuned: str = typer.Option(..., "--finetuned", help="The true fine-tune, to compare against."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the one recorded in the delta)."),
+    text: Optional[Path] = typer.Option(None, help="Text file for NLL/perplexity/retention (default: the Austen excerpt shipped with deltahub)."),
+    max_tokens: int = typer.Option(4096, help="Tokens of the text to score."),
+    tensors_only: bool = typer.Option(False, "--tensors-only", help="Only the per-tensor errors (no model is run)."),
+    worst: int = typer.Option(10, help="How many of the worst tensors to list."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+) -> None:
+    """Measure what compression costs: per-tensor errors, and NLL, perplexity and retention on a text.
+
+    Example: deltahub eval qwen-delta --finetuned Qwen/Qwen2.5-0.5B-Instruct --max-tokens 8192
+    """
+    from deltahub.evaluate import evaluate
+
+    body = text.read_text() if text else None
+    report = _run(evaluate, delta, finetuned, base, text=body, max_tokens=max_tokens, with_text=not tensors_only, progress=not as_json, token=token)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    table = Table(title=f"worst {worst} tensors")
+    for col in ("tensor", "kind", "method", "relative error"):
+        table.add_column(col, justify="right" if col == "relative error" else "left")
+    for t in report.worst(worst):
+        table.add_row(t.name, t.kind, t.method or "", f"{t.rel_error:.4f}")
+    console.print(table)
+    console.print(f"relative error of the whole delta: {report.total_rel_error:.4f} (mean over tensors {report.mean_rel_error:.4f})", highlight=False)
+    if report.text is not None:
+        s = report.text
+        t2 = Table(title=f"held-out text, {s.tokens} tokens")
+        for col in ("model", "NLL / token", "perplexity"):
+            t2.add_column(col, justify="left" if col == "model" else "right")
+        for label, nll in (("base", s.nll_base), ("fine-tune", s.nll_finetuned), ("base + delta", s.nll_delta)):
+            t2.add_row(label, f"{nll:.4f}", f"{math.exp(nll):.3f}")
+        console.print(t2)
+        console.print(f"performance retention PR = {s.retention:.4f}", highlight=False)
+
+
 @app.command()
 def methods() -> None:
     """List the compression methods.
@@ -281,22 +323,25 @@ def methods() -> None:
 @app.command()
 def demo(
     ratio: str = typer.Option("1/8", help="Target ratio of the dense delta's bytes, e.g. 1/8."),
-    rows: int = typer.Option(512, help="Rows of the demo weight."),
-    cols: int = typer.Option(1024, help="Columns of the demo weight."),
+    work_dir: Optional[Path] = typer.Option(None, help="Keep the models and deltas here (default: a temporary folder)."),
 ) -> None:
-    """Compress one fine-tune-like delta with every method and print ratio, error and time.
+    """Train a small model pair on Austen offline, compress it with every method, score and load it.
+
+    Prints each method's honest ratio, relative error, performance retention (PR) on held-out
+    text and compress time, then generates a line with the default delta.
 
     Example: deltahub demo --ratio 1/16
     """
     from deltahub.demo import run_demo
 
-    rows_out = _run(run_demo, _ratio(ratio), rows, cols)
-    table = Table(title=f"deltahub methods on a {rows}x{cols} bf16 delta, target ratio {ratio}")
-    for col in ("method", "honest ratio", "rel. error", "encode s", "decode s", "note"):
+    result = _run(run_demo, _ratio(ratio), work_dir=work_dir)
+    table = Table(title=f"deltahub on a small Austen fine-tune, target ratio {ratio} (NLL base {result.nll_base:.3f}, fine-tune {result.nll_finetuned:.3f})")
+    for col in ("method", "honest ratio", "rel. error", "PR", "compress s", "note"):
         table.add_column(col, justify="left" if col in ("method", "note") else "right")
-    for r in rows_out:
-        table.add_row(r.method, f"{r.ratio:.4f}", f"{r.rel_error:.4f}", f"{r.encode_s:.3f}", f"{r.decode_s:.3f}", r.note[:60])
+    for r in sorted(result.rows, key=lambda r: -r.retention if r.retention == r.retention else 1e9):
+        table.add_row(r.method, f"{r.ratio:.4f}", f"{r.rel_error:.4f}", f"{r.retention:.3f}", f"{r.compress_s:.2f}", r.note[:50])
     console.print(table)
+    console.print(f"DeltaModel.from_pretrained({str(result.work_dir / 'delta-dqrelo')!r}) says:\n  {result.sample}", highlight=False)
 
 
 def run() -> None:

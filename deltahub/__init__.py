@@ -24,6 +24,7 @@ from .errors import (
     UnsupportedFormatVersionError,
 )
 from .format import FORMAT_VERSION, DeltaReader, DeltaWriter
+from .evaluate import EvalReport, evaluate
 from .hub import ConcurrentPushError, History, HubError, PushResult, Version, history, pull, push, rollback
 from .inspect import DeltaInfo, VerifyReport, info, verify
 from .methods import get_method, list_methods
@@ -36,5 +37,5 @@ __all__ = [
     "DeltaReader", "DeltaWriter", "DeltahubError", "EncodedTensor", "FormatError", "InfeasibleRatioError", "InvalidTensorError",
     "Policy", "Rule", "ShapeMismatchError", "UnknownComponentError", "UnknownMethodError", "UnsupportedFormatVersionError",
     "VerifyReport", "__version__", "apply", "compress", "decode_tensor", "encode_tensor", "get_method", "info", "list_methods", "verify",
-    "ConcurrentPushError", "History", "HubError", "PushResult", "Version", "history", "pull", "push", "rollback",
+    "EvalReport", "evaluate", "ConcurrentPushError", "History", "HubError", "PushResult", "Version", "history", "pull", "push", "rollback",
 ]

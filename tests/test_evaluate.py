@@ -1,0 +1,56 @@
+"""deltahub eval: per-tensor errors, NLL, perplexity and retention on a text."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+import deltahub
+from cli.main import app
+from deltahub.demo import build_pair
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    work = tmp_path_factory.mktemp("eval")
+    base, ft = build_pair(work, base_steps=6, finetune_steps=6, progress=False)
+    return base, ft, work
+
+
+def test_lossless_keeps_everything_and_lossy_keeps_less(pair):
+    base, ft, work = pair
+    deltahub.compress(base, ft, work / "lossless", method="lossless", ratio=None, progress=False)
+    from deltahub.demo import DATA
+
+    text = (DATA / "austen_finetune_excerpt.txt").read_text()[:4000]  # what the fine-tune trained on
+    report = deltahub.evaluate(work / "lossless", ft, text=text, max_tokens=300, progress=False)
+    assert all(t.rel_error == 0 for t in report.tensors) and report.total_rel_error == 0
+    s = report.text
+    assert s.tokens == 300 and s.nll_delta == s.nll_finetuned and s.retention == 1.0
+    assert s.nll_finetuned < s.nll_base  # the fine-tune learned something the base did not
+    assert math.isclose(s.ppl_base, math.exp(s.nll_base))
+
+    deltahub.compress(base, ft, work / "svd", method="svd", ratio=1 / 16, progress=False)
+    lossy = deltahub.evaluate(work / "svd", ft, text=text, max_tokens=300, progress=False)
+    compressed = [t for t in lossy.tensors if t.kind == "compressed"]
+    assert compressed and all(0 < t.rel_error < 1 for t in compressed)
+    assert lossy.worst(3)[0].rel_error == max(t.rel_error for t in lossy.tensors)
+    assert lossy.text.retention < 1.0
+
+
+def test_eval_cli_json_and_table(pair, tmp_path):
+    base, ft, work = pair
+    deltahub.compress(base, ft, tmp_path / "d", method="dqrelo", ratio=1 / 4, progress=False)
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. " * 8)
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", str(tmp_path / "d"), "--finetuned", str(ft), "--text", str(text), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert set(data["text"]) >= {"nll_base", "nll_finetuned", "nll_delta", "ppl_delta", "retention"}
+    assert data["worst"] and data["total_rel_error"] > 0
+    r = runner.invoke(app, ["eval", str(tmp_path / "d"), "--finetuned", str(ft), "--tensors-only"])
+    assert r.exit_code == 0 and "relative error of the whole delta" in r.output and "retention" not in r.output
