@@ -14,7 +14,7 @@ from .checkpoint import TOKENIZER_FILES
 from .format import FINETUNED_CONFIG_NAME
 from .format.repo import check_out_dir, parse_size
 from .format.safetensors_stream import SafetensorsStreamWriter
-from .sources import HubOptions, check_base, open_base, open_delta
+from .sources import HubOptions, open_pair
 
 
 def apply(
@@ -43,11 +43,7 @@ def apply(
         deltahub.apply("user/my-delta", "full-model")
     """
     out = check_out_dir(out_dir, overwrite)
-    hub = HubOptions(token, cache_dir, local_files_only)
-    reader = open_delta(delta, revision, hub)
-    base_ckpt = open_base(reader, base, base_revision, hub)
-    if verify_base:
-        check_base(reader, base_ckpt)
+    reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=HubOptions(token, cache_dir, local_files_only), verify_base=verify_base)
     limit = parse_size(max_shard_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

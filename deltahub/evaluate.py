@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
-from .sources import HubOptions, check_base, open_base, open_delta
+from .sources import HubOptions, open_pair
 
 
 @dataclass
@@ -97,9 +97,7 @@ class EvalReport:
 
 def tensor_errors(delta: str | os.PathLike, finetuned: str | os.PathLike, base: str | os.PathLike | None = None, *, progress: bool = True, hub: HubOptions | None = None) -> list[TensorError]:
     """Relative error of every decoded tensor against the true fine-tune, streamed one tensor at a time."""
-    reader = open_delta(delta, None, hub)
-    base_ckpt = open_base(reader, base, None, hub)
-    check_base(reader, base_ckpt)
+    reader, base_ckpt = open_pair(delta, base, hub=hub)
     ft = Checkpoint.open(finetuned, **(hub or HubOptions()).kwargs())
     out = []
     for name, rec in tqdm(list(reader.records.items()), desc="Tensor errors", disable=not progress):
@@ -164,8 +162,7 @@ def evaluate(
     report = EvalReport(str(delta), tensor_errors(delta, finetuned, base, progress=progress, hub=hub))
     if not with_text:
         return report
-    reader = open_delta(delta, None, hub)
-    base_ckpt = open_base(reader, base, None, hub)
+    reader, base_ckpt = open_pair(delta, base, hub=hub, verify_base=False)
     tok = AutoTokenizer.from_pretrained(str(Checkpoint.open(finetuned, **hub.kwargs()).path))
     ids = tok(text if text is not None else default_text(), return_tensors="pt").input_ids[0][: max_tokens + 1]
     scores = {}

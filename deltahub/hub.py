@@ -9,7 +9,6 @@ copies the old version's files on the server side; nothing is re-uploaded and hi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, Repositor
 from .card import human_bytes, render_card
 from .errors import BaseMismatchError, DeltahubError
 from .format import CONFIG_NAME, DeltaReader
-from .sources import DELTA_FILE_PATTERNS
+from .sources import DELTA_FILE_PATTERNS, sha256_file
 
 _VERSION_TAG = re.compile(r"^v(\d+)$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -112,13 +111,6 @@ def _hub_error(e: Exception, repo_id: str) -> HubError:
     status = getattr(getattr(e, "response", None), "status_code", None)
     return HubError(f"{repo_id}: the Hub answered {status or 'an error'}: {str(e).splitlines()[0]}")
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tree(api: HfApi, repo_id: str, revision: str) -> dict[str, tuple[int, str | None]]:
@@ -241,7 +233,7 @@ def push(
     for rel, p in local.items():
         size = p.stat().st_size
         if rel.endswith(".safetensors"):
-            if _sha256(p) in known:
+            if sha256_file(p) in known:
                 reused += size
             else:
                 uploaded += size

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,7 +12,7 @@ from .format import CONFIG_NAME, INDEX_NAME, DeltaReader
 from .format.config import loads_config
 from .format.records import dense_nbytes, record_layout, record_nbytes, validate_record
 from .format.dtypes import to_name
-from .sources import HubOptions, base_differences, open_base, open_delta
+from .sources import HubOptions, base_differences, open_base, open_delta, sha256_file
 
 
 @dataclass
@@ -131,7 +131,7 @@ def verify(
         if not path.is_file():
             report.problems.append(f"shard {shard} is missing")
             continue
-        if shard in checksums and _sha256(path) != checksums[shard]:
+        if shard in checksums and sha256_file(path) != checksums[shard]:
             report.problems.append(f"shard {shard} does not match its SHA-256 in {INDEX_NAME}: it is corrupted")
     expected_keys: set[str] = set()
     for name, rec in reader.records.items():
@@ -153,8 +153,8 @@ def verify(
                 fields = {k.rsplit("::", 1)[1].split(".", 1)[1]: t for k, t in fetched.items() if k.rsplit("::", 1)[1].split(".", 1)[0] == str(i)}
                 blk = block_shape(shape, meta)
                 part = ctype.decode(meta, fields, blk)
-                if part.numel() != _numel(blk):
-                    raise FormatError(f"component {i} decodes to {part.numel()} values, its block holds {_numel(blk)}")
+                if part.numel() != math.prod(blk):
+                    raise FormatError(f"component {i} decodes to {part.numel()} values, its block holds {math.prod(blk)}")
             report.checked_tensors += 1
         except DeltahubError as e:
             report.problems.append(f"{name}: {e}")
@@ -171,19 +171,5 @@ def verify(
     report.ok = not report.problems
     return report
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 

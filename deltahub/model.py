@@ -19,7 +19,7 @@ from .checkpoint import Checkpoint
 from .errors import DeltahubError, FormatError
 from .format import FINETUNED_CONFIG_NAME, DeltaReader
 from .format.dtypes import to_torch
-from .sources import HubOptions, check_base, open_base, open_delta
+from .sources import HubOptions, open_pair
 
 
 class _LazyDecoded:
@@ -109,10 +109,7 @@ class DeltaModel:
         ``offload_folder`` work as in ``transformers.AutoModel.from_pretrained``.
         """
         hub = HubOptions(token, cache_dir, local_files_only)
-        reader = open_delta(delta, revision, hub)
-        base_ckpt = open_base(reader, base, base_revision, hub)
-        if verify_base:
-            check_base(reader, base_ckpt)
+        reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=hub, verify_base=verify_base)
         config = finetuned_config(reader)
         if dtype == "auto":
             ft_dtype = reader.config.get("finetuned", {}).get("dtype")

@@ -3,6 +3,7 @@ base is the one a delta was made against."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,32 @@ def open_delta(delta: str | os.PathLike, revision: str | None = None, hub: HubOp
     reader.source = str(delta)  # type: ignore[attr-defined]
     reader.commit = commit  # type: ignore[attr-defined]
     return reader
+
+
+def open_pair(
+    delta: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    *,
+    revision: str | None = None,
+    base_revision: str | None = None,
+    hub: HubOptions | None = None,
+    verify_base: bool = True,
+) -> tuple[DeltaReader, Checkpoint]:
+    """The delta's reader and its base checkpoint, the base checked unless ``verify_base=False``."""
+    reader = open_delta(delta, revision, hub)
+    base_ckpt = open_base(reader, base, base_revision, hub)
+    if verify_base:
+        check_base(reader, base_ckpt)
+    return reader, base_ckpt
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def open_base(reader: DeltaReader, base: str | os.PathLike | None = None, base_revision: str | None = None, hub: HubOptions | None = None) -> Checkpoint:
