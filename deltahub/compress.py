@@ -167,12 +167,14 @@ def compress(
             enc, used = _encode(name, b, ft, policy, seed, fallback_dense)
             if used != policy.resolve(name, tuple(ft.shape))[0]:
                 result.fallbacks.append(name)
-            decoded = enc.decode(b)
             writer.add(name, enc.record, enc.tensors)
-            result.tensors.append(TensorReport(name, enc.record["kind"], enc.record.get("method", used if enc.record["kind"] != "unchanged" else None), tuple(ft.shape), enc.dense_nbytes, enc.nbytes if enc.record["kind"] != "unchanged" else 0, relative_error(b, ft, decoded)))
+            kind = enc.record["kind"]
+            report_method = None if kind == "unchanged" else enc.record.get("method", used)
+            stored = 0 if kind == "unchanged" else enc.nbytes
+            result.tensors.append(TensorReport(name, kind, report_method, tuple(ft.shape), enc.dense_nbytes, stored, relative_error(b, ft, enc.decode(b))))
             bar.update(enc.dense_nbytes)
             bar.set_postfix_str(name[-40:], refresh=False)
-            del ft, b, decoded, enc
+            del ft, b, enc
         bar.close()
         for name in removed:
             info = base_ckpt.info(name)
@@ -184,8 +186,8 @@ def compress(
         ft_dtype = max(dtypes, key=dtypes.get) if dtypes else None
         config = {
             "deltahub_version": __version__,
-            "base": {"name_or_path": str(base), "revision": base_ckpt.revision, "fingerprint": base_ckpt.fingerprint(), "samples": samples},
-            "finetuned": {"name_or_path": str(finetuned), "revision": ft_ckpt.revision, "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None},
+            "base": {"name_or_path": _recorded_name(base, base_ckpt), "revision": base_ckpt.revision, "fingerprint": base_ckpt.fingerprint(), "samples": samples},
+            "finetuned": {"name_or_path": _recorded_name(finetuned, ft_ckpt), "revision": ft_ckpt.revision, "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None},
             "method": {"name": method, "ratio": ratio, "params": get_method(method, **params).params()},
             "rules": [r.to_dict() for r in policy.rules],
             "seed": seed,
@@ -203,6 +205,11 @@ def compress(
     result.stored_bytes = DeltaReader(path).config["totals"]["stored_bytes"]
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _recorded_name(given: str | os.PathLike, ckpt: Checkpoint) -> str:
+    """A Hub id as given; a local folder as an absolute path, so the delta loads from anywhere."""
+    return str(given) if ckpt.revision is not None else str(Path(given).expanduser().resolve())
 
 
 def _check_ratios(policy: Policy, dtypes: set[torch.dtype]) -> None:
