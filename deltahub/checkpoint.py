@@ -41,6 +41,16 @@ MODEL_FILE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 
+def _open_streaming(path: Path):
+    """safe_open reading with pread where safetensors supports it: a memory map would keep every
+    page it ever touched resident, so streaming a 70B checkpoint would show up as 140 GB of RSS.
+    With pread a tensor's memory goes when the tensor does."""
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:  # safetensors < 0.8 has no backend argument
+        return safe_open(str(path), framework="pt")
+
+
 class CheckpointError(DeltahubError, ValueError):
     """A checkpoint cannot be used: missing, pickle-only, or without safetensors weights."""
 
@@ -163,7 +173,7 @@ class Checkpoint:
         with self._lock:
             if f not in self._handles:
                 try:
-                    self._handles[f] = safe_open(str(f), framework="pt")
+                    self._handles[f] = _open_streaming(f)
                 except Exception as e:  # safetensors' own error types
                     raise FormatError(f"{f} is not a readable safetensors file ({e}); it is truncated or corrupted") from None
             return self._handles[f]

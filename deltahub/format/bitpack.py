@@ -39,6 +39,14 @@ def pack(codes: np.ndarray | torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"a code does not fit in {bits} bits")
     if bits == 8:
         return torch.from_numpy(flat.copy())
+    if bits == 1:
+        return torch.from_numpy(np.packbits(flat, bitorder="little"))
+    if bits in (2, 4):
+        per = 8 // bits
+        padded = np.zeros(-(-flat.size // per) * per, dtype=np.uint8)
+        padded[: flat.size] = flat
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        return torch.from_numpy(np.bitwise_or.reduce(padded.reshape(-1, per) << shifts, axis=1).astype(np.uint8))
     out = np.empty(packed_nbytes(flat.size, bits), dtype=np.uint8)
     shifts = np.arange(bits, dtype=np.uint8)
     # Each chunk of 8 codes is a whole number of bytes, so chunks pack independently.
@@ -67,6 +75,12 @@ def unpack(data: torch.Tensor | np.ndarray, bits: int, count: int) -> torch.Tens
         raise FormatError(f"packed data holds {raw.size} bytes, {need} expected for {count} {bits}-bit codes")
     if bits == 8:
         return torch.from_numpy(raw.copy())
+    if bits == 1:
+        return torch.from_numpy(np.unpackbits(raw, bitorder="little", count=count))
+    if bits in (2, 4):  # whole codes per byte: shift them out of every byte at once
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        codes = (raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)
+        return torch.from_numpy(np.ascontiguousarray(codes.reshape(-1)[:count]))
     out = np.empty(count, dtype=np.uint8)
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint8)
     step = _CHUNK - _CHUNK % 8

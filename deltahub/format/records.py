@@ -163,26 +163,20 @@ def decode_record(name: str, record: Mapping, get: Callable[[str], torch.Tensor]
             raise FormatError(f"tensor {name!r}: lossless needs a base of shape {list(shape)}, got {list(base.shape)}")
         return ctype.decode_exact(meta, fetched, base, dtype)
     acc = _placed_base(name, base, shape, base_shape)
-    for ctype, meta, fetched in tensors_by_comp:
-        part = ctype.decode(meta, fetched, block_shape(shape, meta))
-        rows = meta.get("rows")
-        if rows is None:
-            acc += part.reshape(shape)
-        else:
-            acc[rows[0] : rows[1]] += part.reshape(block_shape(shape, meta))
+    _accumulate(acc, shape, [(ctype, meta, fetched) for ctype, meta, fetched in tensors_by_comp])
     return acc.to(dtype)
+
+
+def _accumulate(acc: torch.Tensor, shape: tuple[int, ...], parts) -> None:
+    """Add each component into its block of the float32 accumulator (rows slice dimension 0)."""
+    for ctype, meta, fetched in parts:
+        rows = meta.get("rows")
+        out = acc if rows is None else acc[rows[0] : rows[1]]
+        ctype.add_into(out, meta, fetched, block_shape(shape, meta))
 
 
 def delta_from_components(shape: tuple[int, ...], components: list[Component]) -> torch.Tensor:
     """The decoded delta (float32) of components that do not need the base. For tests and evaluation."""
     acc = torch.zeros(shape, dtype=torch.float32)
-    for c in components:
-        ctype = component_type(c.type)
-        blk = block_shape(shape, c.meta)
-        part = ctype.decode(c.meta, c.tensors, blk)
-        rows = c.meta.get("rows")
-        if rows is None:
-            acc += part.reshape(shape)
-        else:
-            acc[rows[0] : rows[1]] += part.reshape(blk)
+    _accumulate(acc, shape, [(component_type(c.type), c.meta, c.tensors) for c in components])
     return acc

@@ -72,6 +72,12 @@ class ComponentType:
     def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    @classmethod
+    def add_into(cls, out: torch.Tensor, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> None:
+        """``out += decode(...)`` for a contiguous float32 ``out`` of the block's shape; types
+        override it to skip the temporary (the sum is the same as the spec's)."""
+        out += cls.decode(meta, tensors, block).reshape(out.shape)
+
 
 COMPONENT_TYPES: dict[str, type[ComponentType]] = {}
 

@@ -97,6 +97,12 @@ class LowRank(ComponentType):
         us = ut.t() * tensors["s"].to(torch.float32)  # [p, r], rounded to float32 before the product
         return (us @ vt).reshape(block)
 
+    @classmethod
+    def add_into(cls, out: torch.Tensor, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> None:
+        p, q = matrix_view(block, meta)
+        us = cls.factor(meta, tensors, "u", p).t() * tensors["s"].to(torch.float32)
+        out.view(p, q).addmm_(us, cls.factor(meta, tensors, "v", q))
+
 
 @dataclass(frozen=True)
 class Segment:

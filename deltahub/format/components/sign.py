@@ -35,6 +35,16 @@ class Sign(ComponentType):
         scale = scale.view(1, 1) if meta.get("scale", "tensor") == "tensor" else scale.view(p, 1)
         return (signs * scale).reshape(block)
 
+    @classmethod
+    def add_into(cls, out: torch.Tensor, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> None:
+        # b * 2s - s is exactly +s or -s in float32 (a doubling, then Sterbenz), so adding it
+        # rounds once, as the spec's sum does; it is about twice as fast as torch.where.
+        p, q = matrix_view(block, meta)
+        bits = bitpack.unpack(tensors["bits"], 1, p * q).view(p, q)
+        scale = tensors["scale"].to(torch.float32)
+        scale = scale.view(1, 1) if meta.get("scale", "tensor") == "tensor" else scale.view(p, 1)
+        out.view(p, q).add_(bits.to(torch.float32).mul_(scale * 2).sub_(scale))
+
 
 def encode_sign(delta2d: torch.Tensor, per_row: bool = False) -> Component:
     """alpha * sign(delta) with alpha = mean |delta| (per row if asked); delta <= 0 maps to -1."""
