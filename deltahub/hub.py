@@ -93,8 +93,9 @@ class PushResult:
     files: int
 
     def __str__(self) -> str:
+        where = f"{self.repo_id}@{self.tag}" if self.tag else f"a pull request to {self.repo_id} ({self.url})"
         return (
-            f"pushed {self.repo_id}@{self.tag} ({self.commit[:12]}): {self.files} files, {human_bytes(self.uploaded_bytes)} uploaded, "
+            f"pushed {where} ({self.commit[:12]}): {self.files} files, {human_bytes(self.uploaded_bytes)} uploaded, "
             f"{human_bytes(self.reused_bytes)} already on the Hub"
         )
 
@@ -243,6 +244,8 @@ def push(
     ops.append(CommitOperationAdd("README.md", card.encode()))
     ops += [CommitOperationDelete(rel) for rel in head_files if rel not in local and rel not in ("README.md", ".gitattributes")]
     commit = _commit(api, repo_id, ops, message or f"deltahub push {tag}", head, branch, create_pr)
+    if create_pr:  # not a version until merged: no tag; the result points at the pull request
+        return PushResult(repo_id, commit.oid, "", commit.pr_url or commit.commit_url, uploaded, reused, len(ops))
     try:
         api.create_tag(repo_id, tag=tag, revision=commit.oid, tag_message=message)
     except HfHubHTTPError as e:

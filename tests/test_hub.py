@@ -139,6 +139,19 @@ def test_failed_upload_leaves_no_partial_version(hub, versions):
     assert deltahub.push(d2, repo, token=HUB_TOKEN).tag == "v2"  # and a retry works
 
 
+def test_push_as_pull_request_leaves_the_branch_and_tags_alone(hub, versions):
+    _, _, _, d1, d2, _ = versions
+    repo = _repo()
+    deltahub.push(d1, repo, token=HUB_TOKEN)
+    head = hub.branch_head(repo)
+    r = deltahub.push(d2, repo, create_pr=True, token=HUB_TOKEN)
+    assert r.tag == "" and ("discussions" in r.url or "refs%2Fpr" in r.url or "/pr/" in r.url), r.url
+    assert hub.branch_head(repo) == head and list(hub.refs(repo)["tags"]) == ["v1"]
+    got = DeltaModel.from_pretrained(repo, revision="refs/pr/1", token=HUB_TOKEN)
+    want = DeltaModel.from_pretrained(d2)
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in want.state_dict().items())
+
+
 def test_rollback_to_another_base_needs_force(hub, versions, tmp_path):
     _, _, _, d1, _, _ = versions
     repo = _repo()
