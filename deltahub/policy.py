@@ -1,8 +1,8 @@
 """Which tensors get which method: defaults plus per-name-pattern rules.
 
 Defaults: tensors of one dimension or none (norms, biases, scalars) are stored ``dense`` since
-they are tiny and the most sensitive to error (D-QRELO, Section 5); everything else gets the
-policy's method at its ratio. Rules are ``fnmatch`` patterns on the checkpoint's tensor names,
+they are tiny and the most sensitive to error (D-QRELO, Section 5), or ``lossless`` when the
+policy's method is ``lossless``; everything else gets the policy's method at its ratio. Rules are ``fnmatch`` patterns on the checkpoint's tensor names,
 tried in order, the first match winning.
 """
 
@@ -85,7 +85,9 @@ class Policy:
                 ratio = params.pop("ratio", self._ratio_for(rule.method))
                 return rule.method, params, ratio
         if len(shape) <= self.dense_max_ndim:
-            return "dense", {}, None
+            # "lossless" promises the fine-tune bit for bit: a dense delta rounded to the weights'
+            # dtype would not keep it, so small tensors stay exact too.
+            return ("lossless", {}, None) if self.method == "lossless" else ("dense", {}, None)
         return self.method, dict(self.params), self._ratio_for(self.method)
 
     def _ratio_for(self, method: str) -> float | None:

@@ -56,9 +56,11 @@ def test_loaded_delta_equals_applied_checkpoint_and_approximates_finetune(case, 
 @pytest.mark.parametrize("case", ["llama", "qwen3_moe", "gpt2"])
 def test_lossless_reproduces_finetune_exactly(case, pairs, tmp_path):
     base, ft = pairs[case]
-    deltahub.compress(base, ft, tmp_path / "delta", method="lossless", ratio=None, progress=False)
+    result = deltahub.compress(base, ft, tmp_path / "delta", method="lossless", ratio=None, progress=False)
+    assert all(t.method in ("lossless", None) for t in result.tensors)  # norms too: "lossless" means every bit
     model = DeltaModel.from_pretrained(tmp_path / "delta")
     ref = load(ft, case)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())
     x = tokens()
     assert torch.equal(_logits(model, x), _logits(ref, x))
 
