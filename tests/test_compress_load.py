@@ -134,3 +134,22 @@ def test_generate_and_pipeline(pairs, tmp_path):
     out = model.generate(tokens()[:1, :4], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
     assert isinstance(model, transformers.PreTrainedModel)
+
+
+def test_tokenizer_files_are_copied_only_when_they_differ(pairs, tmp_path):
+    import shutil
+
+    base, ft = pairs["llama"]
+    b2, f2 = tmp_path / "base", tmp_path / "ft"
+    shutil.copytree(base, b2)
+    shutil.copytree(ft, f2)
+    for d in (b2, f2):
+        (d / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (b2 / "tokenizer.json").write_text('{"version": "1.0", "added_tokens": []}')
+    (f2 / "tokenizer.json").write_text('{"version": "1.0", "added_tokens": [{"id": 160, "content": "<tool>"}]}')
+    deltahub.compress(b2, f2, tmp_path / "delta", progress=False)
+    files = {p.name for p in (tmp_path / "delta").iterdir()}
+    assert "tokenizer.json" in files and "tokenizer_config.json" not in files
+    applied = deltahub.apply(tmp_path / "delta", tmp_path / "full", progress=False)
+    assert (applied / "tokenizer.json").read_text() == (f2 / "tokenizer.json").read_text()  # the fine-tune's
+    assert (applied / "tokenizer_config.json").read_text() == (b2 / "tokenizer_config.json").read_text()  # the base's
