@@ -41,7 +41,7 @@ def render_card(config: Mapping, repo_id: str | None = None) -> str:
         "",
         f"# {repo_id or 'deltahub delta'}",
         "",
-        f"A fine-tune stored as a compressed delta against [`{base_id}`]" + (f"(https://huggingface.co/{base_id})" if base.get("revision") else "") + " with [deltahub](https://pypi.org/project/deltahub/).",
+        f"A fine-tune stored as a compressed delta against [`{base_id}`]" + (f"(https://huggingface.co/{base_id})" if base.get("revision") else "") + " with deltahub (`pip install deltahub`).",
         "",
         "| | |",
         "|---|---|",
