@@ -642,6 +642,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _write_user(self) -> str:
         return self._user(required=self.hub.require_auth_for_writes) or "user"
 
+    def _tree_at(self, repo_type: str, repo_id: str, rev: str) -> tuple[dict, str, dict]:
+        """(repo, commit id, tree) of a readable repo at ``rev``; callers hold the lock."""
+        repo = self._readable(repo_type, repo_id)
+        cid = self.hub._resolve(repo, rev)
+        return repo, cid, repo["commits"][cid]["tree"]
+
     def _readable(self, repo_type: str, repo_id: str) -> dict:
         """The repo, if it exists and the caller may see it (callers hold the lock)."""
         repo = self.hub._state["repos"].get(f"{repo_type}:{repo_id}")
@@ -827,9 +833,7 @@ class _Handler(BaseHTTPRequestHandler):
             paths = [paths]
         hub = self.hub
         with hub._lock:
-            repo = self._readable(repo_type, repo_id)
-            cid = hub._resolve(repo, rev)
-            tree = repo["commits"][cid]["tree"]
+            repo, cid, tree = self._tree_at(repo_type, repo_id, rev)
             items = []
             for p in paths:
                 p = p.strip("/")
@@ -973,9 +977,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(400, "Expected a 'files' list")
         hub = self.hub
         with hub._lock:
-            repo = self._readable(repo_type, repo_id)
-            cid = hub._resolve(repo, rev)
-            tree = repo["commits"][cid]["tree"]
+            repo, cid, tree = self._tree_at(repo_type, repo_id, rev)
             out = []
             for f in files:
                 path, size = f.get("path"), f.get("size")
