@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .checkpoint import TOKENIZER_FILES
 from .format import FINETUNED_CONFIG_NAME
-from .format.repo import check_out_dir, parse_size
+from .format.repo import atomic_dir, check_out_dir, parse_size
 from .format.safetensors_stream import SafetensorsStreamWriter
 from .sources import HubOptions, open_pair
 
@@ -42,12 +41,10 @@ def apply(
 
         deltahub.apply("user/my-delta", "full-model")
     """
-    out = check_out_dir(out_dir, overwrite)
+    out = check_out_dir(out_dir, overwrite)  # refused before anything is downloaded
     reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=HubOptions(token, cache_dir, local_files_only), verify_base=verify_base)
     limit = parse_size(max_shard_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         shards: list[tuple[Path, list[str]]] = []
         writer: SafetensorsStreamWriter | None = None
         total = sum(1 for r in reader.records.values() if r["kind"] != "removed")
@@ -67,12 +64,6 @@ def apply(
             writer.close()
         _finish_shards(tmp, shards)
         _copy_configs(reader.path, base_ckpt.path, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -1,7 +1,7 @@
 """Lazy, tensor-at-a-time access to safetensors checkpoints in local folders or on the Hub.
 
-Nothing is read until a tensor is asked for; tensors come from memory-mapped shards, so
-memory stays near the tensors in use, not the model (the approach mergekit takes).
+Nothing is read until a tensor is asked for, and then only that tensor (with pread), so memory
+stays near the tensors in use, not the model (the lazy approach mergekit takes).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from .errors import DeltahubError, FormatError
 from .format.config import fingerprint as _fingerprint
 from .format.dtypes import itemsize
+from .format.safetensors_stream import open_streaming
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -41,14 +41,22 @@ MODEL_FILE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 
-def _open_streaming(path: Path):
-    """safe_open reading with pread where safetensors supports it: a memory map would keep every
-    page it ever touched resident, so streaming a 70B checkpoint would show up as 140 GB of RSS.
-    With pread a tensor's memory goes when the tensor does."""
-    try:
-        return safe_open(str(path), framework="pt", backend="pread")
-    except TypeError:  # safetensors < 0.8 has no backend argument
-        return safe_open(str(path), framework="pt")
+def sample_digest(t: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+    """The spec's sample digest (spec/FORMAT.md §4.2): 16 hex digits of SHA-256 over the bytes
+    of the first and last rows (dimension 0) of a tensor, or of the whole tensor below 2
+    dimensions or with at most 2 rows; in ``dtype`` if given (default its own), on any device.
+    Two rows are enough to tell another model of the same shapes apart, and reading them costs
+    almost nothing.
+
+    >>> sample_digest(torch.arange(12, dtype=torch.bfloat16).reshape(4, 3))
+    'a569e6875dd172c1'
+    """
+    t = t.detach()
+    if t.dim() >= 2 and t.shape[0] > 2:
+        # Hashing the two rows one after the other equals hashing their concatenation.
+        t = torch.cat([t[:1], t[-1:]])
+    t = t.to(device="cpu", dtype=dtype or t.dtype).contiguous()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
 class CheckpointError(DeltahubError, ValueError):
@@ -173,7 +181,7 @@ class Checkpoint:
         with self._lock:
             if f not in self._handles:
                 try:
-                    self._handles[f] = _open_streaming(f)
+                    self._handles[f] = open_streaming(f)
                 except Exception as e:  # safetensors' own error types
                     raise FormatError(f"{f} is not a readable safetensors file ({e}); it is truncated or corrupted") from None
             return self._handles[f]
@@ -189,7 +197,7 @@ class Checkpoint:
         return self._info[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (a copy out of the memory map)."""
+        """Load one tensor (read with pread: its memory goes when the tensor does)."""
         try:
             f = self._where[name]
         except KeyError:
@@ -200,19 +208,12 @@ class Checkpoint:
             raise FormatError(f"tensor {name!r} cannot be read from {f.name} ({e}); the file is truncated or corrupted") from None
 
     def sample_digest(self, name: str) -> str:
-        """16 hex digits of SHA-256 over the first and last rows of a tensor (dimension 0; the
-        whole tensor below 2 dimensions). Two rows are enough to tell another model of the same
-        shapes apart, and reading them costs almost nothing."""
-        sl = self._handle(self._where[name]).get_slice(name)
+        """:func:`sample_digest` of a stored tensor, reading only the rows it hashes."""
         shape = self._info[name].shape
-        if len(shape) < 2 or shape[0] <= 2:
-            parts = [sl[:]] if shape else [self.get(name).reshape(1)]
-        else:
-            parts = [sl[0:1], sl[shape[0] - 1 : shape[0]]]
-        h = hashlib.sha256()
-        for p in parts:
-            h.update(p.contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        if len(shape) >= 2 and shape[0] > 2:
+            sl = self._handle(self._where[name]).get_slice(name)
+            return sample_digest(torch.cat([sl[0:1], sl[shape[0] - 1 : shape[0]]]))
+        return sample_digest(self.get(name))
 
     def fingerprint(self) -> str:
         """The spec's fingerprint of tensor names, dtypes and shapes."""

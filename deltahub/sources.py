@@ -45,10 +45,7 @@ def open_pair(
 ) -> tuple[DeltaReader, Checkpoint]:
     """The delta's reader and its base checkpoint, the base checked unless ``verify_base=False``."""
     reader = open_delta(delta, revision, hub)
-    base_ckpt = open_base(reader, base, base_revision, hub)
-    if verify_base:
-        check_base(reader, base_ckpt)
-    return reader, base_ckpt
+    return reader, open_base(reader, base, base_revision, hub, verify=verify_base)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -60,8 +57,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def open_base(reader: DeltaReader, base: str | os.PathLike | None = None, base_revision: str | None = None, hub: HubOptions | None = None) -> Checkpoint:
-    """The base checkpoint: the one given, or the one recorded in ``delta_config.json`` at its pinned revision."""
+def open_base(
+    reader: DeltaReader, base: str | os.PathLike | None = None, base_revision: str | None = None, hub: HubOptions | None = None, *, verify: bool = False
+) -> Checkpoint:
+    """The base checkpoint: the one given, or the one recorded in ``delta_config.json`` at its
+    pinned revision; with ``verify``, checked to be the delta's base (:func:`check_base`)."""
     hub = hub or HubOptions()
     recorded = reader.config.get("base", {})
     if base is None:
@@ -70,7 +70,10 @@ def open_base(reader: DeltaReader, base: str | os.PathLike | None = None, base_r
             raise BaseMismatchError("the delta records no base model; pass base=... (a local folder or Hub id)")
         if base_revision is None:
             base_revision = recorded.get("revision")
-    return Checkpoint.open(base, revision=base_revision, **hub.kwargs())
+    ckpt = Checkpoint.open(base, revision=base_revision, **hub.kwargs())
+    if verify:
+        check_base(reader, ckpt)
+    return ckpt
 
 
 def base_differences(reader: DeltaReader, base: Checkpoint, limit: int = 5) -> list[str]:
@@ -100,13 +103,16 @@ def base_differences(reader: DeltaReader, base: Checkpoint, limit: int = 5) -> l
 
 def check_base(reader: DeltaReader, base: Checkpoint) -> None:
     """Raise :class:`BaseMismatchError` naming the differences if ``base`` is not the delta's base."""
-    diffs = base_differences(reader, base)
+    raise_base_mismatch(reader, base.source, base_differences(reader, base), "Pass the right base, or verify_base=False (--no-verify-base) to load anyway.")
+
+
+def raise_base_mismatch(reader: DeltaReader, what: str, diffs: list[str], remedy: str) -> None:
+    """Raise :class:`BaseMismatchError` if there are ``diffs``: ``what`` is not the base the delta
+    records (named with its pinned revision); ``remedy`` ends the message. One message for a
+    base checkpoint and for a base model in memory."""
     if diffs:
         recorded = reader.config.get("base", {})
         want = recorded.get("name_or_path") or "unknown"
         if recorded.get("revision"):
             want += f"@{recorded['revision'][:12]}"
-        raise BaseMismatchError(
-            f"{base.source} is not the base this delta was made against ({want}): " + "; ".join(diffs)
-            + ". Pass the right base, or verify_base=False (--no-verify-base) to load anyway."
-        )
+        raise BaseMismatchError(f"{what} is not the base this delta was made against ({want}): " + "; ".join(diffs) + ". " + remedy)

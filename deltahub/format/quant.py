@@ -70,9 +70,10 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int, scale_dtype: to
 
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``scale * (code - zero)`` per group, in float32; ``codes`` is [n, length]."""
+    """``scale * (code - zero)`` per group, in float32; ``codes`` is [n, length]. Runs on the
+    tensors' device (serving dequantizes on the GPU in every forward)."""
     n, length = codes.shape
-    idx = torch.arange(length) // group_size
+    idx = torch.arange(length, device=codes.device) // group_size
     s = scale.to(torch.float32)[:, idx]
     z = zero.to(torch.float32)[:, idx]
     return s * (codes.to(torch.float32) - z)

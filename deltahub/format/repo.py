@@ -12,17 +12,17 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
 
 from ..errors import FormatError
 from . import records as rec
 from .components import check_fields
 from .config import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, dumps_config, loads_config, shard_name
-from .safetensors_stream import SafetensorsStreamWriter
+from .safetensors_stream import SafetensorsStreamWriter, open_streaming
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 # "model.layers.12.mlp.up_proj.weight" -> "model.layers.12": tensors of one block share a shard.
@@ -55,6 +55,49 @@ def check_out_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     return p
 
 
+def partial_dir(out: Path) -> Path:
+    """A new empty hidden folder beside ``out``: on the same filesystem, so that renaming it to
+    ``out`` is atomic."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def install_dir(tmp: Path, out: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``out``. An existing ``out`` is moved aside first and
+    removed only afterwards, so ``out`` is never a mix of old and new files."""
+    backup = None
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, backup)
+    os.replace(tmp, out)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Write a folder atomically: yield an empty temporary folder beside ``out_dir`` that is
+    renamed into place when the block succeeds and removed when it fails, so an interrupted
+    run never leaves a folder that looks complete. A non-empty ``out_dir`` is refused unless
+    ``overwrite`` (:func:`check_out_dir`).
+
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "result"
+    >>> with atomic_dir(out) as tmp:
+    ...     _ = (tmp / "a.txt").write_text("done")
+    >>> sorted(p.name for p in out.iterdir())
+    ['a.txt']
+    """
+    out = check_out_dir(out_dir, overwrite)
+    tmp = partial_dir(out)
+    try:
+        yield tmp
+        install_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 class DeltaWriter:
     """Write a delta repo tensor by tensor with bounded memory.
 
@@ -72,8 +115,8 @@ class DeltaWriter:
     def __init__(self, out_dir: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False, shard_by_layer: bool = True) -> None:
         self.out_dir = check_out_dir(out_dir, overwrite)
         self.max_shard_size = parse_size(max_shard_size)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        # Not atomic_dir: the writer outlives one block (finish() installs, abort() discards).
+        self._tmp = partial_dir(self.out_dir)
         self._records: dict[str, dict] = {}
         self._shards: list[tuple[Path, list[str]]] = []
         self._writer: SafetensorsStreamWriter | None = None
@@ -182,18 +225,9 @@ class DeltaWriter:
         (self._tmp / CONFIG_NAME).write_text(text)
         if card is not None:
             (self._tmp / "README.md").write_text(card(cfg))
-        self._install()
+        install_dir(self._tmp, self.out_dir)
         self._done = True
         return self.out_dir
-
-    def _install(self) -> None:
-        backup = None
-        if self.out_dir.exists():
-            backup = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, backup)
-        os.replace(self._tmp, self.out_dir)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
 
     def abort(self) -> None:
         """Throw away everything written so far."""
@@ -207,7 +241,7 @@ class DeltaWriter:
 class DeltaReader:
     """Read a delta repo from a local folder: config, records, stored tensors, decoding.
 
-    Tensors are read lazily from memory-mapped shards; nothing is loaded until asked for.
+    Tensors are read lazily from the shards (with pread); nothing is loaded until asked for.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -242,7 +276,7 @@ class DeltaReader:
             if not path.is_file():
                 raise FormatError(f"shard {shard} is missing from {self.path}; download the delta again")
             try:
-                self._handles[shard] = safe_open(str(path), framework="pt")
+                self._handles[shard] = open_streaming(path)
             except Exception as e:  # safetensors raises its own error types for bad headers
                 raise FormatError(f"shard {shard} is unreadable ({e}); the file is truncated or corrupted") from None
         return self._handles[shard]

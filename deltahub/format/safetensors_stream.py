@@ -4,7 +4,8 @@
 of a 70B delta would then cost 5 GB of RAM. This writer appends each tensor's bytes to a
 spool file as it comes and writes the header (the format is an 8-byte little-endian header
 length, a JSON header padded with spaces to a multiple of 8, then the data) when the file is
-closed, so memory stays at one tensor. Files are read back with the safetensors library.
+closed, so memory stays at one tensor. Files are read back with the safetensors library,
+through :func:`open_streaming`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,24 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .dtypes import to_name
 
 _COPY_CHUNK = 64 << 20
+
+
+def open_streaming(path: str | os.PathLike):
+    """``safe_open`` reading with pread where safetensors supports it.
+
+    A memory map keeps every page it ever touched resident, so streaming a 70B checkpoint would
+    show up as 140 GB of RSS, and a loaded delta model would carry its delta's pages on top of
+    the model. With pread a tensor's memory goes when the tensor does.
+    """
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:  # safetensors < 0.8 has no backend argument
+        return safe_open(str(path), framework="pt")
 
 
 class SafetensorsStreamWriter:

@@ -28,22 +28,42 @@ class Sign(ComponentType):
 
     @classmethod
     def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:
-        p, q = matrix_view(block, meta)
-        bits = bitpack.unpack(tensors["bits"], 1, p * q).view(p, q)
-        signs = bits.to(torch.float32) * 2.0 - 1.0
-        scale = tensors["scale"].to(torch.float32)
-        scale = scale.view(1, 1) if meta.get("scale", "tensor") == "tensor" else scale.view(p, 1)
-        return (signs * scale).reshape(block)
+        out = torch.zeros(block, dtype=torch.float32)
+        cls.add_into(out, meta, tensors, block)
+        return out
 
     @classmethod
     def add_into(cls, out: torch.Tensor, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> None:
-        # b * 2s - s is exactly +s or -s in float32 (a doubling, then Sterbenz), so adding it
-        # rounds once, as the spec's sum does; it is about twice as fast as torch.where.
+        # Each byte of the bitplane indexes a table of its 8 signs, so unpacking, scaling and
+        # adding is one gather and one add per slice of rows. The slices stay in cache, which
+        # makes this several times faster than unpacking the whole plane first. A table entry
+        # is exactly +s or -s (or +-1 times a row's s, an exact product), so each element is
+        # rounded once, as the spec's sum is.
         p, q = matrix_view(block, meta)
-        bits = bitpack.unpack(tensors["bits"], 1, p * q).view(p, q)
-        scale = tensors["scale"].to(torch.float32)
-        scale = scale.view(1, 1) if meta.get("scale", "tensor") == "tensor" else scale.view(p, 1)
-        out.view(p, q).add_(bits.to(torch.float32).mul_(scale * 2).sub_(scale))
+        bits = tensors["bits"].reshape(-1)
+        if bits.numel() != bitpack.packed_nbytes(p * q, 1):
+            raise FormatError(f"sign bits hold {bits.numel()} bytes, {bitpack.packed_nbytes(p * q, 1)} expected")
+        scale = tensors["scale"].to(torch.float32).reshape(-1)
+        per_row = meta.get("scale", "tensor") == "row"
+        table = SIGN_TABLE if per_row else SIGN_TABLE * scale[0]
+        out2d = out.view(p, q)
+        step = max(1, _SLICE // max(q, 1))
+        for r0 in range(0, p, step):
+            r1 = min(p, r0 + step)
+            e0, e1 = r0 * q, r1 * q
+            signs = torch.nn.functional.embedding(bits[e0 // 8 : -(-e1 // 8)].to(torch.int32), table).view(-1)
+            signs = signs[e0 % 8 : e0 % 8 + e1 - e0].view(r1 - r0, q)
+            if per_row:
+                out2d[r0:r1].addcmul_(signs, scale[r0:r1, None])
+            else:
+                out2d[r0:r1].add_(signs)
+
+
+# Row i of SIGN_TABLE holds the 8 signs of byte value i, least significant bit first (bit 1 ->
+# +1): looking a bitplane's bytes up in it unpacks them and maps {0, 1} to {-1, +1} in one gather.
+SIGN_TABLE = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.float32) * 2 - 1
+# Elements per slice of rows: about 1 MiB of float32, which stays in a core's cache.
+_SLICE = 1 << 18
 
 
 def encode_sign(delta2d: torch.Tensor, per_row: bool = False) -> Component:
