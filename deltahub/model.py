@@ -20,6 +20,7 @@ from .errors import DeltahubError, FormatError
 from .format import FINETUNED_CONFIG_NAME, DeltaReader
 from .format.dtypes import to_torch
 from .sources import HubOptions, open_pair
+from .serving.model import MultiDeltaModel, load_unmerged
 
 
 class _LazyDecoded:
@@ -58,7 +59,7 @@ def finetuned_config(reader: DeltaReader):
     return AutoConfig.for_model(model_type, **data)
 
 
-def _model_class(config):
+def model_class(config) -> type:
     """The class named in ``architectures``; else the causal-LM class of the config, else the bare model."""
     import transformers
 
@@ -72,8 +73,30 @@ def _model_class(config):
     raise FormatError(f"transformers has no model class for {type(config).__name__}; set 'architectures' in {FINETUNED_CONFIG_NAME}")
 
 
-class DeltaModel:
+def resolve_dtype(dtype: str | torch.dtype, reader: DeltaReader, config) -> str | torch.dtype:
+    """``dtype="auto"`` means the fine-tune's dtype (recorded in the delta, else its config's,
+    else float32), so the merged and the unmerged loaders agree; any other value is as given."""
+    if dtype != "auto":
+        return dtype
+    ft_dtype = reader.config.get("finetuned", {}).get("dtype")
+    return getattr(torch, ft_dtype) if ft_dtype else getattr(config, "dtype", None) or torch.float32
+
+
+def set_generation_config(model, reader: DeltaReader) -> None:
+    """Give a model that generates the delta's ``generation_config.json``, when it has one."""
+    if (reader.path / "generation_config.json").is_file() and getattr(model, "can_generate", lambda: False)():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(reader.path)
+
+
+class DeltaModel(MultiDeltaModel):
     """Load fine-tunes stored as deltas. The API mirrors transformers and PEFT.
+
+    ``from_pretrained`` returns the merged fine-tune, an ordinary transformers model;
+    ``from_pretrained(..., merge=False)`` and ``from_base(model)`` return a ``DeltaModel`` that
+    serves any number of deltas unmerged on one base (``load_delta``, ``set_delta``,
+    ``disable_delta``, ``delete_delta``, ``merge_and_unload``; see ``deltahub.serving``).
 
     Example::
 
@@ -98,6 +121,8 @@ class DeltaModel:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         verify_base: bool = True,
+        merge: bool = True,
+        delta_name: str = "default",
         **model_kwargs: Any,
     ):
         """Return a transformers model of the fine-tune's architecture with base + delta weights.
@@ -107,20 +132,25 @@ class DeltaModel:
         names, shapes or sampled weights differ is refused unless ``verify_base=False``.
         ``dtype="auto"`` keeps the fine-tune's dtype. ``device_map``, ``max_memory`` and
         ``offload_folder`` work as in ``transformers.AutoModel.from_pretrained``.
+
+        ``merge=False`` returns a ``DeltaModel`` instead: the base loaded with transformers and
+        the delta served unmerged under ``delta_name``, ready for more ``load_delta`` calls.
         """
+        if not merge:
+            return load_unmerged(
+                cls, delta, base, delta_name=delta_name, revision=revision, base_revision=base_revision, dtype=dtype, token=token, cache_dir=cache_dir,
+                local_files_only=local_files_only, verify_base=verify_base, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **model_kwargs,
+            )
         hub = HubOptions(token, cache_dir, local_files_only)
         reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=hub, verify_base=verify_base)
         config = finetuned_config(reader)
-        if dtype == "auto":
-            ft_dtype = reader.config.get("finetuned", {}).get("dtype")
-            dtype = getattr(torch, ft_dtype) if ft_dtype else getattr(config, "dtype", None) or torch.float32
         errors: list[BaseException] = []
         state = {n: _LazyDecoded(n, reader, base_ckpt, errors) for n, r in reader.records.items() if r["kind"] != "removed"}
-        model = _model_class(config).from_pretrained(
+        model = model_class(config).from_pretrained(
             None,
             config=config,
             state_dict=state,
-            dtype=dtype,
+            dtype=resolve_dtype(dtype, reader, config),
             device_map=device_map,
             max_memory=max_memory,
             offload_folder=offload_folder,
@@ -129,11 +159,7 @@ class DeltaModel:
         if errors:
             err = errors[0]
             raise err if isinstance(err, DeltahubError) else FormatError(f"decoding the delta failed: {err}")
-        gen = reader.path / "generation_config.json"
-        if gen.is_file() and getattr(model, "can_generate", lambda: False)():
-            from transformers import GenerationConfig
-
-            model.generation_config = GenerationConfig.from_pretrained(reader.path)
+        set_generation_config(model, reader)
         return model
 
 

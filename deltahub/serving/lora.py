@@ -1,0 +1,350 @@
+"""``deltahub.export_lora``: a delta as a PEFT LoRA adapter that PEFT and vLLM load.
+
+Every matrix a delta changes in an ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding`` module
+becomes a LoRA pair with ``B·A`` equal to the delta (PEFT's layout: ``lora_A`` ``[r, in]``,
+``lora_B`` ``[out, r]``, ``lora_embedding_A`` ``[r, num_embeddings]``, ``lora_embedding_B``
+``[dim, r]``):
+
+- a record that is one float ``lowrank`` component (the ``svd`` method) is exported exactly:
+  ``B = U·diag(S)``, ``A = Vᵀ`` (the spec's ``U·S`` product, rounded once to float32, as the
+  decoder computes it);
+- any other record is decoded (against the base only for ``lossless``) and truncated by SVD
+  to ``rank``, or by default to the rank whose factors take as many bytes as the record does
+  in the delta. The relative Frobenius error of every module is reported.
+
+Ranks differ per module: PEFT reads them from ``rank_pattern``; ``lora_alpha`` equals the
+rank everywhere (``alpha_pattern``, and the global ``r``/``lora_alpha`` pair), so the LoRA scale
+is 1 both in PEFT and in loaders that read only ``r`` and ``lora_alpha`` (vLLM). Tensors a LoRA
+adapter cannot hold (norms, biases, MoE routers and fused experts, resized vocabularies) are
+listed in the report with their share of the delta; they are not in the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..format import DeltaReader
+from ..format.components import LowRank, block_shape, matrix_view
+from ..format.dtypes import parse_user_dtype
+from ..format.records import delta_from_components, record_nbytes, validate_record
+from ..format.repo import atomic_dir, check_out_dir
+from ..methods.linalg import truncated_svd
+from ..sources import HubOptions, open_base, open_delta
+from .errors import ServingError
+from .layers import DeltaConv1D, DeltaEmbedding, DeltaLinear
+from .model import _fast_wrapper, _users
+from .operators import stored_components
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+REPORT_NAME = "deltahub_lora_report.json"
+
+
+@dataclass
+class LoraModule:
+    """One exported module: its path, the delta tensor it holds, its rank and error."""
+
+    module: str
+    tensor: str
+    kind: str  # "linear", "conv1d" or "embedding"
+    rank: int
+    rel_error: float
+    exact: bool
+
+
+@dataclass
+class SkippedTensor:
+    """A changed tensor the adapter does not hold, and its share of the delta (squared norm)."""
+
+    name: str
+    shape: list[int]
+    reason: str
+    share: float
+
+
+@dataclass
+class LoraExportReport:
+    """What :func:`export_lora` wrote and how close the adapter is to the delta."""
+
+    path: Path
+    modules: list[LoraModule] = field(default_factory=list)
+    skipped: list[SkippedTensor] = field(default_factory=list)
+    rel_error: float = 0.0
+    skipped_share: float = 0.0
+    adapter_bytes: int = 0
+    delta_bytes: int | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Every exported module came from a stored low-rank factorization, untruncated."""
+        return bool(self.modules) and all(m.exact for m in self.modules)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        out["exact"] = self.exact
+        return out
+
+    def __str__(self) -> str:
+        ranks = sorted({m.rank for m in self.modules})
+        rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}" if ranks else "no modules"
+        lines = [
+            f"{self.path}: {len(self.modules)} LoRA modules ({rank_text}), {self.adapter_bytes / 1e6:.2f} MB"
+            + (f" for a {self.delta_bytes / 1e6:.2f} MB delta" if self.delta_bytes else "")
+            + f"; relative error {self.rel_error:.4g}" + (" (exact: stored low-rank factors)" if self.exact else " (truncated SVD)"),
+        ]
+        worst = sorted(self.modules, key=lambda m: -m.rel_error)[:3]
+        if worst and not self.exact:
+            lines.append("worst modules: " + ", ".join(f"{m.module} {m.rel_error:.3f} (rank {m.rank})" for m in worst))
+        if self.skipped:
+            names = ", ".join(s.name for s in self.skipped[:4]) + (f" and {len(self.skipped) - 4} more" if len(self.skipped) > 4 else "")
+            lines.append(f"not expressible as LoRA: {len(self.skipped)} tensor(s), {self.skipped_share:.2%} of the delta's squared norm ({names})")
+        return "\n".join(lines)
+
+
+def _meta_model(reader: DeltaReader):
+    """The fine-tune's architecture on the meta device (no memory): which module each tensor is in."""
+    import accelerate
+
+    from ..model import finetuned_config, model_class  # deltahub.model imports this package
+
+    config = finetuned_config(reader)
+    with accelerate.init_empty_weights():
+        model = model_class(config)(config)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model, config
+
+
+_KINDS = {DeltaLinear: "linear", DeltaConv1D: "conv1d", DeltaEmbedding: "embedding"}
+
+
+def _kind(module: nn.Module, param: str) -> str | None:
+    """``"linear"``, ``"conv1d"`` or ``"embedding"`` when ``module.<param>`` is such a layer's weight."""
+    return _KINDS.get(_fast_wrapper(module)) if param == "weight" else None  # type: ignore[arg-type]
+
+
+def _stored_lowrank(name: str, record: dict, reader: DeltaReader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(U·S [p, r], S [r], V [q, r])`` when the (validated) record is one float low-rank
+    component over the whole matrix; ``None`` otherwise."""
+    comps = record.get("components") or []
+    if record["kind"] != "compressed" or len(comps) != 1 or comps[0]["type"] != "lowrank" or len(record["shape"]) != 2:
+        return None
+    meta = comps[0]
+    shape = tuple(record["shape"])
+    if "rows" in meta or matrix_view(block_shape(shape, meta), meta) != shape:
+        return None
+    if any("bits" in seg for seg in meta["u"] + meta["v"]):
+        return None
+    tensors = stored_components(name, record, reader.get)[0].tensors
+    u = LowRank.factor(meta, tensors, "u", shape[0])  # [r, p]
+    v = LowRank.factor(meta, tensors, "v", shape[1])  # [r, q]
+    s = tensors["s"].to(torch.float32)
+    return u.t() * s, s, v.t().contiguous()
+
+
+def _dense_delta(name: str, record: dict, reader: DeltaReader, base_tensor) -> torch.Tensor:
+    """The decoded delta of a (validated) record in float32: the components' sum (for an added
+    or resized tensor, what it adds to the zero-padded base); lossless: fine-tune minus base."""
+    if record["components"][0]["type"] == "lossless":
+        base = base_tensor()
+        return reader.decode(name, base).to(torch.float32) - base.to(torch.float32)
+    return delta_from_components(tuple(record["shape"]), stored_components(name, record, reader.get))
+
+
+def export_lora(
+    delta: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    rank: int | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    embeddings: bool = True,
+    revision: str | None = None,
+    base_revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    verify_base: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> LoraExportReport:
+    """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``: the delta as a
+    PEFT LoRA adapter for its base model.
+
+    Exact for records stored as one float low-rank factorization (method ``svd``) when
+    ``rank`` is ``None`` or at least their stored rank; otherwise each matrix is a truncated
+    SVD of the decoded delta at ``rank`` (default: the rank whose factors, in ``dtype``, take
+    the record's stored bytes). ``dtype`` is the adapter's (float32 keeps the exact case exact).
+    ``embeddings=False`` leaves embeddings and tied LM heads out (for loaders without embedding
+    LoRA). The base is read only for ``lossless`` records. Written atomically.
+
+    Example::
+
+        report = deltahub.export_lora("user/qwen-delta", "qwen-lora", rank=64)
+        print(report)   # ranks, relative errors, tensors LoRA cannot hold
+        # PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "qwen-lora")
+    """
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ServingError(f"rank must be a positive integer, got {rank!r}")
+    out = check_out_dir(out_dir, overwrite)  # refused before any work
+    adapter_dtype = parse_user_dtype(dtype)
+    if not adapter_dtype.is_floating_point:
+        raise ServingError(f"the adapter dtype must be a float dtype, got {dtype!r}")
+    hub = HubOptions(token, cache_dir, local_files_only)
+    reader = open_delta(delta, revision, hub)
+    model, config = _meta_model(reader)
+    # A module shared under several paths is one PEFT target, under the first path (the one
+    # PEFT's own ``named_modules()`` walk finds); its parameters have a name under every path.
+    path_of = {id(m): mname for mname, m in model.named_modules()}
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    where: dict[str, int] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m._parameters.items():
+            if p is not None:
+                if (m, pname) not in holders.setdefault(id(p), []):
+                    holders[id(p)].append((m, pname))
+                where[f"{mname}.{pname}" if mname else pname] = id(p)
+    base_ckpt = None
+
+    def base_tensor(name: str):
+        nonlocal base_ckpt
+        if base_ckpt is None:
+            # Opened (and checked) only when a lossless record needs it, so not with open_pair.
+            base_ckpt = open_base(reader, base, base_revision, hub, verify=verify_base)
+        return base_ckpt.get(name)
+
+    report = LoraExportReport(out, delta_bytes=(reader.config.get("totals") or {}).get("stored_bytes"))
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    err2 = norm2 = skipped2 = 0.0
+    any_conv = False
+    changed = [(n, r) for n, r in reader.records.items() if r["kind"] not in ("unchanged", "removed")]
+    for name, record in tqdm(changed, desc="Exporting", disable=not progress):
+        validate_record(name, record)
+        shape = list(record["shape"])
+        targets = []
+        reason = None
+        if record["kind"] == "added" or record.get("base_shape") is not None:
+            reason = "the tensor is added or resized: LoRA only changes existing weights"
+        elif name not in where:
+            reason = "not a parameter of the model class (a renamed checkpoint key)"
+        elif len(shape) != 2:
+            reason = f"{len(shape)}-D tensor (norm, bias or fused experts)"
+        else:
+            users = [(path_of[id(m)], _kind(m, pname)) for m, pname in _users(holders[where[name]])]
+            targets = [(mname, kind) for mname, kind in users if kind is not None]
+            if not embeddings and any(kind == "embedding" for _, kind in targets):
+                # A tied LM head alone would carry half of the change: both or neither.
+                targets, reason = [], "embedding (and any LM head tied to it) left out: embeddings=False"
+            elif not targets:
+                reason = "not the weight of a Linear, Conv1D or Embedding module"
+            elif len(targets) < len(users):
+                other = next(mname for mname, kind in users if kind is None)
+                targets, reason = [], f"tied to {other}, which is no Linear, Conv1D or Embedding: the adapter would apply the change in only some of the modules that use it"
+        if reason is not None:
+            d2 = float(_dense_delta(name, record, reader, lambda: base_tensor(name)).double().pow(2).sum())
+            skipped2 += d2
+            report.skipped.append(SkippedTensor(name, shape, reason, d2))
+            continue
+        p, q = shape
+        stored = _stored_lowrank(name, record, reader)
+        dense = _dense_delta(name, record, reader, lambda: base_tensor(name))
+        d_norm2 = float(dense.double().pow(2).sum())
+        # Exact: the stored factors, untruncated, written in a dtype that holds U·S (float32).
+        exact = stored is not None and (rank is None or rank >= stored[1].numel()) and adapter_dtype.itemsize >= 4
+        if stored is not None and (rank is None or rank >= stored[1].numel()):
+            us, s, v = stored
+        else:
+            if rank is not None:
+                r = min(rank, p, q)
+            else:
+                r = max(1, min(p, q, record_nbytes(name, record) // ((p + q) * adapter_dtype.itemsize)))
+            if stored is not None:  # truncating the stored factorization: keep its largest singular values
+                us_all, s_all, v_all = stored
+                top = torch.argsort(s_all, descending=True)[:r]
+                us, s, v = us_all[:, top], s_all[top], v_all[:, top]
+            else:
+                u, s, v = truncated_svd(dense, r)
+                us = u * s
+        # The error of the factors as written (in the adapter's dtype), not of their float32 form.
+        us, v = us.to(adapter_dtype), v.to(adapter_dtype)
+        approx = us.to(torch.float32) @ v.to(torch.float32).t()
+        e2 = float((dense - approx).double().pow(2).sum())
+        err2 += e2
+        norm2 += d_norm2
+        rel = math.sqrt(e2 / d_norm2) if d_norm2 else (0.0 if e2 == 0 else math.inf)
+        r = s.numel()
+        for mname, kind in targets:
+            prefix = f"base_model.model.{mname}"
+            if kind == "linear":  # weight [out=p, in=q]: B·A = Δ
+                tensors[f"{prefix}.lora_A.weight"] = v.t()
+                tensors[f"{prefix}.lora_B.weight"] = us
+            elif kind == "conv1d":  # weight [in=p, out=q]: B·A = Δᵀ
+                any_conv = True
+                tensors[f"{prefix}.lora_A.weight"] = us.t()
+                tensors[f"{prefix}.lora_B.weight"] = v
+            else:  # embedding [num=p, dim=q]: PEFT's delta is (B·A)ᵀ
+                tensors[f"{prefix}.lora_embedding_A"] = us.t()
+                tensors[f"{prefix}.lora_embedding_B"] = v
+            ranks[mname] = r
+            report.modules.append(LoraModule(mname, name, kind, r, rel, exact))
+    total2 = norm2 + skipped2
+    report.rel_error = math.sqrt(err2 / norm2) if norm2 else 0.0
+    report.skipped_share = skipped2 / total2 if total2 else 0.0
+    for s in report.skipped:
+        s.share = s.share / total2 if total2 else 0.0
+    if not tensors:
+        raise ServingError(f"{reader.path}: no tensor of this delta is the weight of a Linear, Conv1D or Embedding module; there is nothing to export as LoRA")
+    r_max = max(ranks.values())
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(config),
+        "base_model_name_or_path": str(base) if base is not None else (reader.config.get("base") or {}).get("name_or_path"),
+        "revision": None if base is not None else (reader.config.get("base") or {}).get("revision"),
+        "r": r_max,
+        "lora_alpha": r_max,
+        "rank_pattern": {m: r for m, r in sorted(ranks.items()) if r != r_max},
+        "alpha_pattern": {m: r for m, r in sorted(ranks.items()) if r != r_max},
+        "target_modules": sorted(ranks),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": any_conv,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    _write(out, overwrite, {k: t.contiguous() for k, t in tensors.items()}, adapter_config, report)
+    return report
+
+
+def _task_type(config) -> str | None:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "CAUSAL_LM"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "SEQ_CLS"
+    if any(a.endswith("ForTokenClassification") for a in archs):
+        return "TOKEN_CLS"
+    return None
+
+
+def _write(out: Path, overwrite: bool, tensors: dict[str, torch.Tensor], config: dict, report: LoraExportReport) -> None:
+    with atomic_dir(out, overwrite) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        report.adapter_bytes = (tmp / ADAPTER_WEIGHTS).stat().st_size
+        (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")

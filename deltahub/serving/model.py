@@ -1,0 +1,449 @@
+"""One base model serving many compressed deltas, unmerged: load, switch, disable, delete,
+mixed-delta batches, merge. The API follows PEFT's ``PeftModel``.
+
+``DeltaModel`` (``deltahub.DeltaModel``) is this class plus ``from_pretrained``. Example::
+
+    from deltahub import DeltaModel
+    model = DeltaModel.from_base(AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M"))
+    model.load_delta("user/smollm2-math", name="math")
+    model.load_delta("user/smollm2-code", name="code")
+    model.set_delta("code"); model.generate(...)            # base + code delta
+    with model.disable_delta(): model.generate(...)         # the plain base
+    model(input_ids, delta_names=["math", "code", None])    # one delta per row, one forward
+    model.delete_delta("math")
+    merged = model.merge_and_unload()                       # a plain transformers model
+
+Memory: the base once, plus each delta's operators (:meth:`MultiDeltaModel.delta_nbytes`),
+which are its stored (compressed) tensors except where ``serving.operators`` says otherwise.
+The routing state (active delta, rows of a mixed batch) belongs to the model: one forward pass
+at a time per model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..format import DeltaReader
+from ..sources import HubOptions, open_delta, open_pair
+from .base_check import check_model_base
+from .errors import ServingError, UnknownDeltaError
+from .layers import DeltaConv1D, DeltaEmbedding, DeltaLayer, DeltaLinear, DeltaParams, Routing
+from .operators import TensorDelta, ValueDelta, build_operator
+
+
+@dataclass
+class LoadedDelta:
+    """A delta loaded into a :class:`MultiDeltaModel`: where it came from and its operators."""
+
+    name: str
+    source: str
+    method: str | None
+    stored_bytes: int | None
+    ops: dict[str, TensorDelta | ValueDelta] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the operators' tensors in memory (each storage counted once)."""
+        seen: set[int] = set()
+        total = 0
+        for op in self.ops.values():
+            for b in op.buffers():
+                s = b.untyped_storage()
+                if s.data_ptr() not in seen:
+                    seen.add(s.data_ptr())
+                    total += s.nbytes()
+        return total
+
+
+def _fast_wrapper(module: nn.Module) -> type[DeltaLayer] | None:
+    """The operator wrapper for modules whose forward is the stock one; ``None`` for the rest."""
+    if type(module).forward is nn.Linear.forward:
+        return DeltaLinear
+    if type(module).forward is nn.Embedding.forward and getattr(module, "max_norm", None) is None:
+        return DeltaEmbedding
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    if type(module).forward is Conv1D.forward:
+        return DeltaConv1D
+    return None
+
+
+def _wrapper_class(module: nn.Module, param: str) -> type[DeltaLayer]:
+    """The wrapper that applies a delta of ``module.<param>``: an operator wrapper for the stock
+    layers' weight and bias, :class:`DeltaParams` for everything else."""
+    fast = _fast_wrapper(module) if param in ("weight", "bias") else None
+    return fast or DeltaParams
+
+
+def _users(holders: list[tuple[nn.Module, str]]) -> list[tuple[nn.Module, str]]:
+    """The holders of one parameter that compute with it: all but those that contain another
+    holder (a module holding its submodule's parameter leaves the use to the submodule)."""
+    return [(m, p) for m, p in holders if not any(o is not m and any(s is o for s in m.modules()) for o, _ in holders)]
+
+
+class _Restore:
+    """Returned by :meth:`MultiDeltaModel.disable_delta`: usable as a context manager that
+    re-activates the previous delta on exit."""
+
+    def __init__(self, routing: Routing, previous: str | None) -> None:
+        self._routing, self._previous = routing, previous
+
+    def __enter__(self) -> "_Restore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._routing.active = self._previous
+
+
+class MultiDeltaModel(nn.Module):
+    """A transformers model (``base_model``) with any number of deltas served unmerged.
+
+    ``forward``, ``generate`` and every other attribute delegate to the base model, as
+    ``PeftModel`` does. Modules whose weights a delta changes are replaced by wrappers
+    (``serving.layers``) that keep the base module and one operator per delta.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if any(isinstance(m, DeltaLayer) for m in model.modules()):
+            raise ServingError("this model already carries delta wrappers; pass the plain transformers model (DeltaModel.base_model)")
+        self.base_model = model
+        self._routing = Routing()
+        self._deltas: dict[str, LoadedDelta] = {}
+        # Parameter names are transformers' checkpoint keys for the architectures deltahub
+        # tests; each name maps to (module, attribute), tied weights under every name.
+        self._params: dict[str, tuple[nn.Module, str]] = {}
+        self._parents: dict[int, list[tuple[nn.Module, str, str]]] = defaultdict(list)
+        for mname, m in model.named_modules(remove_duplicate=False):
+            for pname, p in m._parameters.items():
+                if p is not None:
+                    self._params[f"{mname}.{pname}" if mname else pname] = (m, pname)
+            for cname, child in m._modules.items():
+                if child is not None:
+                    self._parents[id(child)].append((m, cname, f"{mname}.{cname}" if mname else cname))
+        self._wrappers: dict[int, DeltaLayer] = {}
+        self._hook = model.register_forward_pre_hook(self._routing.capture, with_kwargs=True)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_base(cls, model: nn.Module) -> "MultiDeltaModel":
+        """Wrap an ordinary transformers model to serve deltas on it (nothing changes until
+        :meth:`load_delta`).
+
+        Example::
+
+            model = DeltaModel.from_base(AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M"))
+            model.load_delta("user/smollm2-math", name="math")
+        """
+        return cls(model)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_routing", "_deltas", "_params"):
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (its delta-carrying modules are wrappers)."""
+        return self.base_model
+
+    # ------------------------------------------------------------------ loading
+
+    def load_delta(
+        self,
+        delta: str | os.PathLike | DeltaReader,
+        name: str = "default",
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        verify_base: bool = True,
+    ) -> LoadedDelta:
+        """Load a delta (local folder, Hub repo id, or an open ``DeltaReader``) under ``name``.
+
+        The first delta loaded becomes the active one. The wrapped model's weights are checked
+        against the base the delta records (names, shapes, sampled rows) and a delta for another
+        base is refused with :class:`~deltahub.BaseMismatchError` unless ``verify_base=False``.
+        Tensors the model has no parameter for (checkpoint keys that transformers renames, such
+        as per-expert MoE weights fused on load), added tensors and resized ones are refused with
+        :class:`~deltahub.serving.ServingError`: load such deltas merged.
+
+        Example::
+
+            model.load_delta("user/smollm2-math", name="math")
+        """
+        if not isinstance(name, str) or not name or "." in name:
+            raise ServingError(f"delta name {name!r} must be a non-empty string without '.'")
+        if name in self._deltas:
+            raise ServingError(f"a delta named {name!r} is loaded already; delete_delta({name!r}) first or choose another name")
+        if isinstance(delta, DeltaReader):
+            reader = delta
+        else:
+            reader = open_delta(delta, revision, HubOptions(token, cache_dir, local_files_only))
+        source = str(getattr(reader, "source", reader.path))
+        changed = {n: r for n, r in reader.records.items() if r["kind"] not in ("unchanged", "removed")}
+        added = [n for n, r in changed.items() if r["kind"] == "added"]
+        if added:
+            raise ServingError(
+                f"{source}: the delta adds tensor(s) {', '.join(repr(n) for n in added[:3])}, which the base lacks; unmerged serving only "
+                "changes existing weights: load this delta merged with DeltaModel.from_pretrained(delta)"
+            )
+        missing = [n for n in changed if n not in self._params]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ServingError(
+                f"{source}: tensor(s) {', '.join(repr(n) for n in missing[:3])}{more} are not parameters of the wrapped "
+                f"{type(self.base_model).__name__} (transformers renames or fuses some checkpoint keys on load, e.g. per-expert "
+                "MoE weights); unmerged serving cannot place them: load this delta merged with DeltaModel.from_pretrained(delta)"
+            )
+        by_param: dict[int, list[str]] = defaultdict(list)
+        for n in changed:
+            by_param[id(self._param(n))].append(n)
+        for names in by_param.values():
+            if len(names) > 1:
+                raise ServingError(f"{source}: {names} are one tied parameter in the wrapped model but separate records in the delta; load this delta merged with DeltaModel.from_pretrained(delta)")
+        if verify_base:
+            check_model_base(reader, lambda n: self._param(n) if n in self._params else None, f"the wrapped {type(self.base_model).__name__}")
+        loaded = LoadedDelta(name, source, (reader.config.get("method") or {}).get("name"), (reader.config.get("totals") or {}).get("stored_bytes"))
+        holders = self._holders()
+        placements: list[tuple[nn.Module, type[DeltaLayer], str, Any]] = []
+        for n, record in changed.items():
+            param = self._param(n)
+            if param.device.type == "meta":
+                raise ServingError(f"{n} is not in memory (offloaded to disk or meta); unmerged serving needs the base weights in memory: load without offload, or merged")
+            # A tied parameter gets the delta in every module that computes with it (embedding
+            # lookup and LM head, each with its own wrapper), and in no module that merely holds
+            # it for a submodule (BERT's prediction head holds its decoder's bias), so that no
+            # computation sees the delta twice.
+            targets = [(m, _wrapper_class(m, p), p) for m, p in _users(holders[id(param)])]
+            matrix = any(cls is not DeltaParams and p == "weight" for _, cls, p in targets)
+            op = build_operator(n, record, reader.get, param, matrix=matrix).to(param.device)
+            loaded.ops[n] = op
+            for m, cls, p in targets:
+                if m is self.base_model:
+                    raise ServingError(f"{n} is a parameter of the top-level model itself; unmerged serving wraps submodules only: load this delta merged")
+                placements.append((m, cls, p, op))
+        for m, cls, p, op in placements:
+            self._wrap(m, cls).add(name, p, op)
+        self._deltas[name] = loaded
+        if len(self._deltas) == 1:
+            self._routing.active = name
+        return loaded
+
+    def _param(self, name: str) -> torch.Tensor:
+        m, p = self._params[name]
+        return getattr(m, p)
+
+    def _holders(self) -> dict[int, list[tuple[nn.Module, str]]]:
+        """id(parameter) -> every (module, attribute) holding it, looked up now: ``to()`` and
+        ``tie_weights()`` may have replaced parameter objects since the model was wrapped."""
+        out: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+        for m, p in self._params.values():
+            if (m, p) not in out[id(getattr(m, p))]:
+                out[id(getattr(m, p))].append((m, p))
+        return out
+
+    def _wrap(self, module: nn.Module, cls: type[DeltaLayer]) -> DeltaLayer:
+        w = self._wrappers.get(id(module))
+        if w is None:
+            parents = self._parents[id(module)]
+            w = cls(module, self._routing, parents[0][2] if parents else "")
+            for parent, cname, _ in parents:
+                parent._modules[cname] = w
+            self._wrappers[id(module)] = w
+        return w
+
+    def _unwrap(self, w: DeltaLayer) -> None:
+        for parent, cname, _ in self._parents[id(w.base_layer)]:
+            parent._modules[cname] = w.base_layer
+        del self._wrappers[id(w.base_layer)]
+
+    # ------------------------------------------------------------------ switching
+
+    @property
+    def active_delta(self) -> str | None:
+        """The delta the next forward pass uses (``None``: the plain base)."""
+        return self._routing.active
+
+    @property
+    def loaded_deltas(self) -> dict[str, LoadedDelta]:
+        """The loaded deltas by name."""
+        return dict(self._deltas)
+
+    def _check(self, name: str) -> None:
+        if name not in self._deltas:
+            raise UnknownDeltaError(f"no delta named {name!r} is loaded (loaded: {sorted(self._deltas) or 'none'}); load it with load_delta(path, name={name!r})")
+
+    def set_delta(self, name: str) -> None:
+        """Use delta ``name`` for the following forward passes.
+
+        Example::
+
+            model.set_delta("code")
+        """
+        self._check(name)
+        self._routing.active = name
+
+    def disable_delta(self) -> _Restore:
+        """Run the plain base until :meth:`set_delta`; as a context manager, only inside it.
+
+        Example::
+
+            with model.disable_delta():
+                base_logits = model(input_ids).logits
+        """
+        restore = _Restore(self._routing, self._routing.active)
+        self._routing.active = None
+        return restore
+
+    def delete_delta(self, name: str) -> None:
+        """Unload delta ``name`` and free its memory (the plain base is used if it was active).
+
+        Example::
+
+            model.delete_delta("math")
+        """
+        self._check(name)
+        for w in list(self._wrappers.values()):
+            w.remove(name)
+            if not len(w.deltas):
+                self._unwrap(w)
+        del self._deltas[name]
+        if self._routing.active == name:
+            self._routing.active = None
+
+    @contextlib.contextmanager
+    def delta_batch(self, names: list[str | None]) -> Iterator[None]:
+        """Inside, row ``i`` of every batch uses delta ``names[i]`` (``None``: the plain base).
+
+        Rows are grouped by delta: each wrapper computes the base output for the whole batch
+        and adds each group's delta to its rows, in one forward pass. ``generate`` works too
+        (rows expanded by ``num_beams``/``num_return_sequences`` keep their row's delta).
+
+        Example::
+
+            with model.delta_batch(["math", "code", None]):
+                out = model.generate(input_ids, max_new_tokens=20)
+        """
+        names = list(names)
+        for n in names:
+            if n is not None:
+                self._check(n)
+        if not names:
+            raise ServingError("delta_names is empty; give one delta name (or None) per row of the batch")
+        previous = self._routing.row_names
+        self._routing.set_rows(names)
+        try:
+            yield
+        finally:
+            self._routing.set_rows(previous)
+
+    # ------------------------------------------------------------------ running
+
+    def forward(self, *args: Any, delta_names: list[str | None] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward with the active delta, or with ``delta_names[i]`` for row ``i``."""
+        if delta_names is None:
+            return self.base_model(*args, **kwargs)
+        with self.delta_batch(delta_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, delta_names: list[str | None] | None = None, **kwargs: Any) -> Any:
+        """``base_model.generate`` with the active delta, or with ``delta_names[i]`` for row ``i``."""
+        if delta_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self.delta_batch(delta_names):
+            return self.base_model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ memory, merging
+
+    def delta_nbytes(self, name: str | None = None) -> int:
+        """Bytes the operators of delta ``name`` (default: all loaded deltas) hold in memory."""
+        if name is not None:
+            self._check(name)
+            return self._deltas[name].nbytes
+        return sum(d.nbytes for d in self._deltas.values())
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: the wrapped modules would be saved under wrapper names. The deltas are
+        their delta repos already; to save a fine-tune as a full checkpoint, fold it in first."""
+        raise ServingError("a DeltaModel with deltas loaded cannot be saved as a checkpoint; call merge_and_unload().save_pretrained(path) for the active fine-tune, or deltahub apply DELTA -o OUT")
+
+    def unload(self) -> nn.Module:
+        """Remove every wrapper and delta; return the plain base model, unchanged."""
+        for w in list(self._wrappers.values()):
+            self._unwrap(w)
+        self._deltas.clear()
+        self._routing.active = None
+        self._routing.set_rows(None)
+        self._hook.remove()
+        return self.base_model
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the active delta into the base weights and return the plain transformers model.
+
+        Each changed tensor is decoded from the stored components exactly as
+        ``DeltaModel.from_pretrained(delta)`` decodes it, so the weights are bit for bit the
+        merged model's when the base was loaded in the delta's dtype. Other deltas are dropped.
+
+        Example::
+
+            merged = model.merge_and_unload()
+            merged.save_pretrained("merged")
+        """
+        name = self._routing.active
+        if name is not None:
+            done: set[int] = set()
+            for n, op in self._deltas[name].ops.items():
+                param = self._param(n)
+                if id(param) in done:
+                    continue
+                done.add(id(param))
+                param.copy_(op.merged(param).to(device=param.device, dtype=param.dtype))
+        return self.unload()
+
+
+def load_unmerged(
+    cls: type[MultiDeltaModel],
+    delta: str | os.PathLike,
+    base: str | os.PathLike | None,
+    *,
+    delta_name: str,
+    revision: str | None,
+    base_revision: str | None,
+    dtype: str | torch.dtype,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike | None,
+    local_files_only: bool,
+    verify_base: bool,
+    **model_kwargs: Any,
+) -> MultiDeltaModel:
+    """``DeltaModel.from_pretrained(..., merge=False)``: the base (recorded in the delta, or
+    ``base``) loaded with transformers, wrapped, and the delta loaded into it."""
+    from ..model import finetuned_config, model_class, resolve_dtype, set_generation_config  # deltahub.model imports this module
+
+    hub = HubOptions(token, cache_dir, local_files_only)
+    reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=hub, verify_base=verify_base)
+    config = finetuned_config(reader)
+    # The base's own config.json when it has one: unmerged, the modules are the base's.
+    model = model_class(config).from_pretrained(
+        base_ckpt.path, config=None if (base_ckpt.path / "config.json").is_file() else config, dtype=resolve_dtype(dtype, reader, config), **model_kwargs
+    )
+    set_generation_config(model, reader)
+    out = cls.from_base(model)
+    # open_pair checked the base checkpoint; the in-memory check repeats it cheaply.
+    out.load_delta(reader, delta_name, verify_base=verify_base)
+    return out
