@@ -16,7 +16,7 @@ from .measure import markdown_table, run_measured
 from .pairs import CACHE, get_pair
 
 SETTINGS = {
-    "bitdelta": None, "svd": 1 / 8, "deltacome": 1 / 8, "dqrelo": 1 / 8, "deltadq": 1 / 8,
+    "auto": 1 / 8, "bitdelta": None, "svd": 1 / 8, "deltacome": 1 / 8, "dqrelo": 1 / 8, "deltadq": 1 / 8,
     "dare": 1 / 8, "magnitude": 1 / 8, "lossless": None,
 }
 

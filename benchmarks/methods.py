@@ -30,7 +30,7 @@ from .pairs import CACHE, get_pair
 
 RATIOS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
 NATURAL = ("bitdelta", "lossless")
-LOSSY = ("svd", "deltacome", "dqrelo", "deltadq", "dare", "magnitude")
+LOSSY = ("auto", "svd", "deltacome", "dqrelo", "deltadq", "dare", "magnitude")
 
 
 def configs() -> list[tuple[str, float | None]]:
@@ -85,6 +85,12 @@ def run(model: str, eval_tokens: int, out_dir: Path, only: list[str] | None = No
         print(f"{method:10s} {str(ratio):8s} ratio {result.ratio:.4f}  err {rows[-1]['rel_error']:.4f}  PR {rows[-1]['pr']:.4f}  {seconds:.1f}s", flush=True)
         shutil.rmtree(out, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    previous = out_dir / f"methods-{model}.json"
+    if only and previous.is_file():  # a subset rerun replaces its rows in the full table
+        old = json.loads(previous.read_text())
+        if old.get("eval_tokens") == int(ids.numel() - 1):
+            rows = [r for r in old["rows"] if r["method"] not in only] + rows
+            rows.sort(key=lambda r: ([m for m, _ in configs()].index(r["method"]), r["target"] or 0))
     (out_dir / f"methods-{model}.json").write_text(json.dumps({"label": label, "nll_base": nll_base, "nll_finetuned": nll_ft, "eval_tokens": int(ids.numel() - 1), "rows": rows}, indent=2))
     print(f"\n### Methods: {label}; held-out NLL base {nll_base:.4f}, fine-tune {nll_ft:.4f} ({ids.numel() - 1} tokens)\n")
     table = [[r["method"], "natural" if r["target"] is None else f"1/{round(1 / r['target'])}", f"{r['ratio']:.4f}", f"{r['rel_error']:.4f}", f"{r['pr']:.4f}", f"{r['compress_s']:.1f}", f"{r['decode_s']:.2f}"] for r in rows]

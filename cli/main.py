@@ -83,18 +83,20 @@ def compress(
     base: str = typer.Argument(..., help="Base model: local folder or Hub id."),
     finetuned: str = typer.Argument(..., help="Fine-tuned model: local folder or Hub id."),
     out: Path = typer.Argument(..., help="Folder to write the delta repo to."),
-    method: str = typer.Option("dqrelo", "--method", "-m", help=f"One of: {', '.join(deltahub.list_methods())}."),
+    method: str = typer.Option("auto", "--method", "-m", help=f"One of: {', '.join(deltahub.list_methods())}."),
     ratio: str = typer.Option("1/8", "--ratio", "-r", help="Target stored bytes / dense delta bytes, e.g. 1/8; 'none' for methods without one."),
     param: List[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable), e.g. rank=64."),
     rule: List[str] = typer.Option([], "--rule", help="PATTERN=METHOD[:k=v,...] for matching tensor names (repeatable), e.g. '*.mlp.*=svd:rank=64'."),
     device: str = typer.Option("cpu", help="Where SVDs run: cpu or cuda."),
     revision: Optional[str] = typer.Option(None, help="Revision of the fine-tune (Hub)."),
     base_revision: Optional[str] = typer.Option(None, help="Revision of the base (Hub)."),
-    seed: int = typer.Option(0, help="Global seed of the random masks (dare, deltadq)."),
+    seed: int = typer.Option(0, help="Global seed of the random masks and rounding (auto, dare, deltadq)."),
     max_shard_size: str = typer.Option("5GB", help="Largest shard, e.g. 5GB or 500MB."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
     cache_dir: Optional[Path] = typer.Option(None, help="Hugging Face cache folder."),
+    calibration: Optional[Path] = typer.Option(None, help="Plain-text file: auto measures errors on the base's activations over it (loads the base model once)."),
+    calibration_tokens: int = typer.Option(2048, help="Tokens of the calibration text to use."),
 ) -> None:
     """Compress FINETUNED - BASE into a delta repo at OUT.
 
@@ -103,6 +105,7 @@ def compress(
     result = _run(
         deltahub.compress, base, finetuned, out, method, _ratio(ratio), params=_params(param), rules=rule, seed=seed, device=device,
         revision=revision, base_revision=base_revision, token=token, cache_dir=cache_dir, max_shard_size=max_shard_size, overwrite=overwrite,
+        calibration=calibration, calibration_tokens=calibration_tokens,
     )
     console.print(str(result), highlight=False)
     if result.fallbacks:
@@ -160,10 +163,10 @@ def info(
     console.print("tensors: " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())), highlight=False)
     if tensors:
         table = Table()
-        for col in ("tensor", "kind", "method", "shape", "components", "stored", "ratio"):
+        for col in ("tensor", "kind", "method", "shape", "holds", "stored", "ratio"):
             table.add_column(col, justify="right" if col in ("stored", "ratio") else "left")
         for t in result.tensors:
-            table.add_row(t.name, t.kind, t.method or "", "x".join(map(str, t.shape)), "+".join(t.components), human_bytes(t.stored_bytes), f"{t.ratio:.4f}")
+            table.add_row(t.name, t.kind, t.method or "", "x".join(map(str, t.shape)), t.holds, human_bytes(t.stored_bytes), f"{t.ratio:.4f}")
         console.print(table)
 
 
@@ -293,10 +296,10 @@ def eval_(
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
     table = Table(title=f"worst {worst} tensors")
-    for col in ("tensor", "kind", "method", "relative error"):
+    for col in ("tensor", "kind", "method", "holds", "relative error"):
         table.add_column(col, justify="right" if col == "relative error" else "left")
     for t in report.worst(worst):
-        table.add_row(t.name, t.kind, t.method or "", f"{t.rel_error:.4f}")
+        table.add_row(t.name, t.kind, t.method or "", t.holds, f"{t.rel_error:.4f}")
     console.print(table)
     console.print(f"relative error of the whole delta: {report.total_rel_error:.4f} (mean over tensors {report.mean_rel_error:.4f})", highlight=False)
     if report.text is not None:
@@ -342,6 +345,28 @@ def demo(
         table.add_row(r.method, f"{r.ratio:.4f}", f"{r.rel_error:.4f}", f"{r.retention:.3f}", f"{r.compress_s:.2f}", r.note[:50])
     console.print(table)
     console.print(f"DeltaModel.from_pretrained({str(result.work_dir / 'delta-dqrelo')!r}) says:\n  {result.sample}", highlight=False)
+
+
+@app.command("export-lora")
+def export_lora(
+    delta: str = typer.Argument(..., help="Delta repo: local folder or Hub id."),
+    out: Path = typer.Argument(..., help="Folder for the PEFT adapter (adapter_config.json, adapter_model.safetensors)."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="LoRA rank (default: exact for svd deltas, else the rank whose bytes match the delta's)."),
+    base: Optional[str] = typer.Option(None, help="Base model, read only for lossless tensors (default: the one recorded in the delta)."),
+    dtype: str = typer.Option("float32", help="Adapter dtype; float32 keeps svd exports exact."),
+    embeddings: bool = typer.Option(True, help="Export embeddings and tied LM heads too (--no-embeddings for loaders without embedding LoRA)."),
+    revision: Optional[str] = typer.Option(None, help="Revision of the delta."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+) -> None:
+    """Write a delta as a PEFT LoRA adapter, with each module's rank and relative error.
+
+    Exact for deltas made with the svd method; a truncated SVD of the decoded delta otherwise.
+
+    Example: deltahub export-lora user/qwen-delta qwen-lora --rank 64
+    """
+    report = _run(deltahub.export_lora, delta, out, base, rank, dtype=dtype, embeddings=embeddings, revision=revision, overwrite=overwrite, token=token, progress=False)
+    console.print(str(report), highlight=False)
 
 
 def run() -> None:

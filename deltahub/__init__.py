@@ -30,6 +30,7 @@ from .inspect import DeltaInfo, VerifyReport, info, verify
 from .methods import get_method, list_methods
 from .model import DeltaModel
 from .policy import Policy, Rule
+from .serving import LoraExportReport, ServingError, UnknownDeltaError, export_lora
 from .version import __version__
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "Policy", "Rule", "ShapeMismatchError", "UnknownComponentError", "UnknownMethodError", "UnsupportedFormatVersionError",
     "VerifyReport", "__version__", "apply", "compress", "decode_tensor", "encode_tensor", "get_method", "info", "list_methods", "verify",
     "EvalReport", "evaluate", "ConcurrentPushError", "History", "HubError", "PushResult", "Version", "history", "pull", "push", "rollback",
+    "LoraExportReport", "ServingError", "UnknownDeltaError", "export_lora",
 ]

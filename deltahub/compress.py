@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import math
 import os
 import time
@@ -13,6 +14,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from .calibration import Calibration, CalibrationError, read_text
 from .card import human_bytes, render_card
 from .checkpoint import TOKENIZER_FILES, Checkpoint, CheckpointError
 from .encoding import EncodedTensor, encode_tensor
@@ -22,6 +24,7 @@ from .format.repo import check_out_dir
 from .format.dtypes import itemsize, to_torch
 from .methods import get_method
 from .methods.linalg import compute_device
+from .planning import plan_ratios
 from .policy import Policy, Rule
 from .version import __version__
 
@@ -109,7 +112,7 @@ def compress(
     base: str | os.PathLike,
     finetuned: str | os.PathLike,
     out_dir: str | os.PathLike,
-    method: str = "dqrelo",
+    method: str = "auto",
     ratio: float | None = 1 / 8,
     *,
     params: Mapping[str, Any] | None = None,
@@ -124,6 +127,8 @@ def compress(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     fallback_dense: bool = True,
+    calibration: str | os.PathLike | None = None,
+    calibration_tokens: int = 2048,
     progress: bool = True,
 ) -> CompressResult:
     """Compress ``finetuned - base`` into a delta repo at ``out_dir``, one tensor at a time.
@@ -132,6 +137,8 @@ def compress(
     stored dense; ``rules`` (``"PATTERN=METHOD[:k=v,...]"``) override the method by name. A
     tensor too small for the ratio falls back to ``dense`` (listed in the result) unless
     ``fallback_dense=False``. Nothing appears at ``out_dir`` until the whole repo is written.
+    ``calibration``: a text file for ``auto``'s activation-aware mode (the base model runs over
+    its first ``calibration_tokens`` tokens once; see :mod:`deltahub.calibration`).
 
     Example::
 
@@ -149,6 +156,18 @@ def compress(
     _check_architectures(base_ckpt, ft_ckpt)
     _check_ratios(policy, {to_torch(ft_ckpt.info(n).dtype) for n in ft_ckpt.names()})
     result = CompressResult(Path(out_dir))
+    planner = get_method(method, **params)
+    cal = None
+    if calibration is not None:
+        if not planner.plans:
+            raise ValueError(f"--calibration is used by the 'auto' method only, not {method!r}; drop it or use --method auto")
+        text = read_text(calibration)
+        if base_ckpt.path is None or not Path(base_ckpt.path).is_dir():
+            raise CalibrationError("calibration needs the base as a local folder or a downloaded Hub snapshot")
+        cal = Calibration.collect(base_ckpt.path, text, max_tokens=calibration_tokens)
+        cal_record = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "tokens": cal.tokens}
+    # A planning method (auto) sees every tensor's statistics first and spreads the model's budget.
+    planned = plan_ratios(planner, policy, base_ckpt, ft_ckpt, progress, cal) if planner.plans and ratio is not None else {}
     names = ft_ckpt.names()
     removed = [n for n in base_ckpt.names() if n not in ft_ckpt]
     dtypes: dict[str, int] = {}
@@ -164,7 +183,7 @@ def compress(
             b = base_ckpt.get(name) if name in base_ckpt else None
             if b is not None:
                 samples[name] = base_ckpt.sample_digest(name)
-            enc, used = _encode(name, b, ft, policy, seed, fallback_dense)
+            enc, used = _encode(name, b, ft, policy, seed, fallback_dense, planned.get(name), cal.hessian(name) if cal and name in planned else None)
             if used != policy.resolve(name, tuple(ft.shape))[0]:
                 result.fallbacks.append(name)
             writer.add(name, enc.record, enc.tensors)
@@ -188,7 +207,7 @@ def compress(
             "deltahub_version": __version__,
             "base": {"name_or_path": _recorded_name(base, base_ckpt), "revision": base_ckpt.revision, "fingerprint": base_ckpt.fingerprint(), "samples": samples},
             "finetuned": {"name_or_path": _recorded_name(finetuned, ft_ckpt), "revision": ft_ckpt.revision, "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None},
-            "method": {"name": method, "ratio": ratio, "params": get_method(method, **params).params()},
+            "method": {"name": method, "ratio": ratio, "params": get_method(method, **params).params(), **({"calibration": cal_record} if cal else {})},
             "rules": [r.to_dict() for r in policy.rules],
             "seed": seed,
             "totals": {"dense_bytes": result.dense_bytes},
@@ -223,8 +242,9 @@ def _check_ratios(policy: Policy, dtypes: set[torch.dtype]) -> None:
                 m.check_ratio(ratio, dt)
 
 
-def _encode(name: str, base: torch.Tensor | None, ft: torch.Tensor, policy: Policy, seed: int, fallback_dense: bool) -> tuple[EncodedTensor, str]:
+def _encode(name: str, base: torch.Tensor | None, ft: torch.Tensor, policy: Policy, seed: int, fallback_dense: bool, planned: float | None = None, hessian: torch.Tensor | None = None) -> tuple[EncodedTensor, str]:
     method, params, ratio = policy.resolve(name, tuple(ft.shape))
+    ratio = planned if planned is not None else ratio
     if not ft.is_floating_point():
         if base is not None and base.dtype == ft.dtype and torch.equal(base, ft):
             from .format.dtypes import to_name
@@ -233,7 +253,7 @@ def _encode(name: str, base: torch.Tensor | None, ft: torch.Tensor, policy: Poli
             return EncodedTensor(name, record, tensors), method
         raise CheckpointError(f"tensor {name!r} is {ft.dtype} and differs from the base; deltahub stores deltas of floating-point tensors only")
     try:
-        return encode_tensor(name, base, ft, method, ratio, seed=seed, **params), method
+        return encode_tensor(name, base, ft, method, ratio, seed=seed, hessian=hessian, **params), method
     except InfeasibleRatioError:
         if not fallback_dense or base is None or base.shape != ft.shape:
             raise

@@ -145,7 +145,7 @@ def run_demo(
         total_err = _total_error(result)
         note = "natural size" if r is None else (f"{len(result.fallbacks)} small tensors dense" if result.fallbacks else "")
         rows.append(DemoRow(method, result.ratio, total_err, pr, seconds, note))
-    default = "dqrelo" if (work / "delta-dqrelo").exists() else rows[0].method
+    default = "auto" if (work / "delta-auto").exists() else rows[0].method
     model = DeltaModel.from_pretrained(work / f"delta-{default}")
     prompt = tok("It is a truth universally acknowledged", return_tensors="pt")
     torch.manual_seed(0)  # sampled (greedy decoding of so small a model repeats itself), but repeatable

@@ -82,13 +82,16 @@ def encode_tensor(
     name: str,
     base: torch.Tensor | None,
     finetuned: torch.Tensor,
-    method: str | Method = "dqrelo",
+    method: str | Method = "auto",
     ratio: float | None = 1 / 8,
     *,
     seed: int = 0,
+    hessian: torch.Tensor | None = None,
     **params: Any,
 ) -> EncodedTensor:
     """Compress ``finetuned - base`` with a method at a target ratio of the dense delta's bytes.
+
+    ``hessian``: the input second moment of the tensor's layer, for methods that use calibration.
 
     >>> import torch
     >>> base = torch.zeros(64, 64, dtype=torch.bfloat16)
@@ -136,6 +139,10 @@ def encode_tensor(
         block = delta if rows is None else delta[rows[0] : rows[1]]
         p_q = view or ([block.numel() // block.shape[-1], block.shape[-1]] if block.dim() else [1, 1])
         ctx = _context(name, dtype, shape, ratio if m.takes_ratio else None, seed, m, rows, view, block.numel())
+        if m.plans:
+            ctx.base_rms = rms(base[:overlap] if rows is None else base[rows[0] : rows[1]])
+            if hessian is not None and rows is None and view is None and len(shape) == 2 and hessian.shape[0] == shape[1]:
+                ctx.hessian = hessian
         if rows is not None and len(shape) == 3:
             ctx.seed = prng.tensor_seed(seed, f"{name}[{rows[0]}]")
         for c in m.encode(block.reshape(p_q), ctx):
@@ -158,6 +165,11 @@ def encode_tensor(
     if ratio is not None and m.takes_ratio and bshape == shape and enc.nbytes > math.floor(ratio * enc.dense_nbytes):
         raise InfeasibleRatioError(f"tensor {name!r}: {m.name} produced {enc.nbytes} bytes, over its budget; please report this bug")
     return enc
+
+
+def rms(t: torch.Tensor) -> float:
+    """Root mean square, accumulated in float32 (0 for an empty tensor)."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float32)) / math.sqrt(t.numel()) if t.numel() else 0.0
 
 
 def _context(name: str, dtype: torch.dtype, shape: tuple[int, ...], ratio: float | None, seed: int, m: Method, rows, view, block_numel: int | None = None) -> EncodeContext:

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
+from .format.records import describe_record
 from .sources import HubOptions, open_pair
 
 
@@ -32,6 +33,7 @@ class TensorError:
     method: str | None
     rel_error: float
     delta_norm: float
+    holds: str = ""  # what the record stores (format.records.describe_record)
 
 
 @dataclass
@@ -109,7 +111,7 @@ def tensor_errors(delta: str | os.PathLike, finetuned: str | os.PathLike, base: 
         ref = f - (b.to(torch.float32) if b is not None and b.shape == f.shape else 0.0)
         norm = float(ref.norm())
         err = float((dec - f).norm())
-        out.append(TensorError(name, rec["kind"], rec.get("method"), err / norm if norm else (0.0 if err == 0 else math.inf), norm))
+        out.append(TensorError(name, rec["kind"], rec.get("method"), err / norm if norm else (0.0 if err == 0 else math.inf), norm, describe_record(rec)))
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import DeltahubError, FormatError
 from .format import CONFIG_NAME, INDEX_NAME, DeltaReader
 from .format.config import loads_config
-from .format.records import dense_nbytes, record_layout, record_nbytes, validate_record
+from .format.records import dense_nbytes, describe_record, record_layout, record_nbytes, validate_record
 from .format.dtypes import to_name
 from .sources import HubOptions, base_differences, open_base, open_delta, sha256_file
 
@@ -25,6 +25,7 @@ class TensorRow:
     components: list[str]
     stored_bytes: int
     dense_bytes: int
+    holds: str = ""  # what the record stores: rank and bit widths, keep rate and value bits, ...
 
     @property
     def ratio(self) -> float:
@@ -80,7 +81,7 @@ def info(delta: str | os.PathLike, *, revision: str | None = None, token: str | 
         comps = [c["type"] for c in rec.get("components") or []]
         stored = 0 if rec["kind"] in ("unchanged", "removed") else record_nbytes(name, rec)
         dense = 0 if rec["kind"] == "removed" else dense_nbytes(rec)
-        rows.append(TensorRow(name, rec["kind"], rec.get("method"), rec["shape"], rec["dtype"], comps, stored, dense))
+        rows.append(TensorRow(name, rec["kind"], rec.get("method"), rec["shape"], rec["dtype"], comps, stored, dense, describe_record(rec)))
     return DeltaInfo(str(delta), cfg, rows)
 
 

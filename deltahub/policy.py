@@ -71,7 +71,7 @@ class Policy:
     ('svd', {}, 0.25)
     """
 
-    method: str = "dqrelo"
+    method: str = "auto"
     ratio: float | None = 1 / 8
     params: dict[str, Any] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)

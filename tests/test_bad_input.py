@@ -29,7 +29,7 @@ from deltahub.format import CONFIG_NAME, INDEX_NAME
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
-METHODS = ["svd", "dqrelo", "bitdelta", "deltacome", "deltadq", "dare", "magnitude", "lossless", "dense"]
+METHODS = ["auto", "svd", "dqrelo", "bitdelta", "deltacome", "deltadq", "dare", "magnitude", "lossless", "dense"]
 
 
 # ------------------------------------------------------------------------------ tensors
@@ -116,7 +116,7 @@ def test_unknown_method_parameter_is_a_type_error(method, param):
         get_method(method, **{param: 1})
 
 
-@pytest.mark.parametrize("method", ["svd", "dqrelo", "bitdelta", "deltacome", "deltadq", "dare", "magnitude"])
+@pytest.mark.parametrize("method", ["auto", "svd", "dqrelo", "bitdelta", "deltacome", "deltadq", "dare", "magnitude"])
 def test_infeasible_ratio_names_the_tensor(method):
     base, ft = model_pair((32, 48), torch.bfloat16)
     with pytest.raises(InfeasibleRatioError) as info:

@@ -67,6 +67,6 @@ def test_real_subprocess(pair, tmp_path):
     p = subprocess.run([sys.executable, "-m", "deltahub", "compress", str(base), str(ft), str(out), "-r", "1/4"], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
     p = subprocess.run(["deltahub", "info", str(out), "--json"], capture_output=True, text=True, env=env)
-    assert p.returncode == 0 and json.loads(p.stdout)["method"]["name"] == "dqrelo"
+    assert p.returncode == 0 and json.loads(p.stdout)["method"]["name"] == "auto"
     p = subprocess.run(["deltahub", "info", str(tmp_path / "missing")], capture_output=True, text=True, env=env)
     assert p.returncode == 1 and p.stderr.strip().startswith("Error:") and len(p.stderr.strip().splitlines()) == 1

@@ -161,7 +161,7 @@ def test_resized_vocabulary_needs_the_base_it_was_made_against():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("method,params", [("dqrelo", {}), ("svd", {}), ("deltacome", {}), ("deltadq", {}), ("dare", {}), ("magnitude", {}), ("bitdelta", {})])
+@pytest.mark.parametrize("method,params", [("auto", {}), ("dqrelo", {}), ("svd", {}), ("deltacome", {}), ("deltadq", {}), ("dare", {}), ("magnitude", {}), ("bitdelta", {})])
 def test_dtype_preserved(dtype, method, params):
     base, ft = model_pair((96, 160), dtype, seed=6)
     enc = encode_tensor("w", base, ft, method, 1 / 4, **params)

@@ -59,7 +59,7 @@ def test_push_log_pull_rollback_round_trip(hub, versions, tmp_path):
     versions_ = [v for v in hist.versions if v.method]
     assert [v.tags for v in versions_] == [["v2"], ["v1"]]
     assert [v.message for v in versions_] == ["trained further", "first fine-tune"]
-    assert versions_[0].method == "dqrelo" and versions_[0].ratio and versions_[0].stored_bytes
+    assert versions_[0].method == "auto" and versions_[0].ratio and versions_[0].stored_bytes
     assert hist.stored_bytes < hist.full_model_bytes  # two deltas cost less than two full models
     card = Path(hf_hub_download(repo, "README.md", token=HUB_TOKEN)).read_text()
     assert "base_model_relation" not in card or "adapter" in card

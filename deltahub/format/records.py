@@ -180,3 +180,35 @@ def delta_from_components(shape: tuple[int, ...], components: list[Component]) -
     acc = torch.zeros(shape, dtype=torch.float32)
     _accumulate(acc, shape, [(component_type(c.type), c.meta, c.tensors) for c in components])
     return acc
+
+
+def describe_record(record: Mapping) -> str:
+    """What a record stores, in a few words: rank and bit widths, keep rate and value bits, ...
+
+    >>> describe_record({"kind": "compressed", "shape": [64, 64], "dtype": "BF16", "components": [
+    ...     {"type": "lowrank", "rank": 6, "u": [{"start": 0, "end": 2, "bits": 8, "group_size": 128},
+    ...     {"start": 2, "end": 6, "bits": 3, "group_size": 128}], "v": []}]})
+    'lowrank r=6 (2x8b+4x3b)'
+    """
+    if record["kind"] in ("unchanged", "removed", "added"):
+        return record["kind"]
+    parts = []
+    for meta in record.get("components") or []:
+        kind = meta.get("type")
+        if kind == "lowrank":
+            segs = "+".join(f"{s['end'] - s['start']}x{s['bits']}b" if "bits" in s else f"{s['end'] - s['start']}x{s['dtype']}" for s in meta.get("u", []))
+            parts.append(f"lowrank r={meta['rank']} ({segs})")
+        elif kind == "sparse":
+            n = math.prod(block_shape(tuple(record["shape"]), meta)) or 1
+            v = meta.get("values", {})
+            width = f"{v['bits']}b" if "bits" in v else v.get("dtype", "?")
+            parts.append(f"sparse {meta.get('index')} keep {meta['nnz'] / n:.3g} {width}")
+        elif kind == "sign":
+            parts.append(f"sign ({meta.get('scale', 'tensor')} scale)")
+        else:
+            parts.append(str(kind))
+    # Per-slice blocks (fused experts) repeat one description per slice: say it once with a count.
+    counts: dict[str, int] = {}
+    for p in parts:
+        counts[p] = counts.get(p, 0) + 1
+    return " + ".join(p if c == 1 else f"{c}x[{p}]" for p, c in counts.items())

@@ -2,10 +2,10 @@
 
 >>> from deltahub.methods import list_methods
 >>> list_methods()
-['bitdelta', 'dare', 'deltacome', 'deltadq', 'dense', 'dqrelo', 'lossless', 'magnitude', 'svd']
+['auto', 'bitdelta', 'dare', 'deltacome', 'deltadq', 'dense', 'dqrelo', 'lossless', 'magnitude', 'svd']
 """
 
-from . import bitdelta, dare, deltacome, deltadq, dense, dqrelo, lossless, magnitude, svd  # noqa: F401  (registration)
-from .base import METHODS, EncodeContext, Method, get_method, list_methods, register_method
+from . import auto, bitdelta, dare, deltacome, deltadq, dense, dqrelo, lossless, magnitude, svd  # noqa: F401  (registration)
+from .base import METHODS, EncodeContext, Method, PlanEntry, get_method, list_methods, register_method
 
-__all__ = ["METHODS", "EncodeContext", "Method", "get_method", "list_methods", "register_method"]
+__all__ = ["METHODS", "EncodeContext", "Method", "PlanEntry", "get_method", "list_methods", "register_method"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -27,6 +28,8 @@ class EncodeContext:
     seed: int
     measure: Callable[[list[dict]], int]
     ratio: float | None = None
+    base_rms: float | None = None  # root mean square of the base block: how large the delta is relative to the weights
+    hessian: torch.Tensor | None = None  # E[x xᵀ] of the layer's inputs, with calibration (deltahub.calibration)
 
     def fits(self, metas: list[dict]) -> bool:
         return self.budget is None or self.measure(metas) <= self.budget
@@ -43,17 +46,50 @@ class EncodeContext:
     dense_nbytes: int = 0
 
 
+@dataclass(frozen=True)
+class PlanEntry:
+    """One tensor as a planning method sees it before anything is encoded: its shape and dtype,
+    the number of blocks encoded separately (the experts of a fused 3-D tensor), and whatever
+    :meth:`Method.statistics` computed from its delta."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stats: Any
+    blocks: int = 1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
 class Method:
     """Base class of compression methods. Subclasses are dataclasses of their parameters.
 
     ``kind`` is the record kind the method produces; ``takes_ratio`` says whether a target ratio
-    applies; ``needs_weights`` methods get ``(base, finetuned)`` instead of the delta.
+    applies; ``needs_weights`` methods get ``(base, finetuned)`` instead of the delta;
+    ``plans`` methods spread a whole-model byte budget over the tensors (:meth:`plan`) before
+    ``compress`` encodes any of them.
     """
 
     name: ClassVar[str]
     kind: ClassVar[str] = "compressed"
     takes_ratio: ClassVar[bool] = True
     needs_weights: ClassVar[bool] = False
+    plans: ClassVar[bool] = False
+
+    def statistics(self, delta: torch.Tensor, base_rms: float, hessian: torch.Tensor | None = None) -> Any:  # pragma: no cover - interface
+        """What :meth:`plan` needs to know of one tensor's float32 delta [p, q] (planning methods only);
+        ``hessian`` is its layer's input second moment when compressing with calibration."""
+        raise NotImplementedError
+
+    def plan(self, entries: list[PlanEntry], budget: int) -> dict[str, float]:  # pragma: no cover - interface
+        """Per-tensor ratios whose honest bytes sum to at most ``budget`` over ``entries``."""
+        raise NotImplementedError
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:  # pragma: no cover - interface
         """Encode a float32 matrix ``delta`` [p, q] into components."""

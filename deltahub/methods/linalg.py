@@ -48,4 +48,9 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 
 def singular_values(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.svdvals(x.to(torch.float32))
+    """Singular values, descending, from the eigenvalues of the smaller Gram matrix (float64):
+    many times faster than an SVD on tall matrices such as embeddings, and precise enough to
+    plan with (not to encode)."""
+    d = x.to(device=_DEVICE, dtype=torch.float64)
+    gram = d.T @ d if d.shape[0] >= d.shape[1] else d @ d.T
+    return _cpu(torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(0).float())

@@ -8,14 +8,14 @@ Segments carry their own precision, which is how Delta-CoMe's mixed precision is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from ...errors import FormatError
 from .. import bitpack
 from ..dtypes import FLOAT_NAMES, itemsize, to_name, to_torch
-from ..quant import dequantize_groups, quantize_groups
+from ..quant import GroupQuant, dequantize_groups, quantize_groups
 from .base import Component, ComponentType, Layout, matrix_view, register_component
 
 
@@ -143,7 +143,11 @@ def lowrank_meta(segs: Sequence[Segment], v_segs: Sequence[Segment] | None = Non
     return {"type": "lowrank", "rank": rank, "u": [segment_meta(s) for s in segs], "v": [segment_meta(s) for s in (v_segs or segs)]}
 
 
-def _encode_factor(prefix: str, vectors: torch.Tensor, segs: Sequence[Segment]) -> tuple[list[dict], dict[str, torch.Tensor]]:
+# quantizer(vectors [w, length], bits, group_size) -> GroupQuant; quantize_groups (round to nearest) by default.
+Quantizer = Callable[[torch.Tensor, int, int], GroupQuant]
+
+
+def _encode_factor(prefix: str, vectors: torch.Tensor, segs: Sequence[Segment], quantizer: Quantizer = quantize_groups) -> tuple[list[dict], dict[str, torch.Tensor]]:
     metas: list[dict] = []
     tensors: dict[str, torch.Tensor] = {}
     for j, seg in enumerate(segs):
@@ -153,7 +157,7 @@ def _encode_factor(prefix: str, vectors: torch.Tensor, segs: Sequence[Segment]) 
             metas.append(segment_meta(seg))
             tensors[f"{key}.values"] = block.to(to_torch(seg.dtype)).contiguous()
         else:
-            gq = quantize_groups(block, seg.bits, seg.group_size)
+            gq = quantizer(block, seg.bits, seg.group_size)
             metas.append(segment_meta(seg, to_name(gq.scale.dtype)))
             tensors[f"{key}.codes"] = bitpack.pack(gq.codes, seg.bits)
             tensors[f"{key}.scale"] = gq.scale.contiguous()
@@ -161,12 +165,15 @@ def _encode_factor(prefix: str, vectors: torch.Tensor, segs: Sequence[Segment]) 
     return metas, tensors
 
 
-def encode_lowrank(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, segs: Sequence[Segment], v_segs: Sequence[Segment] | None = None) -> Component:
-    """Encode U [p, r], S [r], V [q, r] (so the block is U diag(S) V^T) with the given segments."""
+def encode_lowrank(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, segs: Sequence[Segment], v_segs: Sequence[Segment] | None = None, v_quantizer: Quantizer = quantize_groups) -> Component:
+    """Encode U [p, r], S [r], V [q, r] (so the block is U diag(S) V^T) with the given segments.
+
+    ``v_quantizer`` quantizes V's quantized segments (e.g. GPTQ against input activations).
+    """
     rank = s.numel()
     if rank < 1:
         raise ValueError("a lowrank component needs rank >= 1")
     um, ut = _encode_factor("u", u.t().contiguous().to(torch.float32), segs)
-    vm, vt = _encode_factor("v", v.t().contiguous().to(torch.float32), v_segs or segs)
+    vm, vt = _encode_factor("v", v.t().contiguous().to(torch.float32), v_segs or segs, v_quantizer)
     meta = {"type": "lowrank", "rank": rank, "u": um, "v": vm}
     return Component(meta, {"s": s.to(torch.float32).contiguous(), **ut, **vt})

@@ -1,0 +1,157 @@
+"""Calibration for activation-aware compression (``auto --calibration FILE``).
+
+The base model runs once over a calibration text; each linear layer's inputs give
+``H = E[x xᵀ]``, so a tensor's error can be measured where it matters, on the layer's output:
+``E||(Δ̂ - Δ) x||² = tr((Δ̂ - Δ) H (Δ̂ - Δ)ᵀ)``. ``auto`` then uses it three ways, as Delta-CoMe
+does with its calibration set: the low-rank part is the best one in that norm (an SVD of
+``Δ L`` with ``H = L Lᵀ``), the factor ``V`` is quantized GPTQ-style (Frantar et al., 2023:
+each column's rounding error is spread over the columns not yet quantized, through the
+Cholesky factor of ``H⁻¹``), and the budget is spread by output error instead of weight error.
+
+Memory: the base model is loaded once in float32, and one ``q x q`` matrix is kept per linear
+layer (layers that read the same input share it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import DeltahubError
+from .format.quant import GroupQuant, quantize_groups
+
+DAMP = 0.01  # GPTQ's dampening: a fraction of the mean diagonal added to H, so it inverts
+
+
+class CalibrationError(DeltahubError, ValueError):
+    """The calibration text or model cannot be used."""
+
+
+@dataclass
+class Calibration:
+    """``H = E[x xᵀ]`` of each linear layer's input, by the name of the layer's weight.
+
+    Example::
+
+        cal = Calibration.collect("path/to/base", Path("text.txt").read_text(), max_tokens=2048)
+        cal.hessian("model.layers.0.mlp.down_proj.weight").shape  # (intermediate, intermediate)
+    """
+
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+
+    def hessian(self, name: str) -> torch.Tensor | None:
+        return self.hessians.get(name)
+
+    @classmethod
+    def collect(cls, model_path: str | os.PathLike, text: str, *, max_tokens: int = 2048, seq_len: int = 512) -> "Calibration":
+        """Run the model at ``model_path`` (a local folder) over ``text`` and gather every linear layer's ``H``."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not text.strip():
+            raise CalibrationError("the calibration text is empty; give a file of plain text (a few thousand words)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except Exception as e:  # transformers raises several types for a missing tokenizer
+            raise CalibrationError(f"no tokenizer in {model_path} to read the calibration text ({e}); calibration needs the base's tokenizer files") from None
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model.eval()
+        ids = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
+        if ids.numel() < 2:
+            raise CalibrationError("the calibration text holds fewer than 2 tokens; give a longer text")
+        sums: dict[int, torch.Tensor] = {}  # by id of the input tensor: layers reading one input share one H
+        names: dict[str, int] = {}
+        hooks = []
+
+        def hook(name: str) -> Callable:
+            def fn(module, args):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+                key = names.setdefault(name, id(module))
+                h = sums.get(key)
+                sums[key] = x.T @ x if h is None else h + x.T @ x
+
+            return fn
+
+        for mname, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                hooks.append(module.register_forward_pre_hook(hook(f"{mname}.weight")))
+        try:
+            with torch.no_grad():
+                for start in range(0, ids.numel(), seq_len):
+                    model(input_ids=ids[start : start + seq_len].unsqueeze(0))
+        finally:
+            for h in hooks:
+                h.remove()
+        n = int(ids.numel())
+        hessians = {name: (sums[key] / n).to(torch.float32) for name, key in names.items()}
+        return cls(hessians, n)
+
+
+def cholesky_factor(h: torch.Tensor) -> torch.Tensor:
+    """Lower ``L`` with ``L Lᵀ = H + damp``, in float64."""
+    hd = h.to(torch.float64)
+    return torch.linalg.cholesky(hd + DAMP * float(hd.diagonal().mean().clamp(min=1e-12)) * torch.eye(hd.shape[0], dtype=torch.float64))
+
+
+def weighted_svd(delta: torch.Tensor, h: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, V`` minimizing ``||(U diag(S) Vᵀ - Δ) L||`` over rank ``rank`` (``V`` is not orthonormal)."""
+    L = cholesky_factor(h)
+    u, s, vh = torch.linalg.svd(delta.to(torch.float64) @ L, full_matrices=False)
+    # Δ̂ = U S V'ᵀ L⁻¹, so V = L⁻ᵀ V'
+    v = torch.linalg.solve_triangular(L.T, vh[:rank].T, upper=True)
+    return u[:, :rank].float(), s[:rank].float(), v.float()
+
+
+def weighted_singular_values(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    from .methods.linalg import singular_values
+
+    return singular_values(delta.to(torch.float64) @ cholesky_factor(h))
+
+
+def gptq_quantizer(h: torch.Tensor) -> Callable[[torch.Tensor, int, int], GroupQuant]:
+    """A quantizer for factor vectors read against inputs with second moment ``h`` (GPTQ order:
+    column by column, each rounding error compensated on the later columns)."""
+    hinv = torch.cholesky_inverse(cholesky_factor(h))
+    chol = torch.linalg.cholesky(hinv, upper=True)  # rows give the compensation directions
+
+    def quantize(x: torch.Tensor, bits: int, group_size: int) -> GroupQuant:
+        w = x.to(torch.float64).clone()
+        n, q = w.shape
+        qmax = (1 << bits) - 1
+        sdt = quantize_groups(x, bits, group_size).scale.dtype  # one scale dtype for the whole factor
+        codes = torch.empty(n, q, dtype=torch.uint8)
+        scales, zeros = [], []
+        for g0 in range(0, q, group_size):
+            g1 = min(q, g0 + group_size)
+            block = w[:, g0:g1]  # a view: updates land in w
+            gq = quantize_groups(block.float(), bits, g1 - g0, scale_dtype=sdt)
+            scale = gq.scale.to(torch.float64)
+            zero = gq.zero.to(torch.float64)
+            errs = torch.empty(n, g1 - g0, dtype=torch.float64)
+            for j in range(g1 - g0):
+                c = (torch.round(block[:, j : j + 1] / scale) + zero).clamp(0, qmax)
+                err = (block[:, j : j + 1] - scale * (c - zero)) / chol[g0 + j, g0 + j]
+                block[:, j + 1 :] -= err * chol[g0 + j, g0 + j + 1 : g1]
+                errs[:, j : j + 1] = err
+                codes[:, g0 + j] = c[:, 0].to(torch.uint8)
+            # The group's errors reach the later columns in one product (GPTQ's lazy batch update).
+            w[:, g1:] -= errs @ chol[g0:g1, g1:]
+            scales.append(gq.scale)
+            zeros.append(gq.zero)
+        return GroupQuant(codes, torch.cat(scales, dim=1), torch.cat(zeros, dim=1))
+
+    return quantize
+
+
+def read_text(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"calibration file {p} does not exist; give a plain-text file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CalibrationError(f"calibration file {p} is not UTF-8 text") from None

@@ -1,0 +1,82 @@
+"""Whole-model budgets for planning methods (``auto``): one statistics pass over the checkpoints,
+then a ratio per tensor, so that the model as a whole meets ``--ratio`` honestly.
+
+The pass reads every planned tensor pair once more (one tensor at a time, as compressing does)
+and hands the method what it asks for (:meth:`Method.statistics`); the method spreads the
+budget (:meth:`Method.plan`). What the other tensors will cost (1-D tensors stored dense, rules
+with other methods) is taken off the budget first, with the index and config overheads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibration import Calibration
+from .checkpoint import Checkpoint
+from .encoding import _same_bits, rms
+from .format.dtypes import itemsize, to_torch
+from .methods import METHODS, Method, PlanEntry
+from .policy import Policy
+
+# Upper bounds of what one tensor adds outside its own record: its base sample digest in the
+# config, and an index entry per stored key (PER_KEY). Plus the config's fixed part.
+_PER_TENSOR_OVERHEAD = 160
+PER_KEY = 100
+_FIXED_OVERHEAD = 4 << 10
+# A dense record (data aside) or an unchanged one: its JSON line and header entry.
+_RECORD_OVERHEAD = 512
+
+
+def plan_ratios(method: Method, policy: Policy, base: Checkpoint, finetuned: Checkpoint, progress: bool = False, calibration: Calibration | None = None) -> dict[str, float]:
+    """Per-tensor ratios for the tensors that ``policy`` gives to ``method`` (a planning method)."""
+    ratio = policy.ratio
+    if ratio is None:
+        raise ValueError(f"{method.name} spreads a whole-model budget: give it a ratio")
+    names = finetuned.names()
+    total_dense = 0
+    other = _FIXED_OVERHEAD
+    entries: list[PlanEntry] = []
+    planned_bytes = sum(itemsize(finetuned.info(n).dtype) * math.prod(finetuned.info(n).shape) for n in names)
+    bar = tqdm(total=planned_bytes, unit="B", unit_scale=True, desc="Planning", disable=not progress)
+    for name in names:
+        info = finetuned.info(name)
+        shape, dtype = tuple(info.shape), to_torch(info.dtype)
+        dense = itemsize(info.dtype) * math.prod(shape)
+        bar.update(dense)
+        if not dtype.is_floating_point:
+            other += _RECORD_OVERHEAD + _PER_TENSOR_OVERHEAD
+            continue
+        total_dense += dense
+        m, params, r = policy.resolve(name, shape)
+        if m != policy.method or params != policy.params or r != ratio or name not in base:
+            if r is not None and METHODS[m].takes_ratio:
+                other += math.floor(r * dense) + _PER_TENSOR_OVERHEAD + PER_KEY * 4
+            else:  # dense or lossless: at most the tensor itself
+                other += dense + _RECORD_OVERHEAD + _PER_TENSOR_OVERHEAD + PER_KEY
+            continue
+        b, ft = base.get(name), finetuned.get(name)
+        if b.shape == ft.shape and b.dtype == ft.dtype and _same_bits(b, ft):
+            other += _RECORD_OVERHEAD + _PER_TENSOR_OVERHEAD
+            continue
+        n = min(b.shape[0], ft.shape[0]) if ft.dim() else 1
+        delta = (ft[:n].to(torch.float32) - b[:n].to(torch.float32)) if ft.dim() else (ft.float() - b.float()).reshape(1)
+        blocks = shape[0] if len(shape) == 3 else 1
+        view = delta.reshape(-1, delta.shape[-1]) if delta.dim() else delta.reshape(1, 1)
+        # The ratio applies to the overlap with the base (a grown vocabulary's new rows are extra).
+        entries.append(PlanEntry(name, (n, *shape[1:]) if shape else shape, dtype, method.statistics(view, rms(b[:n]), _hessian(calibration, name, view)), blocks))
+        other += _PER_TENSOR_OVERHEAD  # the method counts its own index entries (it knows its keys)
+        if len(shape) and shape[0] > n:  # grown vocabulary: the new rows are stored dense
+            other += itemsize(info.dtype) * (shape[0] - n) * math.prod(shape[1:]) + _RECORD_OVERHEAD
+        del b, ft, delta, view
+    bar.close()
+    budget = math.floor(ratio * total_dense) - other
+    return method.plan(entries, max(budget, 0))
+
+
+def _hessian(calibration: Calibration | None, name: str, delta2d: torch.Tensor) -> torch.Tensor | None:
+    """The layer's input second moment when it applies to this tensor as stored (a linear weight)."""
+    h = calibration.hessian(name) if calibration is not None else None
+    return h if h is not None and h.shape[0] == delta2d.shape[-1] else None

@@ -1,0 +1,190 @@
+"""The ``auto`` method: whole-model budget, ordinary decoding, determinism, allocation by spectrum."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import deltahub
+from deltahub.methods.auto import stochastic_codes
+from deltahub.format import DeltaReader
+
+
+def _save(path, tensors):
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def _lowrank(p, q, spectrum, seed):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(p, len(spectrum), generator=g))
+    v, _ = torch.linalg.qr(torch.randn(q, len(spectrum), generator=g))
+    return (u * torch.tensor(spectrum)) @ v.T
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A float32 checkpoint pair whose deltas differ in kind: small dense noise (sparse family), large
+    low-rank deltas with a heavy and a light spectrum (low-rank family), and a norm."""
+    root = tmp_path_factory.mktemp("auto")
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.w": torch.randn(512, 768, generator=g) * 0.05 for i in range(4)}
+    base["norm.weight"] = torch.ones(512)
+    ft = dict(base)
+    ft["layers.0.w"] = base["layers.0.w"] + torch.randn(512, 768, generator=g) * 2e-5  # tiny: sparse family
+    ft["layers.1.w"] = base["layers.1.w"] + torch.randn(512, 768, generator=g) * 6e-5  # tiny, 3x larger RMS
+    ft["layers.2.w"] = base["layers.2.w"] + _lowrank(512, 768, [8.0 / (1 + i) for i in range(512)], 1) * 0.05  # heavy spectrum
+    ft["layers.3.w"] = base["layers.3.w"] + _lowrank(512, 768, [4.0 / (1 + i) ** 1.5 for i in range(512)], 2) * 0.05  # light spectrum
+    ft["norm.weight"] = base["norm.weight"] + 0.01
+    # float32, so that the tiny deltas are not rounded away as bf16 would round them
+    b = _save(root / "base", base)
+    f = _save(root / "ft", ft)
+    return b, f, root
+
+
+def _bytes_by_tensor(path):
+    reader = DeltaReader(path)
+    from deltahub.format.records import record_nbytes
+
+    return {n: record_nbytes(n, r) for n, r in reader.records.items()}, reader
+
+
+@pytest.mark.parametrize("ratio", [1 / 8, 1 / 16, 1 / 32])
+def test_auto_never_exceeds_the_whole_model_budget(pair, ratio):
+    base, ft, root = pair
+    res = deltahub.compress(base, ft, root / f"d{ratio}", method="auto", ratio=ratio, progress=False)
+    assert res.ratio <= ratio
+    assert res.ratio > 0.8 * ratio, "the budget should be spent, not left idle"
+    assert not res.fallbacks
+    assert deltahub.verify(res.path, base=base).ok
+
+
+def test_auto_picks_a_family_per_tensor_and_spends_where_it_buys_more(pair):
+    base, ft, root = pair
+    res = deltahub.compress(base, ft, root / "fam", method="auto", ratio=1 / 32, progress=False)
+    nbytes, reader = _bytes_by_tensor(res.path)
+    types = {n: [c["type"] for c in r.get("components", [])] for n, r in reader.records.items()}
+    assert types["layers.0.w"] == ["sparse"] and types["layers.1.w"] == ["sparse"]
+    assert types["layers.2.w"] == ["lowrank"] and types["layers.3.w"] == ["lowrank"]
+    assert nbytes["layers.2.w"] > 1.5 * nbytes["layers.3.w"]  # heavier spectrum: more singular vectors
+    keep = {n: reader.records[n]["components"][0]["nnz"] / (512 * 768) for n in ("layers.0.w", "layers.1.w")}
+    assert keep["layers.0.w"] == pytest.approx(keep["layers.1.w"], rel=0.01)  # sparse tensors share one keep rate
+    widths = [s["bits"] for s in reader.records["layers.2.w"]["components"][0]["u"]]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) > 1  # mixed precision, widest first
+
+
+def test_auto_decodes_through_the_ordinary_reader_and_is_deterministic(pair):
+    base, ft, root = pair
+    a = deltahub.compress(base, ft, root / "a", method="auto", ratio=1 / 16, progress=False)
+    b = deltahub.compress(base, ft, root / "b", method="auto", ratio=1 / 16, progress=False)
+    digest = lambda p: hashlib.sha256(b"".join(f.read_bytes() for f in sorted(p.glob("*.safetensors")))).hexdigest()  # noqa: E731
+    assert digest(a.path) == digest(b.path)
+    applied = deltahub.apply(a.path, root / "applied", base=base, progress=False)
+    from safetensors.torch import load_file
+
+    out = load_file(str(next(applied.glob("*.safetensors"))))
+    want = load_file(str(ft / "model.safetensors"))
+    for name in want:
+        err = (out[name].float() - want[name].float()).norm() / max(float((want[name].float() - load_file(str(base / "model.safetensors"))[name].float()).norm()), 1e-12)
+        assert err < 3.0, name  # a noisy but unbiased estimate for the sparse family, bounded
+
+
+def test_stochastic_codes_are_unbiased():
+    values = torch.linspace(-1.0, 3.0, 41)
+    total = torch.zeros_like(values)
+    trials = 400
+    for seed in range(trials):
+        codes, scale, zero = stochastic_codes(values, 2, seed)
+        total += scale * (codes.float() - zero)
+    mean = total / trials
+    step = 4.0 / 3
+    # Each trial's rounding error is within one step with variance <= step^2/4.
+    assert float((mean - values).abs().max()) < 4 * step / 2 / math.sqrt(trials)
+    codes, scale, zero = stochastic_codes(torch.tensor([0.0, 0.5]), 4, 0)
+    assert float(scale * (codes[0].float() - zero)) == 0.0  # zero stays exactly zero
+
+
+def test_auto_alone_fills_the_tensor_budget():
+    base = torch.zeros(128, 256, dtype=torch.bfloat16)
+    ft = (torch.randn(128, 256) * 1e-2).bfloat16()
+    enc = deltahub.encode_tensor("w", base, ft, "auto", ratio=1 / 8)
+    assert 0.1 < enc.ratio <= 1 / 8
+    assert enc.record["components"][0]["type"] == "lowrank"  # a delta as large as the weights: low rank
+    small = (torch.randn(128, 256) * 1e-2).bfloat16()
+    enc = deltahub.encode_tensor("w", small, (small.float() + torch.randn(128, 256) * 1e-6).bfloat16(), "auto", ratio=1 / 8)
+    assert enc.record["components"][0]["type"] == "sparse"
+
+
+@pytest.fixture(scope="module")
+def demo_pair(tmp_path_factory):
+    """A small Llama with a real tokenizer (the demo's), trained a few steps then fine-tuned."""
+    from deltahub.demo import build_pair
+
+    return build_pair(tmp_path_factory.mktemp("cal"), base_steps=3, finetune_steps=3, progress=False)
+
+
+def _output_error(delta_path, base, ft, name, h):
+    from deltahub import Checkpoint
+
+    reader = DeltaReader(delta_path)
+    b = Checkpoint.open(base).get(name)
+    err = reader.decode(name, b).float() - Checkpoint.open(ft).get(name).float()
+    return float(((err.double() @ h.double()) * err.double()).sum())
+
+
+def test_calibration_lowers_the_error_on_activations(demo_pair, tmp_path):
+    from deltahub.calibration import Calibration
+    from deltahub.demo import DATA
+
+    base, ft = demo_pair
+    text = tmp_path / "cal.txt"
+    text.write_text((DATA / "austen_excerpt.txt").read_text()[:4000])
+    plain = deltahub.compress(base, ft, tmp_path / "plain", method="auto", ratio=1 / 8, progress=False)
+    cal = deltahub.compress(base, ft, tmp_path / "cal", method="auto", ratio=1 / 8, calibration=text, calibration_tokens=256, progress=False)
+    assert cal.ratio <= 1 / 8 and not cal.fallbacks
+    method = DeltaReader(cal.path).config["method"]
+    assert method["calibration"]["tokens"] == 256 and len(method["calibration"]["sha256"]) == 64
+    h = Calibration.collect(base, text.read_text(), max_tokens=256).hessians
+    names = [n for n, r in DeltaReader(cal.path).records.items() if n in h and [c["type"] for c in r.get("components", [])] == ["lowrank"]]
+    assert names, "the demo pair's deltas are large: auto should pick low rank"
+    better = sum(_output_error(cal.path, base, ft, n, h[n]) < _output_error(plain.path, base, ft, n, h[n]) for n in names)
+    assert better >= 0.9 * len(names)
+    deltahub.DeltaModel.from_pretrained(cal.path)  # an ordinary delta for every reader
+
+
+def test_calibration_refuses_bad_input(demo_pair, tmp_path):
+    from deltahub.calibration import CalibrationError
+
+    base, ft = demo_pair
+    with pytest.raises(CalibrationError, match="does not exist"):
+        deltahub.compress(base, ft, tmp_path / "x", method="auto", calibration=tmp_path / "missing.txt", progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(CalibrationError, match="empty"):
+        deltahub.compress(base, ft, tmp_path / "x", method="auto", calibration=empty, progress=False)
+    with pytest.raises(ValueError, match="auto"):
+        deltahub.compress(base, ft, tmp_path / "x", method="svd", calibration=empty, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_gptq_quantizer_lowers_the_output_error_of_rounding():
+    from deltahub.calibration import gptq_quantizer
+    from deltahub.format.quant import dequantize_groups, quantize_groups
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 256, generator=g) @ torch.randn(256, 256, generator=g) * 0.1  # correlated inputs
+    h = x.T @ x / x.shape[0]
+    v = torch.randn(16, 256, generator=g)
+
+    def output_error(q):
+        e = dequantize_groups(q.codes, q.scale, q.zero, 128) - v
+        return float(((e @ h) * e).sum())
+
+    gq = gptq_quantizer(h)(v, 3, 128)
+    assert gq.codes.shape == (16, 256) and gq.scale.shape == (16, 2) and int(gq.codes.max()) <= 7
+    assert output_error(gq) < 0.8 * output_error(quantize_groups(v, 3, 128))
