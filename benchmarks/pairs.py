@@ -9,7 +9,7 @@ CACHE = Path(os.environ.get("DELTAHUB_CACHE", Path.home() / ".cache" / "deltahub
 
 
 def get_pair(model: str, hidden: int = 2048, layers: int = 24) -> tuple[Path, Path, str]:
-    """``(base, finetuned, label)`` for ``smollm2-light``, ``smollm2-heavy`` or ``generated``."""
+    """``(base, finetuned, label)`` for ``smollm2-light``, ``smollm2-heavy``, ``generated`` or a recorded pair's name."""
     if model.startswith("smollm2"):
         from .real_pair import base_path, finetuned_path
 
@@ -21,4 +21,10 @@ def get_pair(model: str, hidden: int = 2048, layers: int = 24) -> tuple[Path, Pa
         base, ft = build(hidden, layers)
         gb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e9
         return base, ft, f"generated Llama h{hidden} l{layers} ({gb:.1f} GB)"
-    raise SystemExit(f"unknown model {model!r}: use smollm2-light, smollm2-heavy or generated")
+    from .real_pair import named_pair
+
+    found = named_pair(model)  # a pair recorded by `python -m benchmarks.real_pair --base ... --finetuned ...`
+    if found is not None:
+        return found
+    raise SystemExit(f"unknown model {model!r}: use smollm2-light, smollm2-heavy, generated, or a pair recorded "
+                     "with `python -m benchmarks.real_pair --base HUB_ID_OR_PATH --finetuned HUB_ID_OR_PATH --name NAME`")

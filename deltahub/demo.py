@@ -48,6 +48,7 @@ class DemoResult:
     nll_finetuned: float
     sample: str
     work_dir: Path
+    sampled_from: str = "auto"  # the method of the delta that generated ``sample``
 
 
 def _tokenizer(texts: list[str], vocab: int = 512):
@@ -151,7 +152,7 @@ def run_demo(
     torch.manual_seed(0)  # sampled (greedy decoding of so small a model repeats itself), but repeatable
     out = model.generate(**prompt, max_new_tokens=32, do_sample=True, top_k=20, temperature=0.8, repetition_penalty=1.3, pad_token_id=tok.eos_token_id)
     sample = " ".join(tok.decode(out[0], skip_special_tokens=True).split())
-    return DemoResult(rows, nll["base"], nll["finetuned"], sample, work)
+    return DemoResult(rows, nll["base"], nll["finetuned"], sample, work, default)
 
 
 def _total_error(result) -> float:
