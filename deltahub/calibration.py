@@ -107,7 +107,7 @@ def weighted_svd(delta: torch.Tensor, h: torch.Tensor, rank: int) -> tuple[torch
 
 
 def weighted_singular_values(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    from .methods.linalg import singular_values
+    from .methods.linalg import singular_values  # here, not at the top: deltahub.methods imports this module
 
     return singular_values(delta.to(torch.float64) @ cholesky_factor(h))
 

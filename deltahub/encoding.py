@@ -61,7 +61,7 @@ def _check_finite(name: str, which: str, t: torch.Tensor) -> None:
         raise InvalidTensorError(f"tensor {name!r}: the {which} weight holds {bad} NaN or Inf value(s); fix the checkpoint before compressing")
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (torch.equal calls -0.0 and +0.0 equal, and NaN unequal to itself)."""
     if a.numel() == 0:
         return True
@@ -116,7 +116,7 @@ def encode_tensor(
             f"tensor {name!r}: base shape {list(bshape)} and fine-tuned shape {list(shape)} differ beyond dimension 0; "
             "only a resized first dimension (vocabulary) can be stored as a delta. Is this the right base model?"
         )
-    if bshape == shape and base.dtype == dtype and _same_bits(base, finetuned):
+    if bshape == shape and base.dtype == dtype and same_bits(base, finetuned):
         record, tensors = make_record("unchanged", shape, to_name(dtype))
         return EncodedTensor(name, record, tensors)
     if m.needs_weights:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import DeltahubError, FormatError
-from .format import CONFIG_NAME, INDEX_NAME, DeltaReader
+from .format import CONFIG_NAME, INDEX_NAME
 from .format.config import loads_config
 from .format.records import dense_nbytes, describe_record, record_layout, record_nbytes, validate_record
 from .format.dtypes import to_name

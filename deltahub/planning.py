@@ -2,8 +2,8 @@
 then a ratio per tensor, so that the model as a whole meets ``--ratio`` honestly.
 
 The pass reads every planned tensor pair once more (one tensor at a time, as compressing does)
-and hands the method what it asks for (:meth:`Method.statistics`); the method spreads the
-budget (:meth:`Method.plan`). What the other tensors will cost (1-D tensors stored dense, rules
+and hands the method what it asks for (:meth:`Planner.statistics`); the method spreads the
+budget (:meth:`Planner.plan`). What the other tensors will cost (1-D tensors stored dense, rules
 with other methods) is taken off the budget first, with the index and config overheads.
 """
 
@@ -16,21 +16,21 @@ from tqdm.auto import tqdm
 
 from .calibration import Calibration
 from .checkpoint import Checkpoint
-from .encoding import _same_bits, rms
+from .encoding import same_bits, rms
 from .format.dtypes import itemsize, to_torch
-from .methods import METHODS, Method, PlanEntry
+from .methods import METHODS, PlanEntry
+from .methods.base import PER_KEY, Planner
 from .policy import Policy
 
 # Upper bounds of what one tensor adds outside its own record: its base sample digest in the
 # config, and an index entry per stored key (PER_KEY). Plus the config's fixed part.
 _PER_TENSOR_OVERHEAD = 160
-PER_KEY = 100
 _FIXED_OVERHEAD = 4 << 10
 # A dense record (data aside) or an unchanged one: its JSON line and header entry.
 _RECORD_OVERHEAD = 512
 
 
-def plan_ratios(method: Method, policy: Policy, base: Checkpoint, finetuned: Checkpoint, progress: bool = False, calibration: Calibration | None = None) -> dict[str, float]:
+def plan_ratios(method: Planner, policy: Policy, base: Checkpoint, finetuned: Checkpoint, progress: bool = False, calibration: Calibration | None = None) -> dict[str, float]:
     """Per-tensor ratios for the tensors that ``policy`` gives to ``method`` (a planning method)."""
     ratio = policy.ratio
     if ratio is None:
@@ -58,7 +58,7 @@ def plan_ratios(method: Method, policy: Policy, base: Checkpoint, finetuned: Che
                 other += dense + _RECORD_OVERHEAD + _PER_TENSOR_OVERHEAD + PER_KEY
             continue
         b, ft = base.get(name), finetuned.get(name)
-        if b.shape == ft.shape and b.dtype == ft.dtype and _same_bits(b, ft):
+        if b.shape == ft.shape and b.dtype == ft.dtype and same_bits(b, ft):
             other += _RECORD_OVERHEAD + _PER_TENSOR_OVERHEAD
             continue
         n = min(b.shape[0], ft.shape[0]) if ft.dim() else 1

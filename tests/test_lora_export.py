@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,7 +18,6 @@ from deltahub import DeltaModel, ServingError
 
 from model_pairs import load, make_pair, tokens
 
-peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 

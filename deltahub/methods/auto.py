@@ -41,7 +41,7 @@ from ..format.dtypes import to_name
 from ..format.quant import quantize_groups
 from ..format.records import record_layout, record_nbytes
 from ..calibration import gptq_quantizer, weighted_singular_values, weighted_svd
-from .base import EncodeContext, Method, PlanEntry, largest_fitting, register_method
+from .base import PER_KEY, EncodeContext, Method, PlanEntry, largest_fitting, register_method
 from .linalg import singular_values, truncated_svd
 from .sparsity import sparse_meta
 from .widths import SEGMENT_OVERHEAD, allocate_widths, spectrum_of
@@ -168,8 +168,6 @@ class Auto(Method):
 
     def _overhead(self, e: PlanEntry, metas: list[dict]) -> int:
         """Bytes of the tensor's blocks with these metas but no data, with their index entries."""
-        from ..planning import PER_KEY
-
         record = self._block_record(e, metas)
         layout = record_layout(e.name, record)
         # + slack for the float rounding of ratio * dense bytes back into a budget
@@ -184,8 +182,6 @@ class Auto(Method):
         return {e.name: (fixed[e.name] + max(per_element * e.numel, 1)) / dense[e.name] for e in entries}
 
     def _plan_lowrank(self, entries: list[PlanEntry], budget: int, dense: dict[str, int]) -> dict[str, float]:
-        from ..planning import PER_KEY
-
         spectra = []
         for e in entries:
             q = e.shape[-1]

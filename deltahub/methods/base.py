@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
@@ -46,6 +46,11 @@ class EncodeContext:
     dense_nbytes: int = 0
 
 
+# Upper bound of one stored key's entry in delta.safetensors.index.json, which the whole-model
+# ratio counts (spec §11.3) but a record's own bytes do not.
+PER_KEY = 100
+
+
 @dataclass(frozen=True)
 class PlanEntry:
     """One tensor as a planning method sees it before anything is encoded: its shape and dtype,
@@ -67,13 +72,26 @@ class PlanEntry:
         return self.numel * self.dtype.itemsize
 
 
+class Planner(Protocol):
+    """What a method with ``plans = True`` adds: per-tensor statistics, then per-tensor ratios."""
+
+    def statistics(self, delta: torch.Tensor, base_rms: float, hessian: torch.Tensor | None = None) -> Any:
+        """What :meth:`plan` needs to know of one tensor's float32 delta [p, q]; ``hessian`` is its
+        layer's input second moment when compressing with calibration."""
+        ...
+
+    def plan(self, entries: list[PlanEntry], budget: int) -> dict[str, float]:
+        """Per-tensor ratios whose honest bytes sum to at most ``budget`` over ``entries``."""
+        ...
+
+
 class Method:
     """Base class of compression methods. Subclasses are dataclasses of their parameters.
 
     ``kind`` is the record kind the method produces; ``takes_ratio`` says whether a target ratio
     applies; ``needs_weights`` methods get ``(base, finetuned)`` instead of the delta;
-    ``plans`` methods spread a whole-model byte budget over the tensors (:meth:`plan`) before
-    ``compress`` encodes any of them.
+    ``plans`` methods are also a :class:`Planner`: they spread a whole-model byte budget over the
+    tensors before ``compress`` encodes any of them.
     """
 
     name: ClassVar[str]
@@ -81,15 +99,6 @@ class Method:
     takes_ratio: ClassVar[bool] = True
     needs_weights: ClassVar[bool] = False
     plans: ClassVar[bool] = False
-
-    def statistics(self, delta: torch.Tensor, base_rms: float, hessian: torch.Tensor | None = None) -> Any:  # pragma: no cover - interface
-        """What :meth:`plan` needs to know of one tensor's float32 delta [p, q] (planning methods only);
-        ``hessian`` is its layer's input second moment when compressing with calibration."""
-        raise NotImplementedError
-
-    def plan(self, entries: list[PlanEntry], budget: int) -> dict[str, float]:  # pragma: no cover - interface
-        """Per-tensor ratios whose honest bytes sum to at most ``budget`` over ``entries``."""
-        raise NotImplementedError
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:  # pragma: no cover - interface
         """Encode a float32 matrix ``delta`` [p, q] into components."""

@@ -17,6 +17,7 @@ servers do.
 from __future__ import annotations
 
 import contextlib
+from abc import ABCMeta, abstractmethod
 from typing import Any, Iterator
 
 import torch
@@ -165,16 +166,17 @@ def _bias_delta(ops: _Named, base: nn.Module) -> torch.Tensor | None:
     return None if b is None else b.delta(base.bias)  # type: ignore[union-attr]
 
 
-class _MatrixLayer(DeltaLayer):
+class _MatrixLayer(DeltaLayer, metaclass=ABCMeta):
     """Shared forward of Linear and Conv1D: ``base(x) + Δ(x)``, or the fine-tuned weight itself
     when the delta keeps it whole (lossless)."""
 
-    def _weight_delta(self, w: TensorDelta, x2d: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+    @abstractmethod
+    def _weight_delta(self, w: TensorDelta, x2d: torch.Tensor) -> torch.Tensor:
         """``x2d`` [N, in] times the weight's delta, oriented as the module applies its weight."""
-        raise NotImplementedError
 
-    def _replaced(self, x: torch.Tensor, ops: _Named) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def _replaced(self, x: torch.Tensor, ops: _Named) -> torch.Tensor:
+        """The module's output computed with the fine-tuned weight itself (a lossless delta)."""
 
     def _delta(self, x: torch.Tensor, ops: _Named) -> torch.Tensor:
         """The delta's contribution to the output, in the compute dtype: weight part plus bias part."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import ABCMeta, abstractmethod
 from typing import Callable, Mapping
 
 import torch
@@ -79,7 +80,7 @@ class DeviceBound(nn.Module):
         return self
 
 
-class ComponentOp(DeviceBound):
+class ComponentOp(DeviceBound, metaclass=ABCMeta):
     """One stored component over rows ``[start, stop)`` of dimension 0, as a ``[p, q]`` matrix.
 
     ``mm_t(x)`` is ``x Pᵀ`` (x ``[N, q]``), ``mm(x)`` is ``x P`` (x ``[N, p]``), ``rows(ids)`` is
@@ -101,17 +102,17 @@ class ComponentOp(DeviceBound):
         """The component's tensors as the spec stores them (for merging)."""
         return {f: self.field(f) for f in self.fields}
 
-    def mm_t(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def mm_t(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    def mm(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def mm(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
 
-    def add_dense(self, out: torch.Tensor) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def add_dense(self, out: torch.Tensor) -> None: ...
 
 
 class SignOp(ComponentOp):
