@@ -22,7 +22,7 @@ from .errors import InfeasibleRatioError, ShapeMismatchError
 from .format import FINETUNED_CONFIG_NAME, DeltaWriter, make_record
 from .format.repo import check_out_dir
 from .format.dtypes import itemsize, to_torch
-from .methods import get_method
+from .methods import Planned, get_method
 from .methods.linalg import compute_device
 from .planning import plan_ratios
 from .policy import Policy, Rule
@@ -242,9 +242,10 @@ def _check_ratios(policy: Policy, dtypes: set[torch.dtype]) -> None:
                 m.check_ratio(ratio, dt)
 
 
-def _encode(name: str, base: torch.Tensor | None, ft: torch.Tensor, policy: Policy, seed: int, fallback_dense: bool, planned: float | None = None, hessian: torch.Tensor | None = None) -> tuple[EncodedTensor, str]:
+def _encode(name: str, base: torch.Tensor | None, ft: torch.Tensor, policy: Policy, seed: int, fallback_dense: bool, planned: Planned | None = None, hessian: torch.Tensor | None = None) -> tuple[EncodedTensor, str]:
     method, params, ratio = policy.resolve(name, tuple(ft.shape))
-    ratio = planned if planned is not None else ratio
+    if planned is not None:
+        ratio, params = planned.ratio, {**params, **planned.params}
     if not ft.is_floating_point():
         if base is not None and base.dtype == ft.dtype and torch.equal(base, ft):
             from .format.dtypes import to_name

@@ -140,7 +140,8 @@ def encode_tensor(
         p_q = view or ([block.numel() // block.shape[-1], block.shape[-1]] if block.dim() else [1, 1])
         ctx = _context(name, dtype, shape, ratio if m.takes_ratio else None, seed, m, rows, view, block.numel())
         if m.plans:
-            ctx.base_rms = rms(base[:overlap] if rows is None else base[rows[0] : rows[1]])
+            ctx.base = base[:overlap] if rows is None else base[rows[0] : rows[1]]
+            ctx.base_rms = rms(ctx.base)
             if hessian is not None and rows is None and view is None and len(shape) == 2 and hessian.shape[0] == shape[1]:
                 ctx.hessian = hessian
         if rows is not None and len(shape) == 3:

@@ -18,7 +18,7 @@ from .calibration import Calibration
 from .checkpoint import Checkpoint
 from .encoding import same_bits, rms
 from .format.dtypes import itemsize, to_torch
-from .methods import METHODS, PlanEntry
+from .methods import METHODS, PlanEntry, Planned
 from .methods.base import PER_KEY, Planner
 from .policy import Policy
 
@@ -30,8 +30,8 @@ _FIXED_OVERHEAD = 4 << 10
 _RECORD_OVERHEAD = 512
 
 
-def plan_ratios(method: Planner, policy: Policy, base: Checkpoint, finetuned: Checkpoint, progress: bool = False, calibration: Calibration | None = None) -> dict[str, float]:
-    """Per-tensor ratios for the tensors that ``policy`` gives to ``method`` (a planning method)."""
+def plan_ratios(method: Planner, policy: Policy, base: Checkpoint, finetuned: Checkpoint, progress: bool = False, calibration: Calibration | None = None) -> dict[str, Planned]:
+    """Per-tensor ratios (and choices) for the tensors that ``policy`` gives to ``method`` (a planning method)."""
     ratio = policy.ratio
     if ratio is None:
         raise ValueError(f"{method.name} spreads a whole-model budget: give it a ratio")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import deltahub
-from deltahub.methods.auto import stochastic_codes
+from deltahub.methods.rounding import stochastic_codes
 from deltahub.format import DeltaReader
 
 
@@ -109,12 +109,59 @@ def test_stochastic_codes_are_unbiased():
     assert float(scale * (codes[0].float() - zero)) == 0.0  # zero stays exactly zero
 
 
+def test_stochastic_codes_make_the_merged_bf16_weight_unbiased():
+    """Deltas of a few bf16 ulps: a decoder's cast of base + value snaps the grid values to the
+    weights' own grid. With the base and dtype, the codes are drawn so that the *merged* weight
+    is right on average; without them the snapping leaves a bias of a sizeable part of an ulp."""
+    g = torch.Generator().manual_seed(0)
+    w = (0.04 + 0.02 * torch.rand(200, generator=g)).bfloat16()  # one binade: ulp 2^-12
+    ulp = 2.0**-12
+    v = (torch.rand(200, generator=g) * 2 - 1) * 3 * ulp
+    target = w.double() + v.double()
+
+    def mean_error(merged: bool) -> float:
+        total = torch.zeros(200, dtype=torch.float64)
+        for seed in range(400):
+            codes, scale, zero = stochastic_codes(v, 4, seed, w if merged else None, torch.bfloat16 if merged else None)
+            total += (w.float() + torch.tensor(scale, dtype=torch.float32) * (codes.float() - zero)).bfloat16().double()
+        return float((total / 400 - target).abs().max()) / ulp
+
+    # Each merged weight is one of two neighbouring bf16 values: standard error <= ulp/2/sqrt(400).
+    assert mean_error(merged=True) < 0.15
+    assert mean_error(merged=False) > 0.3
+
+
+def test_auto_takes_a_sign_part_where_it_pays(tmp_path):
+    """D-QRELO's sign part, chosen per tensor by the planner: a delta of dense +-c noise (flat
+    spectrum) gets one, a low-rank delta does not, and the choice lowers the error."""
+    g = torch.Generator().manual_seed(0)
+    base = {"a.w": torch.randn(256, 512, generator=g) * 0.05, "b.w": torch.randn(256, 512, generator=g) * 0.05}
+    delta = {
+        "a.w": 0.004 * torch.sign(torch.randn(256, 512, generator=g)) + _lowrank(256, 512, [0.2] * 4, 3),
+        "b.w": _lowrank(256, 512, [1.0 / (1 + i) for i in range(16)], 4),
+    }
+    b = _save(tmp_path / "base", base)
+    f = _save(tmp_path / "ft", {k: base[k] + delta[k] for k in base})
+    errors = {}
+    for sign_part in ("auto", "never"):
+        out = tmp_path / f"d{sign_part}"
+        deltahub.compress(b, f, out, method="auto", ratio=1 / 8, params={"sign_part": sign_part}, progress=False)
+        reader = DeltaReader(out)
+        kinds = {n: [c["type"] for c in reader.records[n]["components"]] for n in base}
+        if sign_part == "auto":
+            assert kinds == {"a.w": ["sign", "lowrank"], "b.w": ["lowrank"]}
+        errors[sign_part] = float((reader.decode("a.w", base["a.w"]) - base["a.w"] - delta["a.w"]).norm() / delta["a.w"].norm())
+    assert errors["auto"] < 0.5 * errors["never"]
+
+
 def test_auto_alone_fills_the_tensor_budget():
     base = torch.zeros(128, 256, dtype=torch.bfloat16)
     ft = (torch.randn(128, 256) * 1e-2).bfloat16()
     enc = deltahub.encode_tensor("w", base, ft, "auto", ratio=1 / 8)
     assert 0.1 < enc.ratio <= 1 / 8
-    assert enc.record["components"][0]["type"] == "lowrank"  # a delta as large as the weights: low rank
+    # A delta as large as the weights: the low-rank family; white noise has a flat spectrum, so a
+    # sign part removes more error for its bytes than singular vectors would.
+    assert [c["type"] for c in enc.record["components"]] == ["sign", "lowrank"]
     small = (torch.randn(128, 256) * 1e-2).bfloat16()
     enc = deltahub.encode_tensor("w", small, (small.float() + torch.randn(128, 256) * 1e-6).bfloat16(), "auto", ratio=1 / 8)
     assert enc.record["components"][0]["type"] == "sparse"
@@ -150,10 +197,11 @@ def test_calibration_lowers_the_error_on_activations(demo_pair, tmp_path):
     method = DeltaReader(cal.path).config["method"]
     assert method["calibration"]["tokens"] == 256 and len(method["calibration"]["sha256"]) == 64
     h = Calibration.collect(base, text.read_text(), max_tokens=256).hessians
-    names = [n for n, r in DeltaReader(cal.path).records.items() if n in h and [c["type"] for c in r.get("components", [])] == ["lowrank"]]
+    names = [n for n, r in DeltaReader(cal.path).records.items() if n in h and "lowrank" in [c["type"] for c in r.get("components", [])]]
     assert names, "the demo pair's deltas are large: auto should pick low rank"
-    better = sum(_output_error(cal.path, base, ft, n, h[n]) < _output_error(plain.path, base, ft, n, h[n]) for n in names)
-    assert better >= 0.9 * len(names)
+    # Calibration spreads the budget by output error, so it is the whole model's output error that
+    # must drop (a single tensor may get fewer bytes than without calibration).
+    assert sum(_output_error(cal.path, base, ft, n, h[n]) for n in names) < 0.9 * sum(_output_error(plain.path, base, ft, n, h[n]) for n in names)
     deltahub.DeltaModel.from_pretrained(cal.path)  # an ordinary delta for every reader
 
 

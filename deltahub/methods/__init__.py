@@ -6,6 +6,6 @@
 """
 
 from . import auto, bitdelta, dare, deltacome, deltadq, dense, dqrelo, lossless, magnitude, svd  # noqa: F401  (registration)
-from .base import METHODS, EncodeContext, Method, PlanEntry, get_method, list_methods, register_method
+from .base import METHODS, EncodeContext, Method, PlanEntry, Planned, get_method, list_methods, register_method
 
-__all__ = ["METHODS", "EncodeContext", "Method", "PlanEntry", "get_method", "list_methods", "register_method"]
+__all__ = ["METHODS", "EncodeContext", "Method", "PlanEntry", "Planned", "get_method", "list_methods", "register_method"]

@@ -10,11 +10,13 @@ Why this shape (measured on the SmolLM2/Austen pairs, ``benchmarks/README.md``):
 - Quantizing the kept values with seeded *stochastic* rounding keeps the estimate unbiased, and
   4-bit values let four times as many values survive as bf16 values at the same bytes; with
   round-to-nearest instead, the bias cost 5 points of retention (0.933 against 0.988).
+- The rounding aims at the *merged* weight (methods/rounding.py): light bf16 deltas are one or two
+  ulps of the weights, and the decoder's final cast otherwise snaps grid values to the weights'
+  own grid, a shrinkage of up to 8%. Aiming at the merged weight took 4-bit values at 1/8 on the
+  light pair from 0.987 to 0.999 of the gain.
 - Narrow values buy keep rate, wide values less rounding noise: the width (2, 4 or 8 bits) is
   the one with the least expected squared error at the tensor's budget,
-  :func:`sample_variance`. On the light pair at 1/8, 2 bits at keep 1 and 4 bits at keep 1/2
-  kept 1.015/1.013 and 1.003/1.004 of the gain (two seeds each), 8 bits at keep 1/4 0.984; at
-  1/16, 4 bits 1.001 and 8 bits 0.996.
+  :func:`~deltahub.methods.rounding.sample_variance` (4 bits on the light pair at every ratio).
 - The sparse tensors share the budget evenly (one keep rate for all). Keep rates proportional
   to each tensor's RMS delta, the minimum of the summed squared error, did not retain more
   (0.996 against 1.001 at 1/16): the loss does not weigh every tensor's error alike.
@@ -22,6 +24,10 @@ Why this shape (measured on the SmolLM2/Austen pairs, ``benchmarks/README.md``):
   D-QRELO observes: there ``auto`` stores a ``lowrank`` component whose singular vectors get their
   bit widths (Delta-CoMe's mixed precision) chosen by error removed per byte, across every
   tensor at once (methods/widths.py).
+- D-QRELO's 1-bit sign part is a fixed price for a different spectrum (the residual's): the plan
+  takes it where, at the model's marginal price of a byte, it leaves less error for its bytes.
+  On the heavy pair that is 5 tensors of 211 at 1/8 and none at 1/16 or below (a sign plane alone
+  is 1/16 of a bf16 delta); on a delta of dense +-c noise, where a spectrum is flat, it is taken.
 
 Every component is one the spec already defines (``lowrank``, ``sparse`` with a seeded
 Bernoulli mask and k-bit values), so every reader decodes it.
@@ -36,75 +42,21 @@ import numpy as np
 import torch
 
 from ..format import prng
-from ..format.components import Component, Segment, encode_lowrank, encode_sparse, layout_nbytes, lowrank_meta
+from ..format.components import Component, Segment, encode_lowrank, encode_sign, encode_sparse, layout_nbytes, lowrank_meta
 from ..format.dtypes import to_name
 from ..format.quant import quantize_groups
-from ..format.records import record_layout, record_nbytes
+from ..format.records import delta_from_components, record_layout, record_nbytes
 from ..calibration import gptq_quantizer, weighted_singular_values, weighted_svd
-from .base import PER_KEY, EncodeContext, Method, PlanEntry, largest_fitting, register_method
+from .base import PER_KEY, EncodeContext, Method, PlanEntry, Planned, largest_fitting, register_method
+from .bitdelta import sign_meta
 from .linalg import singular_values, truncated_svd
 from .sparsity import sparse_meta
-from .widths import SEGMENT_OVERHEAD, allocate_widths, spectrum_of
-
-# The stochastic-rounding stream of a tensor: its seed mixed with this constant, so the rounding
-# keys are independent of the mask keys drawn from the seed itself.
-_ROUNDING_STREAM = 0x5EED_0F_A070_0001
-
+from .rounding import sample_variance, stochastic_codes
+from .widths import SEGMENT_OVERHEAD, Spectrum, allocate_widths, spectrum_of
 
 _SLACK = 16
 
-
-def stochastic_codes(values: torch.Tensor, bits: int, seed: int) -> tuple[torch.Tensor, float, int]:
-    """Per-tensor ``bits``-bit codes of ``values`` rounded up or down at random, unbiased.
-
-    The range includes zero (as format/quant.py's); ``value ≈ scale * (code - zero)`` with
-    ``E[scale * (code - zero)] = value`` inside the range. Returns ``(codes, scale, zero)``.
-    """
-    qmax = (1 << bits) - 1
-    if values.numel() == 0:
-        return torch.zeros(0, dtype=torch.uint8), 1.0, 0
-    lo = min(float(values.min()), 0.0)
-    hi = max(float(values.max()), 0.0)
-    if hi == lo:
-        return torch.zeros(values.numel(), dtype=torch.uint8), 1.0, 0
-    # The grid reaches both ends of the range: a value clamped at an end would be rounded with a bias.
-    scale, zero = _grid(lo, hi, bits)
-    u = torch.from_numpy(prng.keys(seed ^ _ROUNDING_STREAM, 0, values.numel()).astype(np.float64) / float(1 << prng.KEY_BITS))
-    x = values.to(torch.float64) / scale + zero
-    codes = torch.floor(x + u).clamp(0, qmax)
-    return codes.to(torch.uint8), scale, zero
-
-
 VALUE_WIDTHS = (2, 4, 8)
-
-
-def sample_variance(delta: torch.Tensor, keep: float, bits: int) -> float:
-    """Expected squared error of keeping ``keep`` of ``delta`` (rescaled by ``1/keep``) at ``bits``
-    bits with stochastic rounding: ``(1/k - 1) ||Δ||²`` from the drop, plus the rounding's
-    ``Σ f (1 - f) s²`` over the kept values (``f`` the fraction of a step ``s`` each value lies
-    above its lower grid point; zero, on the grid, costs nothing).
-
-    >>> d = torch.tensor([[0.5, -1.0], [0.25, 2.0]])
-    >>> sample_variance(d, 1.0, 8) < sample_variance(d, 0.5, 8)
-    True
-    """
-    energy = float(torch.linalg.vector_norm(delta)) ** 2
-    values = delta.reshape(-1).to(torch.float64) / keep
-    scale, zero = _grid(min(float(values.min()), 0.0), max(float(values.max()), 0.0), bits)
-    x = values / scale + zero
-    frac = x - torch.floor(x)
-    return (1 / keep - 1) * energy + keep * float((frac * (1 - frac)).sum()) * scale**2
-
-
-def _grid(lo: float, hi: float, bits: int) -> tuple[float, int]:
-    """``(scale, zero)`` of a ``bits``-bit grid through 0 that reaches both ``lo`` and ``hi``:
-    an integer zero point first, then the scale (rounded up to float32)."""
-    qmax = (1 << bits) - 1
-    if hi == lo:
-        return 1.0, 0
-    zero = int(min(max(round(-lo / (hi - lo) * qmax), 0), qmax))
-    scale = max(-lo / zero if zero else 0.0, hi / (qmax - zero) if zero < qmax else 0.0)
-    return float(np.nextafter(np.float32(scale), np.float32(np.inf))), zero
 
 
 @register_method
@@ -113,8 +65,18 @@ class Auto(Method):
     """Per tensor: an unbiased seeded sample with ``value_bits``-bit values (default: 2, 4 or 8,
     whichever gives the least expected error at the budget, :func:`sample_variance`), or, for a delta whose
     RMS exceeds ``lowrank_above`` times the base's, mixed-precision low rank whose singular vectors
-    get widths among ``levels`` bits by error removed per byte (methods/widths.py). ``compress`` spreads the
-    whole model's budget first (:meth:`plan`); alone, each tensor fills its own budget.
+    get widths among ``levels`` bits by error removed per byte (methods/widths.py), on top of a
+    1-bit sign part (D-QRELO's) where that removes more error for its bytes (``sign_part="auto"``;
+    ``"always"`` or ``"never"`` to force it).
+    ``compress`` spreads the whole model's budget first (:meth:`plan`); alone, each tensor fills
+    its own budget.
+
+    >>> import torch
+    >>> from deltahub import encode_tensor
+    >>> base = torch.randn(256, 256) * 0.02
+    >>> enc = encode_tensor("w", base, base + torch.randn(256, 256) * 1e-3, "auto", ratio=1 / 8)
+    >>> enc.ratio <= 1 / 8
+    True
     """
 
     name = "auto"
@@ -123,6 +85,7 @@ class Auto(Method):
     lowrank_above: float = 4e-3
     levels: tuple[int, ...] = (2, 3, 4, 8)
     group_size: int = 128
+    sign_part: str = "auto"
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
@@ -130,6 +93,8 @@ class Auto(Method):
             raise ValueError(f"auto value_bits must be in 1..8 (or None: 2 or 4 by budget), got {self.value_bits}")
         if not self.levels or list(self.levels) != sorted(set(self.levels)) or not all(2 <= b <= 8 for b in self.levels):
             raise ValueError(f"auto levels must be increasing bit widths in 2..8, got {self.levels}")
+        if self.sign_part not in ("auto", "always", "never"):
+            raise ValueError(f"auto sign_part must be 'auto', 'always' or 'never', got {self.sign_part!r}")
 
     # -- which family -------------------------------------------------------------------------
 
@@ -145,10 +110,19 @@ class Auto(Method):
         stats = {"lowrank": self.uses_lowrank(delta_rms, base_rms)}
         if stats["lowrank"]:
             # With calibration, the spectrum of Δ L: errors measured on the layer's output.
-            stats["singular_values"] = weighted_singular_values(delta, hessian) if hessian is not None else singular_values(delta)
+            spectrum = (lambda x: weighted_singular_values(x, hessian)) if hessian is not None else singular_values
+            stats["singular_values"] = spectrum(delta)
+            if self.sign_part != "never":
+                stats["residual_singular_values"] = spectrum(self._sign_residual(delta)[1])
         return stats
 
-    def plan(self, entries: list[PlanEntry], budget: int) -> dict[str, float]:
+    @staticmethod
+    def _sign_residual(delta: torch.Tensor) -> tuple[Component, torch.Tensor]:
+        """D-QRELO's first step: per-row alpha * sign(Δ), and what it leaves for the low rank."""
+        sign = encode_sign(delta, per_row=True)
+        return sign, delta - delta_from_components(tuple(delta.shape), [sign])
+
+    def plan(self, entries: list[PlanEntry], budget: int) -> dict[str, Planned]:
         """Spread ``budget`` bytes: each family gets its tensors' share of the dense bytes; sparse
         tensors share theirs evenly, low-rank tensors get singular vectors and widths by the
         squared error each byte removes (methods/widths.py)."""
@@ -157,9 +131,9 @@ class Auto(Method):
         low = [e for e in entries if e.stats["lowrank"]]
         sparse = [e for e in entries if not e.stats["lowrank"]]
         low_budget = budget * sum(dense[e.name] for e in low) // total
-        ratios = self._plan_lowrank(low, low_budget, dense)
-        ratios.update(self._plan_sparse(sparse, budget - low_budget, dense))
-        return ratios
+        planned = self._plan_lowrank(low, low_budget, dense)
+        planned.update(self._plan_sparse(sparse, budget - low_budget, dense))
+        return planned
 
     def _block_record(self, e: PlanEntry, metas: list[dict]) -> dict:
         """The record one block is measured as when encoded (the experts of a 3-D tensor one by one)."""
@@ -173,28 +147,79 @@ class Auto(Method):
         # + slack for the float rounding of ratio * dense bytes back into a budget
         return e.blocks * (record_nbytes(e.name, record) - layout_nbytes(layout) + PER_KEY * len(layout) + _SLACK)
 
-    def _plan_sparse(self, entries: list[PlanEntry], budget: int, dense: dict[str, int]) -> dict[str, float]:
+    def _plan_sparse(self, entries: list[PlanEntry], budget: int, dense: dict[str, int]) -> dict[str, Planned]:
         values_meta = self._values_meta(8)
         fixed = {e.name: self._overhead(e, [sparse_meta("seeded", e.numel, values_meta, {"kind": "bernoulli", "threshold": 1 << prng.KEY_BITS})]) for e in entries}
         # One keep rate for all: the value bytes are shared in proportion to the tensors' sizes.
         per_element = max(budget - sum(fixed.values()), 0) / max(sum(e.numel for e in entries), 1)
         # At least one byte of values: a tensor that keeps nothing would not fit and fall back to dense.
-        return {e.name: (fixed[e.name] + max(per_element * e.numel, 1)) / dense[e.name] for e in entries}
+        return {e.name: Planned((fixed[e.name] + max(per_element * e.numel, 1)) / dense[e.name]) for e in entries}
 
-    def _plan_lowrank(self, entries: list[PlanEntry], budget: int, dense: dict[str, int]) -> dict[str, float]:
-        spectra = []
-        for e in entries:
-            q = e.shape[-1]
-            p = e.numel // max(q, 1) // e.blocks
-            # A new segment costs its JSON and header entries and, in the index, an entry per key.
-            spectra.append(spectrum_of(e.stats["singular_values"], p, q, e.blocks, self.group_size, SEGMENT_OVERHEAD + 6 * PER_KEY))
-            # The record around its segments (the allocator charges the first segment itself).
-            budget -= self._overhead(e, [lowrank_meta([Segment(0, 1, bits=self.levels[0], group_size=self.group_size)])]) - e.blocks * spectra[-1].segment_bytes
-        allocate_widths(spectra, budget, self.levels, start_with_one=True)
-        return {e.name: self._record_bytes(e, sp.segments(self.levels)) / dense[e.name] for e, sp in zip(entries, spectra)}
+    def _plan_lowrank(self, entries: list[PlanEntry], budget: int, dense: dict[str, int]) -> dict[str, Planned]:
+        spectra = [self._spectrum(e, e.stats["singular_values"]) for e in entries]
+        signed: set[str] = set()
+        rate, _ = allocate_widths(spectra, budget - self._fixed_bytes(entries, spectra, signed), self.levels, start_with_one=True)
+        if self.sign_part == "always":
+            signed = {e.name for e in entries if "residual_singular_values" in e.stats}
+            spectra = [self._spectrum(e, e.stats["residual_singular_values"]) if e.name in signed else sp for e, sp in zip(entries, spectra)]
+        elif math.isfinite(rate):
+            # A sign part is a fixed price for a new spectrum (the residual's). At the model's price
+            # of a byte (the error the last byte bought), take it where error + price * bytes is lower.
+            for i, e in enumerate(entries):
+                if "residual_singular_values" not in e.stats:
+                    continue
+                plain, residual = self._spectrum(e, e.stats["singular_values"]), self._spectrum(e, e.stats["residual_singular_values"])
+                plain_bytes = allocate_widths([plain], math.inf, self.levels, start_with_one=True, min_rate=rate)[1]
+                residual_bytes = allocate_widths([residual], math.inf, self.levels, start_with_one=True, min_rate=rate)[1] + self._sign_bytes(e)
+                if residual.error_left(self.levels) + rate * residual_bytes < plain.error_left(self.levels) + rate * plain_bytes:
+                    signed.add(e.name)
+                    spectra[i] = residual
+        # The allocator counts bytes by estimate (segment overheads at their widest); measure the
+        # records it chose and hand what is left back to it, keeping the best allocation that fits.
+        room = budget - self._fixed_bytes(entries, spectra, signed)
+        best: list[list[int]] | None = None
+        for _ in range(4):
+            allocate_widths(spectra, room, self.levels, start_with_one=True)
+            real = sum(self._tensor_bytes(e, sp.segments(self.levels), e.name in signed) for e, sp in zip(entries, spectra))
+            if real <= budget:
+                best = [list(sp.counts) for sp in spectra]
+            if 0 <= budget - real < 0.001 * budget:
+                break
+            room += budget - real
+        if best is not None:
+            for sp, counts in zip(spectra, best):
+                sp.counts = counts
+        # The sign choice goes to the encoder with the ratio, so it is not made a second time.
+        return {
+            e.name: Planned(self._record_bytes(e, sp.segments(self.levels), e.name in signed) / dense[e.name], {"sign_part": "always" if e.name in signed else "never"})
+            for e, sp in zip(entries, spectra)
+        }
 
-    def _record_bytes(self, e: PlanEntry, segs: list[Segment]) -> int:
-        return e.blocks * (record_nbytes(e.name, self._block_record(e, [lowrank_meta(segs)])) + _SLACK)
+    def _fixed_bytes(self, entries: list[PlanEntry], spectra: list[Spectrum], signed: set[str]) -> int:
+        """The records around their segments (the allocator charges the first segment itself), and the sign parts."""
+        one = lowrank_meta([Segment(0, 1, bits=self.levels[0], group_size=self.group_size)])
+        return sum(self._overhead(e, [one]) - e.blocks * sp.segment_bytes + (self._sign_bytes(e) if e.name in signed else 0) for e, sp in zip(entries, spectra))
+
+    def _tensor_bytes(self, e: PlanEntry, segs: list[Segment], sign: bool) -> int:
+        """A planned record's honest bytes with its index entries."""
+        metas = ([sign_meta(True)] if sign else []) + [lowrank_meta(segs)]
+        return self._record_bytes(e, segs, sign) + e.blocks * PER_KEY * len(record_layout(e.name, self._block_record(e, metas)))
+
+    def _spectrum(self, e: PlanEntry, singular_values: torch.Tensor) -> Spectrum:
+        q = e.shape[-1]
+        p = e.numel // max(q, 1) // e.blocks
+        # A new segment costs its JSON and header entries and, in the index, an entry per key.
+        return spectrum_of(singular_values, p, q, e.blocks, self.group_size, SEGMENT_OVERHEAD + 6 * PER_KEY)
+
+    def _sign_bytes(self, e: PlanEntry) -> int:
+        """What a sign part adds to the tensor's record and index: its plane, row scales, JSON."""
+        one = lowrank_meta([Segment(0, 1, bits=self.levels[0], group_size=self.group_size)])
+        with_sign = record_nbytes(e.name, self._block_record(e, [sign_meta(True), one]))
+        return e.blocks * (with_sign - record_nbytes(e.name, self._block_record(e, [one])) + 2 * PER_KEY)
+
+    def _record_bytes(self, e: PlanEntry, segs: list[Segment], sign: bool = False) -> int:
+        metas = ([sign_meta(True)] if sign else []) + [lowrank_meta(segs)]
+        return e.blocks * (record_nbytes(e.name, self._block_record(e, metas)) + _SLACK)
 
     def _values_meta(self, bits: int) -> dict:
         # The widest zero point, so that planning never undercounts the JSON of the real one.
@@ -212,26 +237,60 @@ class Auto(Method):
 
     def _encode_lowrank(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
         p, q = delta.shape
-        full = min(p, q)
+        one = [Segment(0, 1, bits=self.levels[0], group_size=self.group_size)]
+        sign, target = self._choose_sign(delta, ctx, one)
+        extra = [sign] if sign is not None else []
         if ctx.hessian is not None:
-            u, s, v = weighted_svd(delta, ctx.hessian, full)
+            u, s, v = weighted_svd(target, ctx.hessian, min(p, q))
             quantizer = gptq_quantizer(ctx.hessian)
         else:
-            u, s, v = truncated_svd(delta, full)
+            u, s, v = truncated_svd(target, min(p, q))
             quantizer = quantize_groups
-        spectrum = spectrum_of(s, p, q, 1, self.group_size)
-        one = [Segment(0, 1, bits=self.levels[0], group_size=self.group_size)]
-        spectrum.counts = [0] * len(self.levels)
-        # The record of one vector, less that vector's own step: what the allocator's steps add to.
-        allocate_widths([spectrum], ctx.budget - ctx.measure([lowrank_meta(one)]) + spectrum.step_bytes(self.levels, 0), self.levels, start_with_one=True)
+        spectrum = self._fit(spectrum_of(s, p, q, 1, self.group_size), ctx, [c.meta for c in extra], one)
         rank = spectrum.counts[0]
         while rank >= 1:  # the allocator's byte counts are estimates: drop the last vectors until the record fits
             spectrum.counts = [min(c, rank) for c in spectrum.counts]
             comp = encode_lowrank(u[:, :rank], s[:rank], v[:, :rank], spectrum.segments(self.levels), v_quantizer=quantizer)
-            if ctx.fits([comp.meta]):
-                return [comp]
+            if ctx.fits([c.meta for c in extra] + [comp.meta]):
+                return extra + [comp]
             rank -= 1
+        if sign is not None and ctx.fits([sign.meta]):
+            return [sign]
         raise ctx.infeasible("auto", [lowrank_meta(one)])
+
+    def _choose_sign(self, delta: torch.Tensor, ctx: EncodeContext, one: list[Segment]) -> tuple[Component | None, torch.Tensor]:
+        """A sign part and the residual, or ``(None, delta)``: whichever the allocator expects to leave
+        the least error at this tensor's budget (the plan's choice, see :meth:`_plan_lowrank`)."""
+        if self.sign_part == "never" or not ctx.fits([sign_meta(True), lowrank_meta(one)]):
+            return None, delta
+        sign, residual = self._sign_residual(delta)
+        if self.sign_part == "always":
+            return sign, residual
+        spectrum = (lambda x: weighted_singular_values(x, ctx.hessian)) if ctx.hessian is not None else singular_values
+        p, q = delta.shape
+        errors = []
+        for metas, x in (([], delta), ([sign.meta], residual)):
+            errors.append(self._fit(spectrum_of(spectrum(x), p, q, 1, self.group_size), ctx, metas, one).error_left(self.levels))
+        return (sign, residual) if errors[1] < errors[0] else (None, delta)
+
+    def _fit(self, spectrum: Spectrum, ctx: EncodeContext, extra: list[dict], one: list[Segment]) -> Spectrum:
+        """Widths for this tensor's budget: the allocator's estimate, then corrected by the measured
+        record (a few passes), so that the budget is spent and not exceeded."""
+        spectrum.counts = [0] * len(self.levels)
+        # The record of one vector, less that vector's own step: what the allocator's steps add to.
+        room = ctx.budget - ctx.measure(extra + [lowrank_meta(one)]) + spectrum.step_bytes(self.levels, 0)
+        best = None
+        for _ in range(4):
+            allocate_widths([spectrum], room, self.levels, start_with_one=True)
+            real = ctx.measure(extra + [lowrank_meta(spectrum.segments(self.levels) or one)])
+            if real <= ctx.budget:
+                best = list(spectrum.counts)
+            if 0 <= ctx.budget - real < (spectrum.p + spectrum.q) / 8:
+                break  # less left than one more bit for one vector pair: nothing more to buy
+            room += ctx.budget - real
+        if best is not None:
+            spectrum.counts = best
+        return spectrum
 
     def _encode_sparse(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
         p, q = delta.shape
@@ -249,7 +308,8 @@ class Auto(Method):
         threshold = full if nnz >= n else int(np.partition(keys, nnz)[nnz])
         mask = torch.from_numpy(keys < np.uint64(threshold)).view(p, q)
         values = delta[mask] / (threshold / full)
-        codes, scale, zero = stochastic_codes(values, bits, ctx.seed)
+        base = None if ctx.base is None else ctx.base.reshape(p, q)[mask]
+        codes, scale, zero = stochastic_codes(values, bits, ctx.seed, base, ctx.dtype)
         comp = encode_sparse(mask, None, index="seeded", seed=ctx.seed, mask_meta={"kind": "bernoulli", "threshold": threshold}, codes=codes, bits=bits, scale=scale, zero=zero)
         if not ctx.fits([comp.meta]):
             raise ctx.infeasible("auto", [comp.meta], "raise the ratio")

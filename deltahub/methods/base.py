@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol
 
 import torch
@@ -30,6 +30,7 @@ class EncodeContext:
     ratio: float | None = None
     base_rms: float | None = None  # root mean square of the base block: how large the delta is relative to the weights
     hessian: torch.Tensor | None = None  # E[x xᵀ] of the layer's inputs, with calibration (deltahub.calibration)
+    base: torch.Tensor | None = None  # the base block, so that rounding can aim at the merged weights (methods/rounding.py)
 
     def fits(self, metas: list[dict]) -> bool:
         return self.budget is None or self.measure(metas) <= self.budget
@@ -72,6 +73,15 @@ class PlanEntry:
         return self.numel * self.dtype.itemsize
 
 
+@dataclass(frozen=True)
+class Planned:
+    """A planning method's decision for one tensor: its ratio, and parameters that override the
+    method's own for this tensor (choices the plan made, so encoding need not make them again)."""
+
+    ratio: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+
 class Planner(Protocol):
     """What a method with ``plans = True`` adds: per-tensor statistics, then per-tensor ratios."""
 
@@ -80,8 +90,8 @@ class Planner(Protocol):
         layer's input second moment when compressing with calibration."""
         ...
 
-    def plan(self, entries: list[PlanEntry], budget: int) -> dict[str, float]:
-        """Per-tensor ratios whose honest bytes sum to at most ``budget`` over ``entries``."""
+    def plan(self, entries: list[PlanEntry], budget: int) -> dict[str, Planned]:
+        """Per-tensor ratios (and choices) whose honest bytes sum to at most ``budget`` over ``entries``."""
         ...
 
 

@@ -48,9 +48,10 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 
 def singular_values(x: torch.Tensor) -> torch.Tensor:
-    """Singular values, descending, from the eigenvalues of the smaller Gram matrix (float64):
-    many times faster than an SVD on tall matrices such as embeddings, and precise enough to
-    plan with (not to encode)."""
-    d = x.to(device=_DEVICE, dtype=torch.float64)
+    """Singular values, descending, from the eigenvalues of the smaller Gram matrix: many times
+    faster than an SVD on tall matrices such as embeddings, and precise enough to plan with (not
+    to encode). In float32 the eigenvalues resolve singular values down to about 3e-4 of the
+    largest, which hold under 1e-7 of the energy; float64 took twice as long."""
+    d = x.to(device=_DEVICE, dtype=torch.float32)
     gram = d.T @ d if d.shape[0] >= d.shape[1] else d @ d.T
     return _cpu(torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(0).float())

@@ -42,24 +42,40 @@ class Spectrum:
     counts: list[int] = field(default_factory=list)  # counts[j]: vectors with at least levels[j] bits
     segment_bytes: int = SEGMENT_OVERHEAD  # what a new segment costs besides its data
 
+    def _tables(self, levels: Sequence[int]) -> None:
+        # The allocator asks millions of times: per-level costs and error factors computed once.
+        if getattr(self, "_levels", None) == tuple(levels):
+            return
+        self._levels = tuple(levels)
+        self._squares = [float(v) ** 2 for v in self.singular_values]
+        self._cost, self._factor = [], []
+        for j, bits in enumerate(levels):
+            prev = levels[j - 1] if j else 0
+            cost = (self.p + self.q) * (bits - prev) / 8
+            if j == 0:  # a stored vector pays its group scales and zero points, and its singular value
+                cost += (math.ceil(self.p / self.group_size) + math.ceil(self.q / self.group_size)) * 3 + 4
+            self._cost.append(cost)
+            self._factor.append(width_error(prev) - width_error(bits))
+
     def step_bytes(self, levels: Sequence[int], j: int) -> float:
         """Bytes of raising the next vector from ``levels[j-1]`` (or nothing) to ``levels[j]`` bits."""
-        prev = levels[j - 1] if j else 0
-        cost = (self.p + self.q) * (levels[j] - prev) / 8
-        if j == 0:  # a stored vector pays its group scales and zero points, and its singular value
-            cost += (math.ceil(self.p / self.group_size) + math.ceil(self.q / self.group_size)) * 3 + 4
-        if self.counts[j] == 0:
-            cost += self.segment_bytes
-        return cost * self.blocks
+        self._tables(levels)
+        return (self._cost[j] + (self.segment_bytes if self.counts[j] == 0 else 0)) * self.blocks
 
     def step_gain(self, levels: Sequence[int], j: int) -> float:
-        i = self.counts[j]
-        prev = levels[j - 1] if j else 0
-        return float(self.singular_values[i]) ** 2 * (width_error(prev) - width_error(levels[j])) * self.blocks
+        self._tables(levels)
+        return self._squares[self.counts[j]] * self._factor[j] * self.blocks
 
     def can_step(self, j: int) -> bool:
         limit = len(self.singular_values) if j == 0 else self.counts[j - 1]
         return self.counts[j] < limit and float(self.singular_values[self.counts[j]]) > 0
+
+    def error_left(self, levels: Sequence[int]) -> float:
+        """The squared error the current ``counts`` leave, as the allocator models it."""
+        bits = [0] * len(self.singular_values)
+        for j, c in enumerate(self.counts):
+            bits[:c] = [levels[j]] * c
+        return sum(float(sv) ** 2 * width_error(b) for sv, b in zip(self.singular_values, bits)) * self.blocks
 
     def segments(self, levels: Sequence[int]) -> list[Segment]:
         """The rank segments, widest first: ``[counts[j+1], counts[j])`` at ``levels[j]`` bits."""
@@ -71,44 +87,62 @@ class Spectrum:
         return segs
 
 
-def allocate_widths(spectra: Sequence[Spectrum], budget: float, levels: Sequence[int] = (2, 3, 4, 8), start_with_one: bool = False) -> None:
+def allocate_widths(
+    spectra: Sequence[Spectrum],
+    budget: float,
+    levels: Sequence[int] = (2, 3, 4, 8),
+    start_with_one: bool = False,
+    min_rate: float = 0.0,
+) -> tuple[float, float]:
     """Fill each spectrum's ``counts`` greedily within ``budget`` bytes (steps that no longer fit are
-    skipped). ``start_with_one`` first gives every tensor one vector at the lowest width, so that
-    none is left without a record that fits.
+    skipped), taking no step that removes less than ``min_rate`` squared error per byte.
+    ``start_with_one`` first gives every tensor one vector at the lowest width, so that none is
+    left without a record that fits. Returns ``(rate, spent)``: the error removed per byte by the
+    last step taken (``inf`` if none), the marginal price of a byte, and the bytes spent.
 
     >>> s = Spectrum([10.0, 1.0, 0.1], p=64, q=64)
-    >>> allocate_widths([s], budget=900)
-    >>> s.segments((2, 3, 4, 8))
-    [Segment(start=0, end=3, bits=2, group_size=128, dtype='F16')]
+    >>> rate, spent = allocate_widths([s], budget=900)
+    >>> s.segments((2, 3, 4, 8)), spent <= 900
+    ([Segment(start=0, end=3, bits=2, group_size=128, dtype='F16')], True)
     """
     heap: list[tuple[float, int, int, int]] = []
-    version = [0] * len(spectra)
+    # One version per (tensor, level): a step changes the next step of its own level and may open
+    # the level above; every other queued step stays valid (and a step that did not fit never will,
+    # as the bytes left only shrink).
+    version = [[0] * len(levels) for _ in spectra]
 
-    def push(t: int) -> None:
+    def push(t: int, j: int) -> None:
         s = spectra[t]
-        for j in range(len(levels)):
-            if s.can_step(j):
-                heapq.heappush(heap, (-s.step_gain(levels, j) / s.step_bytes(levels, j), t, j, version[t]))
+        if s.can_step(j):
+            heapq.heappush(heap, (-s.step_gain(levels, j) / s.step_bytes(levels, j), t, j, version[t][j]))
 
-    left = float(budget)
+    spent = 0.0
+    rate = math.inf
     for t, s in enumerate(spectra):
         s.counts = [0] * len(levels)
         if start_with_one and s.can_step(0):
-            left -= s.step_bytes(levels, 0)
+            spent += s.step_bytes(levels, 0)
             s.counts[0] = 1
-        push(t)
+        for j in range(len(levels)):
+            push(t, j)
     while heap:
-        _, t, j, v = heapq.heappop(heap)
+        neg_rate, t, j, v = heapq.heappop(heap)
         s = spectra[t]
-        if v != version[t] or not s.can_step(j):
+        if v != version[t][j] or not s.can_step(j):
             continue
+        if -neg_rate < min_rate:
+            break
         cost = s.step_bytes(levels, j)
-        if cost > left:
+        if cost > budget - spent:
             continue
-        left -= cost
+        spent += cost
+        rate = -neg_rate
         s.counts[j] += 1
-        version[t] += 1
-        push(t)
+        version[t][j] += 1
+        push(t, j)
+        if j + 1 < len(levels) and s.counts[j + 1] == s.counts[j] - 1:  # level j + 1 just opened
+            push(t, j + 1)
+    return rate, spent
 
 
 def spectrum_of(singular_values: torch.Tensor, p: int, q: int, blocks: int = 1, group_size: int = 128, segment_bytes: int = SEGMENT_OVERHEAD) -> Spectrum:
