@@ -7,8 +7,8 @@ call plus a first forward pass on 8 tokens (time until the model has answered on
 throughput of ``deltahub apply``.
 Targets (issue #3): at most 1.5x the time and 1.3x the peak memory of the plain load.
 
-    python -m benchmarks.load --model smollm2-light
-    python -m benchmarks.load --model generated --hidden 2048 --layers 24
+    python -m benchmarks.load --model smollm2-light --method auto
+    python -m benchmarks.load --model generated --hidden 2048 --layers 24 --method dqrelo
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--method", default="auto", help="the delta's method, at 1/8")
     args = ap.parse_args()
-    base, ft, delta, applied, label = prepare(args.model, args.hidden, args.layers)
+    base, ft, delta, applied, label = prepare(args.model, args.hidden, args.layers, args.method)
     apply_m = run_measured("import deltahub, shutil", f"shutil.rmtree({str(applied)!r}, ignore_errors=True)\ndeltahub.apply({str(delta)!r}, {str(applied)!r}, progress=False)")
     size_gb = sum(p.stat().st_size for p in applied.glob("*.safetensors")) / 1e9
     setup = "import torch, transformers\nfrom deltahub import DeltaModel\ntorch.set_grad_enabled(False)"
@@ -52,7 +53,7 @@ def main() -> None:
     for what, p, o in (("load", plain, ours), ("load + first forward", plain_f, ours_f)):
         rows.append([f"from_pretrained(applied checkpoint): {what}", f"{p.seconds:.2f}", f"{p.peak_mib:.0f}", "1.00x", "1.00x"])
         rows.append([f"DeltaModel.from_pretrained(delta): {what}", f"{o.seconds:.2f}", f"{o.peak_mib:.0f}", f"{o.seconds / p.seconds:.2f}x", f"{o.peak_mib / p.peak_mib:.2f}x"])
-    print(f"\n### Load: {label}, delta dqrelo 1/8\n")
+    print(f"\n### Load: {label}, delta {args.method} 1/8\n")
     print(markdown_table(["load", "seconds", "peak MiB", "time vs plain", "memory vs plain"], rows))
     print(f"\napply: {apply_m.seconds:.2f} s for {size_gb:.2f} GB ({size_gb / apply_m.seconds:.2f} GB/s), peak {apply_m.peak_mib:.0f} MiB")
 

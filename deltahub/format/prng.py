@@ -8,6 +8,7 @@ a 53-bit integer. Nothing here depends on numpy's or torch's own generators.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -96,6 +97,33 @@ def bernoulli_mask(seed: int, rows: int, cols: int, threshold: int) -> torch.Ten
         c = min(_CHUNK_ELEMS, n - s)
         out[s : s + c] = keys(seed, s, c) < np.uint64(threshold)
     return torch.from_numpy(out.reshape(rows, cols))
+
+
+def bernoulli_threshold(seed: int, count: int, keep: int) -> int:
+    """The threshold that keeps exactly ``keep`` of ``count`` elements: the ``keep+1``-th smallest
+    key (``2**53`` to keep them all), found without holding every key.
+
+    >>> t = bernoulli_threshold(7, 10_000, 1_234)
+    >>> int(bernoulli_mask(7, 100, 100, t).sum())
+    1234
+    """
+    full = 1 << KEY_BITS
+    if keep >= count:
+        return full
+    # Keys are uniform, so the answer lies within a few standard deviations of keep/count of the
+    # range: count the keys below a window around it and sort only those inside.
+    margin = 8 * math.sqrt(keep * (1 - keep / count)) + 64
+    lo = max(0, int((keep - margin) / count * full))
+    hi = min(full, int((keep + margin) / count * full) + 1)
+    below, inside = 0, []
+    for s in range(0, count, _CHUNK_ELEMS):
+        k = keys(seed, s, min(_CHUNK_ELEMS, count - s))
+        below += int(np.count_nonzero(k < np.uint64(lo)))
+        inside.append(k[(k >= np.uint64(lo)) & (k < np.uint64(hi))])
+    window = np.sort(np.concatenate(inside))
+    if below <= keep < below + window.size:
+        return int(window[keep - below])
+    return int(np.partition(keys(seed, 0, count), keep)[keep])  # beyond eight standard deviations
 
 
 def keep_probability_threshold(p_keep: float) -> int:

@@ -26,8 +26,9 @@ Why this shape (measured on the SmolLM2/Austen pairs, ``benchmarks/README.md``):
   tensor at once (methods/widths.py).
 - D-QRELO's 1-bit sign part is a fixed price for a different spectrum (the residual's): the plan
   takes it where, at the model's marginal price of a byte, it leaves less error for its bytes.
-  On the heavy pair that is 5 tensors of 211 at 1/8 and none at 1/16 or below (a sign plane alone
-  is 1/16 of a bf16 delta); on a delta of dense +-c noise, where a spectrum is flat, it is taken.
+  On the heavy pair that is 2 tensors of 211 at 1/8, none at 1/4, and none at 1/16 or below (a
+  sign plane alone is 1/16 of a bf16 delta); on a delta of dense +-c noise, whose spectrum is
+  flat, it is taken.
 
 Every component is one the spec already defines (``lowrank``, ``sparse`` with a seeded
 Bernoulli mask and k-bit values), so every reader decodes it.
@@ -38,7 +39,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..format import prng
@@ -303,10 +303,8 @@ class Auto(Method):
             raise ctx.infeasible("auto", metas(1, self.value_bits or VALUE_WIDTHS[0]))
         bits = min(fitting, key=lambda b: sample_variance(delta, fitting[b] / n, b))
         nnz = fitting[bits]
-        keys = prng.keys(ctx.seed, 0, n)
-        # The (nnz+1)-th smallest key keeps exactly the nnz smallest keys.
-        threshold = full if nnz >= n else int(np.partition(keys, nnz)[nnz])
-        mask = torch.from_numpy(keys < np.uint64(threshold)).view(p, q)
+        threshold = prng.bernoulli_threshold(ctx.seed, n, nnz)
+        mask = prng.bernoulli_mask(ctx.seed, p, q, threshold)
         values = delta[mask] / (threshold / full)
         base = None if ctx.base is None else ctx.base.reshape(p, q)[mask]
         codes, scale, zero = stochastic_codes(values, bits, ctx.seed, base, ctx.dtype)

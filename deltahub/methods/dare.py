@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..format import prng
@@ -33,7 +32,6 @@ class DARE(Method):
             raise ValueError(f"dare storage must be 'seeded' or 'csr', got {self.storage!r}")
         p, q = delta.shape
         n = p * q
-        keys = prng.keys(ctx.seed, 0, n)
         full = 1 << prng.KEY_BITS
         if self.p is not None:
             if not 0 <= self.p < 1:
@@ -52,9 +50,8 @@ class DARE(Method):
                 nnz = largest_fitting(1, n, lambda k: ctx.fits(metas(k)))
                 if nnz is None:
                     raise ctx.infeasible("dare", metas(1))
-                # The (nnz+1)-th smallest key keeps exactly the nnz smallest keys.
-                t = full if nnz >= n else int(np.partition(keys, nnz)[nnz])
-            mask = torch.from_numpy(keys < np.uint64(t)).view(p, q)
+                t = prng.bernoulli_threshold(ctx.seed, n, nnz)
+            mask = prng.bernoulli_mask(ctx.seed, p, q, t)
             keep_rate = t / full
             values = delta[mask] / keep_rate if keep_rate > 0 else delta[mask]
             if vdt != torch.float16 or values.numel() == 0 or float_value_dtype(float(values.abs().max()), None) == torch.float16:

@@ -40,9 +40,14 @@ def grid(lo: float, hi: float, bits: int) -> tuple[float, int]:
     return float(np.nextafter(np.float32(scale), np.float32(np.inf))), zero
 
 
-def uniforms(seed: int, count: int) -> torch.Tensor:
-    """The rounding draws of a tensor, uniform in [0, 1), float64."""
-    return torch.from_numpy(prng.keys(seed ^ ROUNDING_STREAM, 0, count).astype(np.float64) / float(1 << prng.KEY_BITS))
+# Values are rounded a chunk at a time: the merged-weight search keeps about ten float64
+# temporaries per value, which for a whole embedding would be gigabytes.
+_CHUNK = 1 << 20
+
+
+def uniforms(seed: int, start: int, count: int) -> torch.Tensor:
+    """Rounding draws ``start .. start+count-1`` of a tensor, uniform in [0, 1), float64."""
+    return torch.from_numpy(prng.keys(seed ^ ROUNDING_STREAM, start, count).astype(np.float64) / float(1 << prng.KEY_BITS))
 
 
 def stochastic_codes(
@@ -73,12 +78,18 @@ def stochastic_codes(
         return torch.zeros(values.numel(), dtype=torch.uint8), 1.0, 0
     # The grid reaches both ends of the range: a value clamped at an end would be rounded with a bias.
     scale, zero = grid(lo, hi, bits)
-    u = uniforms(seed, values.numel())
-    x = values.to(torch.float64) / scale + zero
-    if base is None or dtype is None:
-        codes = torch.floor(x + u).clamp(0, qmax)
-        return codes.to(torch.uint8), scale, zero
-    return _merged_codes(values, x, u, base, dtype, scale, zero, qmax), scale, zero
+    flat = values.reshape(-1)
+    weights = None if base is None or dtype is None else base.reshape(-1)
+    codes = torch.empty(flat.numel(), dtype=torch.uint8)
+    for start in range(0, flat.numel(), _CHUNK):
+        v = flat[start : start + _CHUNK]
+        u = uniforms(seed, start, v.numel())
+        x = v.to(torch.float64) / scale + zero
+        if weights is None:
+            codes[start : start + v.numel()] = torch.floor(x + u).clamp(0, qmax).to(torch.uint8)
+        else:
+            codes[start : start + v.numel()] = _merged_codes(v, x, u, weights[start : start + v.numel()], dtype, scale, zero, qmax)
+    return codes, scale, zero
 
 
 def _merged_codes(values, x, u, base, dtype, scale, zero, qmax) -> torch.Tensor:
@@ -119,8 +130,11 @@ def sample_variance(delta: torch.Tensor, keep: float, bits: int) -> float:
     True
     """
     energy = float(torch.linalg.vector_norm(delta)) ** 2
-    values = delta.reshape(-1).to(torch.float64) / keep
-    scale, zero = grid(min(float(values.min()), 0.0), max(float(values.max()), 0.0), bits)
-    x = values / scale + zero
-    frac = x - torch.floor(x)
-    return (1 / keep - 1) * energy + keep * float((frac * (1 - frac)).sum()) * scale**2
+    flat = delta.reshape(-1)
+    scale, zero = grid(min(float(flat.min()) / keep, 0.0), max(float(flat.max()) / keep, 0.0), bits)
+    rounding = 0.0
+    for start in range(0, flat.numel(), _CHUNK):
+        x = flat[start : start + _CHUNK].to(torch.float64) / keep / scale + zero
+        frac = x - torch.floor(x)
+        rounding += float((frac * (1 - frac)).sum())
+    return (1 / keep - 1) * energy + keep * rounding * scale**2
