@@ -239,3 +239,20 @@ def test_encoded_sizes_are_honest(tmp_path, encodings, max_shard_size):
     _check_honest(write_delta(tmp_path / "all", encs, max_shard_size=max_shard_size), encs)
     for i, enc in enumerate(encs):
         _check_honest(write_delta(tmp_path / f"one{i}", [enc]), [enc])
+
+
+def test_a_bernoulli_mask_adds_stretch_by_stretch_exactly_as_it_decodes():
+    """Sparse.add_into applies a seeded Bernoulli mask 1M elements at a time; the sum must be the
+    spec's (the whole decoded component added once) over several stretches."""
+    from deltahub.format import prng
+    from deltahub.format.components.sparse import Sparse, encode_sparse
+
+    p, q, seed = 1100, 1000, 12345  # 1.1M elements: two stretches
+    threshold = prng.bernoulli_threshold(seed, p * q, 300_000)
+    mask = prng.bernoulli_mask(seed, p, q, threshold)
+    codes = torch.randint(0, 16, (int(mask.sum()),), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    comp = encode_sparse(mask, None, index="seeded", seed=seed, mask_meta={"kind": "bernoulli", "threshold": threshold}, codes=codes, bits=4, scale=1e-3, zero=8)
+    acc = torch.randn(p, q, generator=torch.Generator().manual_seed(1))
+    want = acc + Sparse.decode(comp.meta, comp.tensors, (p, q))
+    Sparse.add_into(acc, comp.meta, comp.tensors, (p, q))
+    assert torch.equal(acc, want)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from ...errors import FormatError
 from .. import bitpack, prng
 from ..dtypes import FLOAT_NAMES, itemsize, to_name, to_torch
 from .base import Component, ComponentType, Layout, matrix_view, register_component
+
+_ADD_CHUNK = 1 << 20
 
 
 def indices_dtype(q: int) -> str:
@@ -125,6 +128,31 @@ class Sparse(ComponentType):
             codes = bitpack.unpack(tensors["codes"], v["bits"], meta["nnz"]).to(torch.float32)
             return tensors["scale"].to(torch.float32) * (codes + float(v.get("offset", 0) - v["zero"]))
         return tensors["values"].to(torch.float32)
+
+    @classmethod
+    def add_into(cls, out: torch.Tensor, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> None:
+        if meta["index"] != "seeded" or meta["mask"]["kind"] != "bernoulli":
+            return super().add_into(out, meta, tensors, block)
+        # A Bernoulli mask is made and applied a stretch at a time, straight into the accumulator:
+        # no dense decoded copy and no whole-tensor mask (on an embedding, 140 MB less at peak).
+        p, q = matrix_view(block, meta)
+        values = cls.values(meta, tensors)
+        flat = out.view(-1)
+        seed, threshold = int(meta["seed"], 16), np.uint64(meta["mask"]["threshold"])
+        used = 0
+        for start in range(0, p * q, _ADD_CHUNK):
+            count = min(_ADD_CHUNK, p * q - start)
+            positions = torch.from_numpy(np.flatnonzero(prng.keys(seed, start, count) < threshold))
+            kept = positions.numel()
+            if used + kept > values.numel():
+                break
+            # Each position once: index_add_ is the one float32 addition the spec prescribes.
+            flat[start : start + count].index_add_(0, positions, values[used : used + kept])
+            used += kept
+        else:
+            if used == values.numel():
+                return
+        raise FormatError(f"seeded mask selects more or fewer elements than the record's nnz {meta['nnz']}")
 
     @classmethod
     def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:
