@@ -52,7 +52,7 @@ from .bitdelta import sign_meta
 from .linalg import singular_values, truncated_svd
 from .sparsity import sparse_meta
 from .rounding import sample_variance, stochastic_codes
-from .widths import SEGMENT_OVERHEAD, Spectrum, allocate_widths, spectrum_of
+from .widths import SEGMENT_OVERHEAD, Spectrum, allocate_measured, allocate_widths, spectrum_of
 
 _SLACK = 16
 
@@ -90,7 +90,7 @@ class Auto(Method):
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
         if self.value_bits is not None and not 1 <= self.value_bits <= 8:
-            raise ValueError(f"auto value_bits must be in 1..8 (or None: 2 or 4 by budget), got {self.value_bits}")
+            raise ValueError(f"auto value_bits must be in 1..8 (or None: 2, 4 or 8 by expected error), got {self.value_bits}")
         if not self.levels or list(self.levels) != sorted(set(self.levels)) or not all(2 <= b <= 8 for b in self.levels):
             raise ValueError(f"auto levels must be increasing bit widths in 2..8, got {self.levels}")
         if self.sign_part not in ("auto", "always", "never"):
@@ -176,19 +176,11 @@ class Auto(Method):
                     spectra[i] = residual
         # The allocator counts bytes by estimate (segment overheads at their widest); measure the
         # records it chose and hand what is left back to it, keeping the best allocation that fits.
-        room = budget - self._fixed_bytes(entries, spectra, signed)
-        best: list[list[int]] | None = None
-        for _ in range(4):
-            allocate_widths(spectra, room, self.levels, start_with_one=True)
-            real = sum(self._tensor_bytes(e, sp.segments(self.levels), e.name in signed) for e, sp in zip(entries, spectra))
-            if real <= budget:
-                best = [list(sp.counts) for sp in spectra]
-            if 0 <= budget - real < 0.001 * budget:
-                break
-            room += budget - real
-        if best is not None:
-            for sp, counts in zip(spectra, best):
-                sp.counts = counts
+        allocate_measured(
+            spectra, budget, budget - self._fixed_bytes(entries, spectra, signed),
+            lambda: sum(self._tensor_bytes(e, sp.segments(self.levels), e.name in signed) for e, sp in zip(entries, spectra)),
+            0.001 * budget, self.levels,
+        )
         # The sign choice goes to the encoder with the ratio, so it is not made a second time.
         return {
             e.name: Planned(self._record_bytes(e, sp.segments(self.levels), e.name in signed) / dense[e.name], {"sign_part": "always" if e.name in signed else "never"})
@@ -279,17 +271,8 @@ class Auto(Method):
         spectrum.counts = [0] * len(self.levels)
         # The record of one vector, less that vector's own step: what the allocator's steps add to.
         room = ctx.budget - ctx.measure(extra + [lowrank_meta(one)]) + spectrum.step_bytes(self.levels, 0)
-        best = None
-        for _ in range(4):
-            allocate_widths([spectrum], room, self.levels, start_with_one=True)
-            real = ctx.measure(extra + [lowrank_meta(spectrum.segments(self.levels) or one)])
-            if real <= ctx.budget:
-                best = list(spectrum.counts)
-            if 0 <= ctx.budget - real < (spectrum.p + spectrum.q) / 8:
-                break  # less left than one more bit for one vector pair: nothing more to buy
-            room += ctx.budget - real
-        if best is not None:
-            spectrum.counts = best
+        # Done when less is left than one more bit for one vector pair: nothing more to buy.
+        allocate_measured([spectrum], ctx.budget, room, lambda: ctx.measure(extra + [lowrank_meta(spectrum.segments(self.levels) or one)]), (spectrum.p + spectrum.q) / 8, self.levels)
         return spectrum
 
     def _encode_sparse(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -143,6 +143,32 @@ def allocate_widths(
         if j + 1 < len(levels) and s.counts[j + 1] == s.counts[j] - 1:  # level j + 1 just opened
             push(t, j + 1)
     return rate, spent
+
+
+def allocate_measured(
+    spectra: Sequence[Spectrum],
+    budget: float,
+    room: float,
+    measure: Callable[[], float],
+    tolerance: float,
+    levels: Sequence[int] = (2, 3, 4, 8),
+) -> None:
+    """:func:`allocate_widths` with its byte estimates corrected: allocate ``room`` bytes, ``measure()``
+    what the chosen records really take, hand the difference to ``budget`` back, up to four passes
+    or until less than ``tolerance`` is left; the last allocation within ``budget`` is kept (the
+    first one if none is)."""
+    best: list[list[int]] | None = None
+    for _ in range(4):
+        allocate_widths(spectra, room, levels, start_with_one=True)
+        real = measure()
+        if real <= budget:
+            best = [list(s.counts) for s in spectra]
+        if 0 <= budget - real < tolerance:
+            break
+        room += budget - real
+    if best is not None:
+        for s, counts in zip(spectra, best):
+            s.counts = counts
 
 
 def spectrum_of(singular_values: torch.Tensor, p: int, q: int, blocks: int = 1, group_size: int = 128, segment_bytes: int = SEGMENT_OVERHEAD) -> Spectrum:
