@@ -49,7 +49,7 @@ def apply(
         writer: SafetensorsStreamWriter | None = None
         total = sum(1 for r in reader.records.values() if r["kind"] != "removed")
         for name in tqdm([n for n, r in reader.records.items() if r["kind"] != "removed"], total=total, desc="Applying", disable=not progress):
-            t = reader.decode(name, base_ckpt.get(name) if name in base_ckpt else None)
+            t = reader.decode(name, base_ckpt.get(name) if name in base_ckpt else None, consume_base=True)
             size = t.numel() * t.element_size()
             if writer is not None and writer.nbytes and writer.nbytes + size > limit:
                 writer.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
 
 from .errors import DeltahubError, FormatError
 from .format.config import fingerprint as _fingerprint
@@ -211,7 +212,9 @@ class Checkpoint:
         """:func:`sample_digest` of a stored tensor, reading only the rows it hashes."""
         shape = self._info[name].shape
         if len(shape) >= 2 and shape[0] > 2:
-            sl = self._handle(self._where[name]).get_slice(name)
+            # safetensors' pread backend reads a whole tensor to slice it; a memory map reads
+            # (and keeps resident) only the pages of the two rows.
+            sl = safe_open(str(self._where[name]), framework="pt").get_slice(name)
             return sample_digest(torch.cat([sl[0:1], sl[shape[0] - 1 : shape[0]]]))
         return sample_digest(self.get(name))
 

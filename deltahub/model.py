@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -24,7 +26,13 @@ from .serving.model import MultiDeltaModel, load_unmerged
 
 
 class _LazyDecoded:
-    """A state-dict entry that decodes its tensor on ``entry[...]`` (what transformers calls)."""
+    """A state-dict entry that decodes its tensor on ``entry[...]`` (what transformers calls).
+
+    transformers materializes entries from a pool of as many threads as cores (at most 4). In
+    a pool thread the decode runs on one core: each decode would otherwise spread its
+    element-wise ops over every core, and two at once oversubscribe them. torch's thread count
+    is per thread, so this leaves the caller's untouched.
+    """
 
     def __init__(self, name: str, reader: DeltaReader, base: Checkpoint, errors: list[BaseException]) -> None:
         self.name, self.reader, self.base, self.errors = name, reader, base, errors
@@ -35,7 +43,8 @@ class _LazyDecoded:
     def __getitem__(self, index: Any) -> torch.Tensor:
         try:
             b = self.base.get(self.name) if self.name in self.base else None
-            t = self.reader.decode(self.name, b)
+            with _one_core_off_the_main_thread():
+                t = self.reader.decode(self.name, b, consume_base=True)  # b was read for this call alone
         except BaseException as e:  # transformers may swallow loader errors; keep them to re-raise
             self.errors.append(e)
             raise
@@ -43,6 +52,19 @@ class _LazyDecoded:
 
     def get_shape(self) -> list[int]:
         return list(self.shape)
+
+
+@contextmanager
+def _one_core_off_the_main_thread() -> Iterator[None]:
+    if threading.current_thread() is threading.main_thread():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def finetuned_config(reader: DeltaReader):

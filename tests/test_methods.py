@@ -356,7 +356,7 @@ def test_dare_rescales_survivors_by_inverse_keep_rate(p_drop):
     assert meta["index"] == "seeded" and meta["mask"] == {"kind": "bernoulli", "threshold": threshold}
     seed = int(meta["seed"], 16)
     assert seed == prng.tensor_seed(0, "w")
-    mask = torch.from_numpy(prng.keys(seed, 0, p * q) < np.uint64(threshold)).view(p, q)
+    mask = (prng.keys(seed, 0, p * q) < threshold).view(p, q)
     assert meta["nnz"] == int(mask.sum())
     keep_rate = threshold / (1 << prng.KEY_BITS)
     assert keep_rate == pytest.approx(1 - p_drop)
@@ -377,12 +377,12 @@ def test_dare_with_a_ratio_keeps_the_smallest_keys(ratio):
     (meta,) = enc.record["components"]
     nnz, threshold = meta["nnz"], meta["mask"]["threshold"]
     keys = prng.keys(prng.tensor_seed(0, "w"), 0, p * q)
-    mask = keys < np.uint64(threshold)
+    mask = keys < threshold
     assert int(mask.sum()) == nnz > 0
     assert keys[mask].max() < keys[~mask].min()
     dec = enc.decode(base.clone()).float() - base.float()
     keep_rate = threshold / (1 << prng.KEY_BITS)
-    m = torch.from_numpy(mask).view(p, q)
+    m = mask.view(p, q)
     # rescaled survivors, then rounded twice (float16 value, bfloat16 result)
     assert bool(((dec - torch.where(m, delta / keep_rate, torch.zeros(()))).abs() <= 2**-8 * (ft.float().abs() + (delta / keep_rate).abs()) + 1e-9).all())
 

@@ -40,17 +40,40 @@ def test_reference_value_seed_zero():
 def test_keys_match_reference_generator(seed, start, count):
     ref = splitmix64_reference(seed, start + count)[start:]
     got = prng.keys(seed, start, count)
-    assert got.dtype == np.uint64
+    assert got.dtype == torch.int64
     assert [int(k) for k in got] == [v >> 11 for v in ref]
-    assert all(int(k) < 1 << prng.KEY_BITS for k in got)
+    assert all(0 <= int(k) < 1 << prng.KEY_BITS for k in got)
+
+
+def mix64_reference(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, MASK64), st.integers(0, (1 << 48) - 200_000))
+def test_keys_far_into_a_tensor_span_chunks(seed, start):
+    # 200K keys cross several of keys()' internal chunks; spot-check elements against the
+    # spec's random-access formula, far from element 0 (a 70B model's embedding is 1.7e9 long).
+    got = prng.keys(seed, start, 200_000)
+    for i in (0, 1, 65_535, 65_536, 131_073, 199_999):
+        t = start + i
+        assert int(got[i]) == mix64_reference((seed + (t + 1) * 0x9E3779B97F4A7C15) & MASK64) >> 11
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_keys_on_cuda_equal_cpu_keys():
+    seed, start, count = 0x0123456789ABCDEF, 12_345, 3_000_000
+    assert torch.equal(prng.keys(seed, start, count, device="cuda").cpu(), prng.keys(seed, start, count))
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, MASK64), st.integers(0, 500), st.integers(0, 100), st.integers(0, 100))
 def test_keys_are_a_random_access_stream(seed, start, a, b):
     whole = prng.keys(seed, start, a + b)
-    assert np.array_equal(whole[:a], prng.keys(seed, start, a))
-    assert np.array_equal(whole[a:], prng.keys(seed, start + a, b))
+    assert torch.equal(whole[:a], prng.keys(seed, start, a))
+    assert torch.equal(whole[a:], prng.keys(seed, start + a, b))
 
 
 @st.composite
@@ -82,7 +105,7 @@ def test_group_mask_counts(args):
 @given(mask_shapes())
 def test_group_mask_keeps_the_smallest_keys(args):
     seed, rows, cols, group, keep = args
-    mask = prng.group_mask(seed, rows, cols, group, keep).numpy()
+    mask = prng.group_mask(seed, rows, cols, group, keep)
     k = prng.keys(seed, 0, rows * cols).reshape(rows, cols)
     for r in range(rows):
         for g0 in range(0, cols, group):
@@ -110,7 +133,7 @@ def test_bernoulli_mask_is_key_below_threshold(seed, rows, cols, threshold):
     mask = prng.bernoulli_mask(seed, rows, cols, threshold)
     assert mask.dtype == torch.bool and tuple(mask.shape) == (rows, cols)
     k = prng.keys(seed, 0, rows * cols).reshape(rows, cols)
-    assert np.array_equal(mask.numpy(), k < np.uint64(threshold))
+    assert torch.equal(mask, k < threshold)
 
 
 def test_bernoulli_extremes_and_rate():
@@ -136,9 +159,9 @@ def test_tensor_seed_is_deterministic_and_defined():
 def test_masks_are_the_same_across_internal_chunks():
     """Masks are built a slice of rows at a time: a mask over several slices is still one key stream."""
     rows, cols = 3, (1 << 21) + 5  # one row per slice; the tail group of each row has 5 columns
-    k = prng.keys(11, 0, rows * cols).reshape(rows, cols)
+    k = prng.keys(11, 0, rows * cols).reshape(rows, cols).numpy()
     m = prng.bernoulli_mask(11, rows, cols, 1 << 52)
-    assert np.array_equal(m.numpy(), k < np.uint64(1 << 52))
+    assert np.array_equal(m.numpy(), k < 1 << 52)
     g = prng.group_mask(11, rows, cols, 8, 3).numpy()
     full = cols // 8 * 8
     groups = k[:, :full].reshape(rows, -1, 8)

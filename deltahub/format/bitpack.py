@@ -77,16 +77,17 @@ def unpack(data: torch.Tensor | np.ndarray, bits: int, count: int) -> torch.Tens
         return torch.from_numpy(raw.copy())
     if bits == 1:
         return torch.from_numpy(np.unpackbits(raw, bitorder="little", count=count))
-    if bits in (2, 4):  # whole codes per byte: shift them out of every byte at once
-        shifts = np.arange(0, 8, bits, dtype=np.uint8)
-        codes = (raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)
-        return torch.from_numpy(np.ascontiguousarray(codes.reshape(-1)[:count]))
-    out = np.empty(count, dtype=np.uint8)
-    weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint8)
-    step = _CHUNK - _CHUNK % 8
-    for start in range(0, count, step):
-        n = min(step, count - start)
-        b0 = start * bits // 8
-        stream = np.unpackbits(raw[b0 : b0 + packed_nbytes(n, bits)], bitorder="little", count=n * bits)
-        out[start : start + n] = (stream.reshape(n, bits) * weights).sum(axis=1, dtype=np.uint8)
-    return torch.from_numpy(out)
+    # Eight codes fill exactly ``bits`` bytes, and code j of every such period starts at the same
+    # bit, (j * bits) % 8 of byte (j * bits) // 8, spanning at most two bytes: each of the eight
+    # is one shift and mask of a 16-bit window, over all periods at once.
+    periods = -(-count // 8)
+    padded = np.zeros(periods * bits + 1, dtype=np.uint8)  # +1: the window of the last byte
+    padded[: raw.size] = raw
+    mask = np.uint16((1 << bits) - 1)
+    out = np.empty((periods, 8), dtype=np.uint8)
+    for j in range(8):
+        byte, shift = divmod(j * bits, 8)
+        lo = padded[byte : byte + periods * bits : bits].astype(np.uint16)
+        hi = padded[byte + 1 : byte + 1 + periods * bits : bits].astype(np.uint16)
+        out[:, j] = ((lo | (hi << np.uint16(8))) >> np.uint16(shift)) & mask
+    return torch.from_numpy(out.reshape(-1)[:count])

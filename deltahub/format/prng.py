@@ -10,40 +10,58 @@ from __future__ import annotations
 import hashlib
 import math
 
-import numpy as np
 import torch
 
 GAMMA = 0x9E3779B97F4A7C15
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
 KEY_BITS = 53
 
-# Keys are made a chunk at a time: at 64K elements the uint64 temporaries stay in cache, which
-# makes a mask about 10x faster than 4M-element chunks (benchmarks/README.md, auto decode).
+
+def _signed(x: int) -> int:
+    """The int64 with the bits of the uint64 ``x``."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+# The keys are computed on torch int64 tensors: two's-complement multiplication and addition
+# wrap exactly as unsigned arithmetic modulo 2**64 does, and masking after each arithmetic shift
+# makes it a logical one. torch runs these element-wise ops on every core, and on GPUs, which
+# makes masks 3-4x faster than numpy's uint64 on one core (benchmarks/README.md, load).
+_GAMMA = _signed(GAMMA)
+_M1 = _signed(0xBF58476D1CE4E5B9)
+_M2 = _signed(0x94D049BB133111EB)
+
+# Keys are made a chunk at a time on CPUs: at 64K elements the int64 temporaries stay in cache.
+# (t + 1) * GAMMA for the elements of one chunk is a fixed table; a chunk adds its own offset.
 _CHUNK_ELEMS = 1 << 16
+_STEPS = torch.arange(1, _CHUNK_ELEMS + 1, dtype=torch.int64).mul_(_GAMMA)
 
 
-def mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's output function on uint64 values (wrapping arithmetic)."""
-    z = z.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        z ^= z >> np.uint64(30)
-        z *= _M1
-        z ^= z >> np.uint64(27)
-        z *= _M2
-        z ^= z >> np.uint64(31)
-    return z
+def _xorshift_(z: torch.Tensor, shift: int) -> torch.Tensor:
+    """``z ^= z >> shift`` with a logical shift, in place."""
+    return z.bitwise_xor_(z.bitwise_right_shift(shift).bitwise_and_((1 << (64 - shift)) - 1))
 
 
-def keys(seed: int, start: int, count: int) -> np.ndarray:
-    """53-bit keys of elements ``start .. start+count-1`` as uint64."""
-    out = np.empty(count, dtype=np.uint64)
-    for s in range(0, count, _CHUNK_ELEMS):
-        c = min(_CHUNK_ELEMS, count - s)
-        t = np.arange(start + s + 1, start + s + c + 1, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            state = np.uint64(seed) + t * np.uint64(GAMMA)
-        out[s : s + c] = mix64(state) >> np.uint64(64 - KEY_BITS)
+def _keys_into(out: torch.Tensor, seed: int, start: int) -> None:
+    n, offset = out.numel(), _signed((seed + start * GAMMA) % (1 << 64))
+    if out.device.type == "cpu" and n <= _CHUNK_ELEMS:
+        z = torch.add(_STEPS[:n], offset)
+    else:
+        z = torch.arange(1, n + 1, dtype=torch.int64, device=out.device).mul_(_GAMMA).add_(offset)
+    _xorshift_(z, 30).mul_(_M1)
+    _xorshift_(z, 27).mul_(_M2)
+    _xorshift_(z, 31)
+    torch.bitwise_right_shift(z, 64 - KEY_BITS, out=out).bitwise_and_((1 << KEY_BITS) - 1)
+
+
+def keys(seed: int, start: int, count: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """53-bit keys of elements ``start .. start+count-1``, as int64 (on ``device``, default CPU).
+
+    >>> keys(0, 0, 3).tolist()
+    [7956156453446585, 3886858653415212, 238094247788840]
+    """
+    out = torch.empty(count, dtype=torch.int64, device=device)
+    chunk = count if out.device.type != "cpu" else _CHUNK_ELEMS
+    for s in range(0, count, max(chunk, 1)):
+        _keys_into(out[s : s + chunk], seed, start + s)
     return out
 
 
@@ -58,45 +76,40 @@ def group_keep_count(length: int, group_size: int, keep: int) -> int:
     return keep if length == group_size else (length * keep) // group_size
 
 
-def group_mask(seed: int, rows: int, cols: int, group_size: int, keep: int) -> torch.Tensor:
+def group_mask(seed: int, rows: int, cols: int, group_size: int, keep: int, row0: int = 0) -> torch.Tensor:
     """Bool mask [rows, cols]: in each run of ``group_size`` columns keep the ``keep`` smallest keys.
 
     Ties (impossible in practice) go to the lower column. The last, shorter group of a row keeps
-    ``floor(length * keep / group_size)``.
+    ``floor(length * keep / group_size)``. ``row0``: the mask's rows are rows ``row0 ..`` of the
+    matrix view.
     """
     if not 0 <= keep <= group_size:
         raise ValueError(f"keep must be in 0..group_size, got keep={keep}, group_size={group_size}")
-    mask = np.zeros((rows, cols), dtype=bool)
+    mask = torch.zeros((rows, cols), dtype=torch.bool)
     full = cols // group_size
     tail = cols - full * group_size
     tail_keep = group_keep_count(tail, group_size, keep) if tail else 0
     step = max(1, _CHUNK_ELEMS // max(cols, 1))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        k = keys(seed, r0 * cols, (r1 - r0) * cols).reshape(r1 - r0, cols)
+        k = keys(seed, (row0 + r0) * cols, (r1 - r0) * cols).view(r1 - r0, cols)
         if full and keep:
             g = k[:, : full * group_size].reshape(r1 - r0, full, group_size)
-            order = np.argsort(g, axis=2, kind="stable")[:, :, :keep]
-            sub = np.zeros(g.shape, dtype=bool)
-            np.put_along_axis(sub, order, True, axis=2)
-            mask[r0:r1, : full * group_size] = sub.reshape(r1 - r0, full * group_size)
+            order = torch.sort(g, dim=2, stable=True).indices[:, :, :keep]
+            mask[r0:r1, : full * group_size].view(r1 - r0, full, group_size).scatter_(2, order, True)
         if tail and tail_keep:
-            t = k[:, full * group_size :]
-            order = np.argsort(t, axis=1, kind="stable")[:, :tail_keep]
-            sub = np.zeros(t.shape, dtype=bool)
-            np.put_along_axis(sub, order, True, axis=1)
-            mask[r0:r1, full * group_size :] = sub
-    return torch.from_numpy(mask)
+            order = torch.sort(k[:, full * group_size :], dim=1, stable=True).indices[:, :tail_keep]
+            mask[r0:r1, full * group_size :].scatter_(1, order, True)
+    return mask
 
 
 def bernoulli_mask(seed: int, rows: int, cols: int, threshold: int) -> torch.Tensor:
     """Bool mask [rows, cols]: keep element ``t`` iff ``key(t) < threshold`` (threshold in 0..2**53)."""
     n = rows * cols
-    out = np.empty(n, dtype=bool)
+    out = torch.empty(n, dtype=torch.bool)
     for s in range(0, n, _CHUNK_ELEMS):
-        c = min(_CHUNK_ELEMS, n - s)
-        out[s : s + c] = keys(seed, s, c) < np.uint64(threshold)
-    return torch.from_numpy(out.reshape(rows, cols))
+        torch.lt(keys(seed, s, min(_CHUNK_ELEMS, n - s)), threshold, out=out[s : s + _CHUNK_ELEMS])
+    return out.view(rows, cols)
 
 
 def bernoulli_threshold(seed: int, count: int, keep: int) -> int:
@@ -118,12 +131,12 @@ def bernoulli_threshold(seed: int, count: int, keep: int) -> int:
     below, inside = 0, []
     for s in range(0, count, _CHUNK_ELEMS):
         k = keys(seed, s, min(_CHUNK_ELEMS, count - s))
-        below += int(np.count_nonzero(k < np.uint64(lo)))
-        inside.append(k[(k >= np.uint64(lo)) & (k < np.uint64(hi))])
-    window = np.sort(np.concatenate(inside))
-    if below <= keep < below + window.size:
+        below += int(torch.count_nonzero(k < lo))
+        inside.append(k[(k >= lo) & (k < hi)])
+    window = torch.sort(torch.cat(inside)).values
+    if below <= keep < below + window.numel():
         return int(window[keep - below])
-    return int(np.partition(keys(seed, 0, count), keep)[keep])  # beyond eight standard deviations
+    return int(torch.kthvalue(keys(seed, 0, count), keep + 1).values)  # beyond eight standard deviations
 
 
 def keep_probability_threshold(p_keep: float) -> int:

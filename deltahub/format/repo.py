@@ -293,9 +293,10 @@ class DeltaReader:
         except Exception as e:
             raise FormatError(f"stored tensor {key!r} cannot be read from {shard} ({e}); the file is truncated or corrupted") from None
 
-    def decode(self, name: str, base: torch.Tensor | None) -> torch.Tensor | None:
-        """The fine-tuned tensor ``name`` given the base's tensor (``None`` if removed)."""
-        return rec.decode_record(name, self.record(name), self.get, base)
+    def decode(self, name: str, base: torch.Tensor | None, *, consume_base: bool = False) -> torch.Tensor | None:
+        """The fine-tuned tensor ``name`` given the base's tensor (``None`` if removed);
+        ``consume_base=True`` lets the result reuse the base tensor's memory."""
+        return rec.decode_record(name, self.record(name), self.get, base, consume_base=consume_base)
 
     def iter_decoded(self, base: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.records:

@@ -47,7 +47,7 @@ _CHUNK = 1 << 20
 
 def uniforms(seed: int, start: int, count: int) -> torch.Tensor:
     """Rounding draws ``start .. start+count-1`` of a tensor, uniform in [0, 1), float64."""
-    return torch.from_numpy(prng.keys(seed ^ ROUNDING_STREAM, start, count).astype(np.float64) / float(1 << prng.KEY_BITS))
+    return prng.keys(seed ^ ROUNDING_STREAM, start, count).to(torch.float64) / float(1 << prng.KEY_BITS)
 
 
 def stochastic_codes(

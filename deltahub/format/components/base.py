@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
 import torch
 
@@ -58,25 +59,61 @@ def layout_nbytes(layout: Layout) -> int:
     return sum(itemsize(dt) * math.prod(shape) for dt, shape in layout.values())
 
 
-class ComponentType:
+class RowAdder(ABC):
+    """Adds one component's decoded matrix-view rows into a float32 accumulator, a stretch of
+    rows at a time and in increasing row order (spec §5.4 step 7, restricted to those rows).
+
+    Decoding a tensor a stretch of rows at a time keeps the accumulator in cache and never
+    materializes a whole float32 copy of the tensor (a 70B model's embedding is 4 GB of it).
+    Made once per tensor by :meth:`ComponentType.row_adder`, which does the per-tensor work
+    (decoding factors and values) up front.
+    """
+
+    @abstractmethod
+    def add(self, out: torch.Tensor, r0: int, r1: int) -> None:
+        """``out += P[r0:r1]`` for a contiguous float32 ``out`` of shape ``[r1 - r0, q]``."""
+
+    def finish(self) -> None:
+        """Checks that need every row to have been added (e.g. a mask's count)."""
+
+
+class ComponentType(ABC):
     """A component type: the spec's layout of its stored fields and its decoding."""
 
     name: ClassVar[str]
     needs_base: ClassVar[bool] = False
 
     @classmethod
-    def layout(cls, meta: Mapping, block: tuple[int, ...]) -> Layout:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def layout(cls, meta: Mapping, block: tuple[int, ...]) -> Layout:
+        """The stored fields: name -> (dtype name, shape)."""
 
     @classmethod
-    def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def row_adder(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> RowAdder:
+        """The decoder of this component's rows, over its matrix view."""
+
+    @classmethod
+    def view(cls, meta: Mapping, block: tuple[int, ...]) -> tuple[int, int]:
+        """The ``[p, q]`` matrix view whose rows :meth:`row_adder` decodes (spec §6.1)."""
+        return matrix_view(block, meta)
 
     @classmethod
     def add_into(cls, out: torch.Tensor, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> None:
-        """``out += decode(...)`` for a contiguous float32 ``out`` of the block's shape; types
-        override it to skip the temporary (the sum is the same as the spec's)."""
-        out += cls.decode(meta, tensors, block).reshape(out.shape)
+        """``out += P`` for a contiguous float32 ``out`` of the block's shape, all rows at once."""
+        p, q = cls.view(meta, block)
+        adder = cls.row_adder(meta, tensors, block)
+        adder.add(out.view(p, q), 0, p)
+        adder.finish()
+
+    @classmethod
+    def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:
+        """The component's float32 array ``P`` of the block's shape (spec §6)."""
+        # -0.0 is the additive identity (-0.0 + x == x for every x, zeros included), so adding
+        # the component into it gives P exactly, signed zeros too.
+        out = torch.full(block, -0.0, dtype=torch.float32)
+        cls.add_into(out, meta, tensors, block)
+        return out
 
 
 COMPONENT_TYPES: dict[str, type[ComponentType]] = {}
@@ -113,5 +150,3 @@ def check_fields(where: str, layout: Layout, tensors: Mapping[str, torch.Tensor]
                 "the file is corrupted or was written by a non-conforming writer"
             )
 
-
-Decoder = Callable[[Mapping, Mapping[str, torch.Tensor], tuple[int, ...]], torch.Tensor]

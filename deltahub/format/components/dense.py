@@ -8,7 +8,7 @@ import torch
 
 from ...errors import FormatError
 from ..dtypes import FLOAT_NAMES, to_name
-from .base import Component, ComponentType, Layout, register_component
+from .base import Component, ComponentType, Layout, RowAdder, matrix_view, register_component
 
 
 @register_component
@@ -23,8 +23,20 @@ class Dense(ComponentType):
         return {"values": (dt, tuple(block))}
 
     @classmethod
-    def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:
-        return tensors["values"].to(torch.float32)
+    def view(cls, meta: Mapping, block: tuple[int, ...]) -> tuple[int, int]:
+        return matrix_view(block, {})  # dense ignores "view" (spec §6.1)
+
+    @classmethod
+    def row_adder(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> RowAdder:
+        return _DenseRows(tensors["values"].reshape(cls.view(meta, block)))
+
+
+class _DenseRows(RowAdder):
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values
+
+    def add(self, out: torch.Tensor, r0: int, r1: int) -> None:
+        out += self.values[r0:r1]  # float32 arithmetic: the stored values widen exactly
 
 
 def encode_dense(values: torch.Tensor, dtype: torch.dtype) -> Component:

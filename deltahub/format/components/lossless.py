@@ -16,7 +16,7 @@ import torch
 import zstandard
 
 from ...errors import FormatError
-from .base import Component, ComponentType, Layout, register_component
+from .base import Component, ComponentType, Layout, RowAdder, register_component
 
 CODEC = "xor-byteplanes-zstd"
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -56,7 +56,7 @@ class Lossless(ComponentType):
         return torch.from_numpy(out).view(dtype).reshape(base.shape)
 
     @classmethod
-    def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:
+    def row_adder(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> RowAdder:
         raise FormatError("lossless decodes against the base; use records.decode_record")
 
 

@@ -16,7 +16,7 @@ from ...errors import FormatError
 from .. import bitpack
 from ..dtypes import FLOAT_NAMES, itemsize, to_name, to_torch
 from ..quant import GroupQuant, dequantize_groups, quantize_groups
-from .base import Component, ComponentType, Layout, matrix_view, register_component
+from .base import Component, ComponentType, Layout, RowAdder, matrix_view, register_component
 
 
 def _ngroups(length: int, group_size: int) -> int:
@@ -90,18 +90,18 @@ class LowRank(ComponentType):
         return torch.cat(parts, dim=0)
 
     @classmethod
-    def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:
+    def row_adder(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> RowAdder:
         p, q = matrix_view(block, meta)
-        ut = cls.factor(meta, tensors, "u", p)  # [r, p]
-        vt = cls.factor(meta, tensors, "v", q)  # [r, q]
-        us = ut.t() * tensors["s"].to(torch.float32)  # [p, r], rounded to float32 before the product
-        return (us @ vt).reshape(block)
+        us = cls.factor(meta, tensors, "u", p).t() * tensors["s"].to(torch.float32)  # [p, r], rounded to float32 before the product
+        return _LowRankRows(us, cls.factor(meta, tensors, "v", q))
 
-    @classmethod
-    def add_into(cls, out: torch.Tensor, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> None:
-        p, q = matrix_view(block, meta)
-        us = cls.factor(meta, tensors, "u", p).t() * tensors["s"].to(torch.float32)
-        out.view(p, q).addmm_(us, cls.factor(meta, tensors, "v", q))
+
+class _LowRankRows(RowAdder):
+    def __init__(self, us: torch.Tensor, vt: torch.Tensor) -> None:
+        self.us, self.vt = us, vt
+
+    def add(self, out: torch.Tensor, r0: int, r1: int) -> None:
+        out.addmm_(self.us[r0:r1], self.vt)
 
 
 @dataclass(frozen=True)

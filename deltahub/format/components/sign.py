@@ -8,7 +8,7 @@ import torch
 
 from ...errors import FormatError
 from .. import bitpack
-from .base import Component, ComponentType, Layout, matrix_view, register_component
+from .base import Component, ComponentType, Layout, RowAdder, matrix_view, register_component
 
 
 @register_component
@@ -27,36 +27,37 @@ class Sign(ComponentType):
         }
 
     @classmethod
-    def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:
-        out = torch.zeros(block, dtype=torch.float32)
-        cls.add_into(out, meta, tensors, block)
-        return out
-
-    @classmethod
-    def add_into(cls, out: torch.Tensor, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> None:
-        # Each byte of the bitplane indexes a table of its 8 signs, so unpacking, scaling and
-        # adding is one gather and one add per slice of rows. The slices stay in cache, which
-        # makes this several times faster than unpacking the whole plane first. A table entry
-        # is exactly +s or -s (or +-1 times a row's s, an exact product), so each element is
-        # rounded once, as the spec's sum is.
+    def row_adder(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> RowAdder:
         p, q = matrix_view(block, meta)
         bits = tensors["bits"].reshape(-1)
         if bits.numel() != bitpack.packed_nbytes(p * q, 1):
             raise FormatError(f"sign bits hold {bits.numel()} bytes, {bitpack.packed_nbytes(p * q, 1)} expected")
-        scale = tensors["scale"].to(torch.float32).reshape(-1)
-        per_row = meta.get("scale", "tensor") == "row"
-        table = SIGN_TABLE if per_row else SIGN_TABLE * scale[0]
-        out2d = out.view(p, q)
+        return _SignRows(bits, tensors["scale"].to(torch.float32).reshape(-1), meta.get("scale", "tensor") == "row", q)
+
+
+class _SignRows(RowAdder):
+    # Each byte of the bitplane indexes a table of its 8 signs, so unpacking, scaling and adding
+    # is one gather and one add per slice of rows. The slices stay in cache, which makes this
+    # several times faster than unpacking the whole plane first. A table entry is exactly +s or
+    # -s (or +-1 times a row's s, an exact product), so each element is rounded once, as the
+    # spec's sum is.
+    def __init__(self, bits: torch.Tensor, scale: torch.Tensor, per_row: bool, q: int) -> None:
+        self.bits, self.scale, self.per_row, self.q = bits, scale, per_row, q
+        self.table = SIGN_TABLE if per_row else SIGN_TABLE * scale[0]
+
+    def add(self, out: torch.Tensor, r0: int, r1: int) -> None:
+        q = self.q
         step = max(1, _SLICE // max(q, 1))
-        for r0 in range(0, p, step):
-            r1 = min(p, r0 + step)
-            e0, e1 = r0 * q, r1 * q
-            signs = torch.nn.functional.embedding(bits[e0 // 8 : -(-e1 // 8)].to(torch.int32), table).view(-1)
-            signs = signs[e0 % 8 : e0 % 8 + e1 - e0].view(r1 - r0, q)
-            if per_row:
-                out2d[r0:r1].addcmul_(signs, scale[r0:r1, None])
+        for a0 in range(r0, r1, step):
+            a1 = min(r1, a0 + step)
+            e0, e1 = a0 * q, a1 * q
+            signs = torch.nn.functional.embedding(self.bits[e0 // 8 : -(-e1 // 8)].to(torch.int32), self.table).view(-1)
+            signs = signs[e0 % 8 : e0 % 8 + e1 - e0].view(a1 - a0, q)
+            rows = out[a0 - r0 : a1 - r0]
+            if self.per_row:
+                rows.addcmul_(signs, self.scale[a0:a1, None])
             else:
-                out2d[r0:r1].add_(signs)
+                rows.add_(signs)
 
 
 # Row i of SIGN_TABLE holds the 8 signs of byte value i, least significant bit first (bit 1 ->

@@ -16,7 +16,7 @@ import torch
 from ...errors import FormatError
 from .. import bitpack, prng
 from ..dtypes import FLOAT_NAMES, itemsize, to_name, to_torch
-from .base import Component, ComponentType, Layout, matrix_view, register_component
+from .base import Component, ComponentType, Layout, RowAdder, matrix_view, register_component
 
 _ADD_CHUNK = 1 << 20
 
@@ -130,44 +130,72 @@ class Sparse(ComponentType):
         return tensors["values"].to(torch.float32)
 
     @classmethod
-    def add_into(cls, out: torch.Tensor, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> None:
-        if meta["index"] != "seeded" or meta["mask"]["kind"] != "bernoulli":
-            return super().add_into(out, meta, tensors, block)
-        # A Bernoulli mask is made and applied a stretch at a time, straight into the accumulator:
-        # no dense decoded copy and no whole-tensor mask (on an embedding, 140 MB less at peak).
+    def row_adder(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> RowAdder:
         p, q = matrix_view(block, meta)
         values = cls.values(meta, tensors)
-        flat = out.view(-1)
-        seed, threshold = int(meta["seed"], 16), np.uint64(meta["mask"]["threshold"])
-        used = 0
-        for start in range(0, p * q, _ADD_CHUNK):
-            count = min(_ADD_CHUNK, p * q - start)
-            positions = torch.from_numpy(np.flatnonzero(prng.keys(seed, start, count) < threshold))
-            kept = positions.numel()
-            if used + kept > values.numel():
-                break
-            # Each position once: index_add_ is the one float32 addition the spec prescribes.
-            flat[start : start + count].index_add_(0, positions, values[used : used + kept])
-            used += kept
-        else:
-            if used == values.numel():
-                return
-        raise FormatError(f"seeded mask selects more or fewer elements than the record's nnz {meta['nnz']}")
+        if meta["index"] == "csr":
+            return _CsrRows(cls.flat_positions(meta, tensors, p, q), tensors["indptr"].to(torch.int64), values, q)
+        seed, mask = int(meta["seed"], 16), meta["mask"]
+        if mask["kind"] == "group":
+            return _GroupRows(seed, mask["group_size"], mask["keep"], values, q)
+        return _BernoulliRows(seed, mask["threshold"], values, q, meta["nnz"])
 
-    @classmethod
-    def decode(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:
-        p, q = matrix_view(block, meta)
-        out = torch.zeros(p * q, dtype=torch.float32)
-        if meta["index"] == "seeded":
-            # Scattering through the mask itself skips listing its positions (2.5x faster).
-            mask = cls.mask(meta, p, q).reshape(-1)
-            selected = int(torch.count_nonzero(mask))  # 20x faster than a bool sum
-            if selected != meta["nnz"]:
-                raise FormatError(f"seeded mask selects {selected} elements, the record says {meta['nnz']}")
-            out.masked_scatter_(mask, cls.values(meta, tensors))
-        else:
-            out[cls.flat_positions(meta, tensors, p, q)] = cls.values(meta, tensors)
-        return out.reshape(block)
+
+def _add_at(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """``flat += P`` where P holds ``values`` at ``positions`` (distinct) and +0.0 elsewhere: one
+    float32 addition per element, as the spec's sum. Adding +0.0 changes only a -0.0 (to +0.0),
+    so the stored positions are summed from the accumulator as it was before."""
+    before = flat.index_select(0, positions)
+    flat.add_(0.0)
+    flat.index_copy_(0, positions, before.add_(values))
+
+
+class _CsrRows(RowAdder):
+    def __init__(self, positions: torch.Tensor, indptr: torch.Tensor, values: torch.Tensor, q: int) -> None:
+        self.positions, self.indptr, self.values, self.q = positions, indptr, values, q
+
+    def add(self, out: torch.Tensor, r0: int, r1: int) -> None:
+        a0, a1 = int(self.indptr[r0]), int(self.indptr[r1])
+        _add_at(out.view(-1), self.positions[a0:a1] - r0 * self.q, self.values[a0:a1])
+
+
+class _GroupRows(RowAdder):
+    def __init__(self, seed: int, group_size: int, keep: int, values: torch.Tensor, q: int) -> None:
+        self.seed, self.group_size, self.keep, self.values, self.q = seed, group_size, keep, values, q
+        full, tail = divmod(q, group_size)
+        self.per_row = full * keep + (prng.group_keep_count(tail, group_size, keep) if tail else 0)
+
+    def add(self, out: torch.Tensor, r0: int, r1: int) -> None:
+        mask = prng.group_mask(self.seed, r1 - r0, self.q, self.group_size, self.keep, row0=r0)
+        positions = torch.from_numpy(np.flatnonzero(mask.numpy()))
+        _add_at(out.view(-1), positions, self.values[r0 * self.per_row : r1 * self.per_row])
+
+
+class _BernoulliRows(RowAdder):
+    """A Bernoulli mask has no fixed count per row, so its rows must come in order: each stretch's
+    values follow those of the stretches before it. The mask is made 1M elements at a time."""
+
+    def __init__(self, seed: int, threshold: int, values: torch.Tensor, q: int, nnz: int) -> None:
+        self.seed, self.threshold, self.values, self.q, self.nnz = seed, threshold, values, q, nnz
+        self.next_row, self.used = 0, 0
+
+    def add(self, out: torch.Tensor, r0: int, r1: int) -> None:
+        if r0 != self.next_row:
+            raise ValueError(f"a Bernoulli mask decodes its rows in order: expected row {self.next_row}, got {r0}")
+        flat = out.view(-1)
+        for s in range(0, flat.numel(), _ADD_CHUNK):
+            count = min(_ADD_CHUNK, flat.numel() - s)
+            kept = prng.keys(self.seed, r0 * self.q + s, count) < self.threshold
+            positions = torch.from_numpy(np.flatnonzero(kept.numpy()))  # faster than torch.nonzero
+            if self.used + positions.numel() > self.nnz:
+                raise FormatError(f"seeded mask selects more elements than the record's nnz {self.nnz}")
+            _add_at(flat[s : s + count], positions, self.values[self.used : self.used + positions.numel()])
+            self.used += positions.numel()
+        self.next_row = r1
+
+    def finish(self) -> None:
+        if self.used != self.nnz:
+            raise FormatError(f"seeded mask selects {self.used} elements, the record says {self.nnz}")
 
 
 def csr_from_mask(mask2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
