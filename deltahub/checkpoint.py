@@ -111,7 +111,13 @@ def resolve(
     except RepositoryNotFoundError:
         raise CheckpointError(f"{repo_id} is not a local folder and no Hub repo of that name is visible (check the name, or log in for private repos)") from None
     except LocalEntryNotFoundError:
-        raise CheckpointError(f"{repo_id} is not in the local cache and downloads are off (HF_HUB_OFFLINE or local_files_only); connect once to download it") from None
+        # Raised both when downloads are off and when the Hub cannot be reached: say which.
+        from huggingface_hub import constants
+
+        if local_files_only or constants.HF_HUB_OFFLINE:
+            off = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
+            raise CheckpointError(f"{repo_id} is not in the local cache and downloads are off ({off}); allow downloads once to fetch it") from None
+        raise CheckpointError(f"{repo_id} is not in the local cache and {constants.ENDPOINT} cannot be reached; check the network (or HF_ENDPOINT), or pass a local folder") from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"downloading {repo_id} failed: {e}") from None
     local_path = Path(local)

@@ -140,3 +140,21 @@ def test_existing_output_is_refused_before_any_work(llama, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         deltahub.compress(base, ft, tmp_path / "taken", progress=False)
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_an_uncached_hub_id_says_whether_downloads_are_off_or_the_hub_is_unreachable(tmp_path, offline):
+    # huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE at import: a fresh interpreter, with a
+    # port nothing listens on and an empty cache.
+    import subprocess
+    import sys
+
+    env = {"PATH": "", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    code = "import deltahub\ntry:\n    deltahub.Checkpoint.open('someone/some-model')\nexcept deltahub.DeltahubError as e:\n    print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    if offline:
+        assert "downloads are off (HF_HUB_OFFLINE is set)" in out
+    else:
+        assert "http://127.0.0.1:9 cannot be reached" in out and "downloads are off" not in out
