@@ -29,13 +29,13 @@ class _LazyDecoded:
     """A state-dict entry that decodes its tensor on ``entry[...]`` (what transformers calls).
 
     transformers materializes entries from a pool of as many threads as cores (at most 4). In
-    a pool thread the decode runs on one core: each decode would otherwise spread its
-    element-wise ops over every core, and two at once oversubscribe them. torch's thread count
-    is per thread, so this leaves the caller's untouched.
+    a pool thread (any thread but ``caller``'s, the one loading) the decode runs on one core:
+    each decode would otherwise spread its element-wise ops over every core, and two at once
+    oversubscribe them. torch's thread count is per thread, so the caller's is untouched.
     """
 
-    def __init__(self, name: str, reader: DeltaReader, base: Checkpoint, errors: list[BaseException]) -> None:
-        self.name, self.reader, self.base, self.errors = name, reader, base, errors
+    def __init__(self, name: str, reader: DeltaReader, base: Checkpoint, errors: list[BaseException], caller: threading.Thread) -> None:
+        self.name, self.reader, self.base, self.errors, self.caller = name, reader, base, errors, caller
         rec = reader.record(name)
         self.shape = tuple(rec["shape"])
         self.dtype = to_torch(rec["dtype"])
@@ -43,7 +43,7 @@ class _LazyDecoded:
     def __getitem__(self, index: Any) -> torch.Tensor:
         try:
             b = self.base.get(self.name) if self.name in self.base else None
-            with _one_core_off_the_main_thread():
+            with _one_core_unless_in(self.caller):
                 t = self.reader.decode(self.name, b, consume_base=True)  # b was read for this call alone
         except BaseException as e:  # transformers may swallow loader errors; keep them to re-raise
             self.errors.append(e)
@@ -55,8 +55,9 @@ class _LazyDecoded:
 
 
 @contextmanager
-def _one_core_off_the_main_thread() -> Iterator[None]:
-    if threading.current_thread() is threading.main_thread():
+def _one_core_unless_in(caller: threading.Thread) -> Iterator[None]:
+    """torch on one core for the duration, in any thread but ``caller``."""
+    if threading.current_thread() is caller:
         yield
         return
     before = torch.get_num_threads()
@@ -167,7 +168,8 @@ class DeltaModel(MultiDeltaModel):
         reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=hub, verify_base=verify_base)
         config = finetuned_config(reader)
         errors: list[BaseException] = []
-        state = {n: _LazyDecoded(n, reader, base_ckpt, errors) for n, r in reader.records.items() if r["kind"] != "removed"}
+        caller = threading.current_thread()
+        state = {n: _LazyDecoded(n, reader, base_ckpt, errors, caller) for n, r in reader.records.items() if r["kind"] != "removed"}
         model = model_class(config).from_pretrained(
             None,
             config=config,

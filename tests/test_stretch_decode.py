@@ -152,19 +152,20 @@ def test_a_bernoulli_part_takes_its_rows_in_order():
 
 
 def test_a_pool_thread_decodes_on_one_core_and_restores_its_setting():
-    from deltahub.model import _one_core_off_the_main_thread
+    from deltahub.model import _one_core_unless_in
 
     seen = []
+    caller = threading.current_thread()
 
     def work():
         torch.set_num_threads(2)
-        with _one_core_off_the_main_thread():
+        with _one_core_unless_in(caller):
             seen.append(torch.get_num_threads())
         seen.append(torch.get_num_threads())
 
     before = torch.get_num_threads()
-    with _one_core_off_the_main_thread():
-        assert torch.get_num_threads() == before  # the caller's own thread is left alone
+    with _one_core_unless_in(caller):
+        assert torch.get_num_threads() == before  # the loading thread itself is left alone
     th = threading.Thread(target=work)
     th.start()
     th.join()
