@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import TOKENIZER_FILES
 from .format import FINETUNED_CONFIG_NAME
+from .format.dtypes import to_torch
 from .format.repo import atomic_dir, check_out_dir, parse_size
 from .format.safetensors_stream import SafetensorsStreamWriter
 from .sources import HubOptions, open_pair
@@ -44,27 +47,39 @@ def apply(
     out = check_out_dir(out_dir, overwrite)  # refused before anything is downloaded
     reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=HubOptions(token, cache_dir, local_files_only), verify_base=verify_base)
     limit = parse_size(max_shard_size)
-    with atomic_dir(out, overwrite) as tmp:
+    layouts = _plan_shards([(n, to_torch(r["dtype"]), tuple(r["shape"])) for n, r in reader.records.items() if r["kind"] != "removed"], limit)
+    with atomic_dir(out, overwrite) as tmp, tqdm(total=sum(map(len, layouts)), desc="Applying", disable=not progress) as bar:
         shards: list[tuple[Path, list[str]]] = []
-        writer: SafetensorsStreamWriter | None = None
-        total = sum(1 for r in reader.records.values() if r["kind"] != "removed")
-        for name in tqdm([n for n, r in reader.records.items() if r["kind"] != "removed"], total=total, desc="Applying", disable=not progress):
-            t = reader.decode(name, base_ckpt.get(name) if name in base_ckpt else None, consume_base=True)
-            size = t.numel() * t.element_size()
-            if writer is not None and writer.nbytes and writer.nbytes + size > limit:
-                writer.close()
-                writer = None
-            if writer is None:
-                writer = SafetensorsStreamWriter(tmp / f"part-{len(shards):05d}.tmp", metadata={"format": "pt"})
-                shards.append((writer.path, []))
-            writer.add(name, t)
-            shards[-1][1].append(name)
-            del t
-        if writer is not None:
+        for i, layout in enumerate(layouts):
+            # Every output tensor's name, dtype and shape is known from the records, so each shard's
+            # header is written first and the tensors straight after it (no spool file to copy).
+            writer = SafetensorsStreamWriter(tmp / f"part-{i:05d}.tmp", metadata={"format": "pt"}, layout=layout, checksum=False)
+            shards.append((writer.path, [name for name, _, _ in layout]))
+            try:
+                for name, _, _ in layout:
+                    writer.add(name, reader.decode(name, base_ckpt.get(name) if name in base_ckpt else None, consume_base=True))
+                    bar.update()
+            except BaseException:
+                writer.abort()
+                raise
             writer.close()
         _finish_shards(tmp, shards)
         _copy_configs(reader.path, base_ckpt.path, tmp)
     return out
+
+
+def _plan_shards(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], limit: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """Tensors in order, cut into shards of at most ``limit`` bytes (a larger tensor alone)."""
+    layouts: list[list] = []
+    size = 0
+    for name, dtype, shape in tensors:
+        n = math.prod(shape) * dtype.itemsize
+        if not layouts or (size and size + n > limit):
+            layouts.append([])
+            size = 0
+        layouts[-1].append((name, dtype, shape))
+        size += n
+    return layouts
 
 
 def _finish_shards(tmp: Path, shards: list[tuple[Path, list[str]]]) -> None:

@@ -153,3 +153,22 @@ def test_tokenizer_files_are_copied_only_when_they_differ(pairs, tmp_path):
     applied = deltahub.apply(tmp_path / "delta", tmp_path / "full", progress=False)
     assert (applied / "tokenizer.json").read_text() == (f2 / "tokenizer.json").read_text()  # the fine-tune's
     assert (applied / "tokenizer_config.json").read_text() == (b2 / "tokenizer_config.json").read_text()  # the base's
+
+
+def test_apply_in_shards_equals_apply_in_one_file(pairs, tmp_path):
+    from safetensors.torch import load_file
+
+    base, ft = pairs["llama"]
+    deltahub.compress(base, ft, tmp_path / "delta", method="dare", ratio=1 / 4, progress=False)
+    one = deltahub.apply(tmp_path / "delta", tmp_path / "one", progress=False)
+    many = deltahub.apply(tmp_path / "delta", tmp_path / "many", max_shard_size="40KB", progress=False)
+    index = json.loads((many / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and sorted(p.name for p in many.glob("*.safetensors")) == shards
+    assert not list(many.glob("*.tmp*")) and not list(many.glob("*.spool"))
+    whole = load_file(one / "model.safetensors")
+    parts = {k: v for s in shards for k, v in load_file(many / s).items()}
+    assert parts.keys() == whole.keys() and all(torch.equal(parts[k], whole[k]) for k in whole)
+    assert index["metadata"]["total_size"] == sum((many / s).stat().st_size for s in shards)
+    x = tokens()
+    assert torch.equal(_logits(load(many, "llama"), x), _logits(load(one, "llama"), x))
