@@ -141,6 +141,7 @@ class Checkpoint:
         self.source = source or str(path)
         self._files = self._find_files()
         self._handles: dict[Path, object] = {}
+        self._mapped: dict[Path, object] = {}  # memory-mapped handles, for reading a few rows
         self._lock = threading.Lock()
         self._where: dict[str, Path] = {}
         self._info: dict[str, TensorInfo] = {}
@@ -220,7 +221,11 @@ class Checkpoint:
         if len(shape) >= 2 and shape[0] > 2:
             # safetensors' pread backend reads a whole tensor to slice it; a memory map reads
             # (and keeps resident) only the pages of the two rows.
-            sl = safe_open(str(self._where[name]), framework="pt").get_slice(name)
+            f = self._where[name]
+            with self._lock:
+                if f not in self._mapped:
+                    self._mapped[f] = safe_open(str(f), framework="pt")
+            sl = self._mapped[f].get_slice(name)
             return sample_digest(torch.cat([sl[0:1], sl[shape[0] - 1 : shape[0]]]))
         return sample_digest(self.get(name))
 
