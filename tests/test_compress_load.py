@@ -172,3 +172,25 @@ def test_apply_in_shards_equals_apply_in_one_file(pairs, tmp_path):
     assert index["metadata"]["total_size"] == sum((many / s).stat().st_size for s in shards)
     x = tokens()
     assert torch.equal(_logits(load(many, "llama"), x), _logits(load(one, "llama"), x))
+
+
+def test_loading_from_a_worker_thread_equals_loading_from_the_main_thread(pairs, tmp_path):
+    """The loader gives pool threads one core each, but never the thread that loads."""
+    import threading
+
+    base, ft = pairs["llama"]
+    deltahub.compress(base, ft, tmp_path / "delta", method="dare", ratio=1 / 4, progress=False)
+    here = DeltaModel.from_pretrained(tmp_path / "delta")
+    seen = {}
+
+    def work():
+        torch.set_num_threads(2)
+        seen["model"] = DeltaModel.from_pretrained(tmp_path / "delta")
+        seen["threads"] = torch.get_num_threads()
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen["threads"] == 2
+    x = tokens()
+    assert torch.equal(_logits(seen["model"], x), _logits(here, x))
