@@ -31,7 +31,9 @@ class _LazyDecoded:
     transformers materializes entries from a pool of as many threads as cores (at most 4). In
     a pool thread (any thread but ``caller``'s, the one loading) the decode runs on one core:
     each decode would otherwise spread its element-wise ops over every core, and two at once
-    oversubscribe them. torch's thread count is per thread, so the caller's is untouched.
+    oversubscribe them. torch's thread count is per thread, but setting it also sets the default
+    that a thread adopts at its first parallel op, so ``from_pretrained`` sets the caller's count
+    again once the model is loaded.
     """
 
     def __init__(self, name: str, reader: DeltaReader, base: Checkpoint, errors: list[BaseException], caller: threading.Thread) -> None:
@@ -170,16 +172,20 @@ class DeltaModel(MultiDeltaModel):
         errors: list[BaseException] = []
         caller = threading.current_thread()
         state = {n: _LazyDecoded(n, reader, base_ckpt, errors, caller) for n, r in reader.records.items() if r["kind"] != "removed"}
-        model = model_class(config).from_pretrained(
-            None,
-            config=config,
-            state_dict=state,
-            dtype=resolve_dtype(dtype, reader, config),
-            device_map=device_map,
-            max_memory=max_memory,
-            offload_folder=offload_folder,
-            **model_kwargs,
-        )
+        threads = torch.get_num_threads()
+        try:
+            model = model_class(config).from_pretrained(
+                None,
+                config=config,
+                state_dict=state,
+                dtype=resolve_dtype(dtype, reader, config),
+                device_map=device_map,
+                max_memory=max_memory,
+                offload_folder=offload_folder,
+                **model_kwargs,
+            )
+        finally:
+            torch.set_num_threads(threads)  # see _LazyDecoded: the pool threads changed torch's default
         if errors:
             err = errors[0]
             raise err if isinstance(err, DeltahubError) else FormatError(f"decoding the delta failed: {err}")
