@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import TOKENIZER_FILES
+from .checkpoint import TOKENIZER_FILES, borrow_base
 from .format import FINETUNED_CONFIG_NAME
 from .format.dtypes import to_torch
 from .format.repo import atomic_dir, check_out_dir, parse_size
@@ -57,7 +57,8 @@ def apply(
             shards.append((writer.path, [name for name, _, _ in layout]))
             try:
                 for name, _, _ in layout:
-                    writer.add(name, reader.decode(name, base_ckpt.get(name) if name in base_ckpt else None, consume_base=True))
+                    with borrow_base(base_ckpt, name) as b:
+                        writer.add(name, reader.decode(name, b))
                     bar.update()
             except BaseException:
                 writer.abort()

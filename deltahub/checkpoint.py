@@ -1,7 +1,8 @@
 """Lazy, tensor-at-a-time access to safetensors checkpoints in local folders or on the Hub.
 
-Nothing is read until a tensor is asked for, and then only that tensor (with pread), so memory
-stays near the tensors in use, not the model (the lazy approach mergekit takes).
+Nothing is read until a tensor is asked for, and then only that tensor, through a memory map
+whose pages are given back after use, so memory stays near the tensors in use, not the model
+(the lazy approach mergekit takes).
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ import math
 import os
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from .errors import DeltahubError, FormatError
 from .format.config import fingerprint as _fingerprint
 from .format.dtypes import itemsize
-from .format.safetensors_stream import open_streaming
+from .format.safetensors_stream import MappedSafetensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -68,6 +69,16 @@ class CheckpointError(DeltahubError, ValueError):
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+
+
+@contextmanager
+def borrow_base(base: "Checkpoint", name: str) -> Iterator[torch.Tensor | None]:
+    """``base.borrow(name)``, or ``None`` for a tensor the base does not have (an added one)."""
+    if name not in base:
+        yield None
+        return
+    with base.borrow(name) as t:
+        yield t
 
 
 def resolve(
@@ -140,8 +151,7 @@ class Checkpoint:
         self.revision = revision
         self.source = source or str(path)
         self._files = self._find_files()
-        self._handles: dict[Path, object] = {}
-        self._mapped: dict[Path, object] = {}  # memory-mapped handles, for reading a few rows
+        self._handles: dict[Path, MappedSafetensors] = {}
         self._lock = threading.Lock()
         self._where: dict[str, Path] = {}
         self._info: dict[str, TensorInfo] = {}
@@ -152,8 +162,7 @@ class Checkpoint:
                     raise FormatError(f"tensor {key!r} appears in both {self._where[key].name} and {f.name}")
                 self._where[key] = f
         for key, f in self._where.items():
-            sl = self._handle(f).get_slice(key)
-            self._info[key] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()))
+            self._info[key] = TensorInfo(*self._handle(f).info(key))
 
     @classmethod
     def open(cls, name_or_path: str | os.PathLike, **kwargs) -> "Checkpoint":
@@ -189,9 +198,9 @@ class Checkpoint:
         with self._lock:
             if f not in self._handles:
                 try:
-                    self._handles[f] = open_streaming(f)
-                except Exception as e:  # safetensors' own error types
-                    raise FormatError(f"{f} is not a readable safetensors file ({e}); it is truncated or corrupted") from None
+                    self._handles[f] = MappedSafetensors(f)
+                except OSError as e:
+                    raise FormatError(f"{f} cannot be read ({e})") from None
             return self._handles[f]
 
     def names(self) -> list[str]:
@@ -205,29 +214,31 @@ class Checkpoint:
         return self._info[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (read with pread: its memory goes when the tensor does)."""
+        """Load one tensor into memory of its own (its memory goes when the tensor does)."""
+        with self.borrow(name) as t:
+            return t.clone()
+
+    @contextmanager
+    def borrow(self, name: str) -> Iterator[torch.Tensor]:
+        """One tensor as a read-only view of the file's pages for the ``with`` block, which
+        then leave this process's memory: no copy, and nothing resident afterwards.
+
+        >>> import tempfile, torch; from safetensors.torch import save_file
+        >>> d = tempfile.mkdtemp(); save_file({"w": torch.ones(2, 3)}, f"{d}/model.safetensors")
+        >>> with Checkpoint.open(d).borrow("w") as w: float(w.sum())
+        6.0
+        """
         try:
             f = self._where[name]
         except KeyError:
             raise KeyError(f"{self.source} has no tensor {name!r}") from None
-        try:
-            return self._handle(f).get_tensor(name)
-        except Exception as e:
-            raise FormatError(f"tensor {name!r} cannot be read from {f.name} ({e}); the file is truncated or corrupted") from None
+        with self._handle(f).borrow(name) as t:
+            yield t
 
     def sample_digest(self, name: str) -> str:
         """:func:`sample_digest` of a stored tensor, reading only the rows it hashes."""
-        shape = self._info[name].shape
-        if len(shape) >= 2 and shape[0] > 2:
-            # safetensors' pread backend reads a whole tensor to slice it; a memory map reads
-            # (and keeps resident) only the pages of the two rows.
-            f = self._where[name]
-            with self._lock:
-                if f not in self._mapped:
-                    self._mapped[f] = safe_open(str(f), framework="pt")
-            sl = self._mapped[f].get_slice(name)
-            return sample_digest(torch.cat([sl[0:1], sl[shape[0] - 1 : shape[0]]]))
-        return sample_digest(self.get(name))
+        with self.borrow(name) as t:
+            return sample_digest(t)
 
     def fingerprint(self) -> str:
         """The spec's fingerprint of tensor names, dtypes and shapes."""

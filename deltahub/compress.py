@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .calibration import Calibration, CalibrationError, read_text
 from .card import human_bytes, render_card
-from .checkpoint import TOKENIZER_FILES, Checkpoint, CheckpointError
+from .checkpoint import TOKENIZER_FILES, Checkpoint, CheckpointError, borrow_base, sample_digest
 from .encoding import EncodedTensor, encode_tensor
 from .errors import InfeasibleRatioError, ShapeMismatchError
 from .format import FINETUNED_CONFIG_NAME, DeltaWriter, make_record
@@ -179,21 +179,21 @@ def compress(
             info = ft_ckpt.info(name)
             if to_torch(info.dtype).is_floating_point:
                 dtypes[info.dtype] = dtypes.get(info.dtype, 0) + math.prod(info.shape)
-            ft = ft_ckpt.get(name)
-            b = base_ckpt.get(name) if name in base_ckpt else None
-            if b is not None:
-                samples[name] = base_ckpt.sample_digest(name)
-            enc, used = _encode(name, b, ft, policy, seed, fallback_dense, planned.get(name), cal.hessian(name) if cal and name in planned else None)
-            if used != policy.resolve(name, tuple(ft.shape))[0]:
-                result.fallbacks.append(name)
-            writer.add(name, enc.record, enc.tensors)
-            kind = enc.record["kind"]
-            report_method = None if kind == "unchanged" else enc.record.get("method", used)
-            stored = 0 if kind == "unchanged" else enc.nbytes
-            result.tensors.append(TensorReport(name, kind, report_method, tuple(ft.shape), enc.dense_nbytes, stored, relative_error(b, ft, enc.decode(b))))
-            bar.update(enc.dense_nbytes)
-            bar.set_postfix_str(name[-40:], refresh=False)
-            del ft, b, enc
+            # Both tensors are views of the files' pages, given back once the tensor is encoded.
+            with ft_ckpt.borrow(name) as ft, borrow_base(base_ckpt, name) as b:
+                if b is not None:
+                    samples[name] = sample_digest(b)
+                enc, used = _encode(name, b, ft, policy, seed, fallback_dense, planned.get(name), cal.hessian(name) if cal and name in planned else None)
+                if used != policy.resolve(name, tuple(ft.shape))[0]:
+                    result.fallbacks.append(name)
+                writer.add(name, enc.record, enc.tensors)
+                kind = enc.record["kind"]
+                report_method = None if kind == "unchanged" else enc.record.get("method", used)
+                stored = 0 if kind == "unchanged" else enc.nbytes
+                result.tensors.append(TensorReport(name, kind, report_method, tuple(ft.shape), enc.dense_nbytes, stored, relative_error(b, ft, enc.decode(b))))
+                bar.update(enc.dense_nbytes)
+                bar.set_postfix_str(name[-40:], refresh=False)
+                del enc  # before the next tensor is read
         bar.close()
         for name in removed:
             info = base_ckpt.info(name)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, borrow_base
 from .format.records import describe_record
 from .sources import HubOptions, open_pair
 
@@ -105,12 +105,12 @@ def tensor_errors(delta: str | os.PathLike, finetuned: str | os.PathLike, base: 
     for name, rec in tqdm(list(reader.records.items()), desc="Tensor errors", disable=not progress):
         if rec["kind"] == "removed" or name not in ft:
             continue
-        b = base_ckpt.get(name) if name in base_ckpt else None
-        f = ft.get(name).to(torch.float32)
-        dec = reader.decode(name, b).to(torch.float32)
-        ref = f - (b.to(torch.float32) if b is not None and b.shape == f.shape else 0.0)
-        norm = float(ref.norm())
-        err = float((dec - f).norm())
+        with borrow_base(base_ckpt, name) as b, ft.borrow(name) as f:
+            f = f.to(torch.float32)
+            dec = reader.decode(name, b).to(torch.float32)
+            ref = f - (b.to(torch.float32) if b is not None and b.shape == f.shape else 0.0)
+            norm = float(ref.norm())
+            err = float((dec - f).norm())
         out.append(TensorError(name, rec["kind"], rec.get("method"), err / norm if norm else (0.0 if err == 0 else math.inf), norm, describe_record(rec)))
     return out
 

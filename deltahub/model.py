@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, borrow_base
 from .errors import DeltahubError, FormatError
 from .format import FINETUNED_CONFIG_NAME, DeltaReader
 from .format.dtypes import to_torch
@@ -44,9 +44,8 @@ class _LazyDecoded:
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         try:
-            b = self.base.get(self.name) if self.name in self.base else None
-            with _one_core_unless_in(self.caller):
-                t = self.reader.decode(self.name, b, consume_base=True)  # b was read for this call alone
+            with _one_core_unless_in(self.caller), borrow_base(self.base, self.name) as b:
+                t = self.reader.decode(self.name, b)
         except BaseException as e:  # transformers may swallow loader errors; keep them to re-raise
             self.errors.append(e)
             raise

@@ -57,20 +57,20 @@ def plan_ratios(method: Planner, policy: Policy, base: Checkpoint, finetuned: Ch
             else:  # dense or lossless: at most the tensor itself
                 other += dense + _RECORD_OVERHEAD + _PER_TENSOR_OVERHEAD + PER_KEY
             continue
-        b, ft = base.get(name), finetuned.get(name)
-        if b.shape == ft.shape and b.dtype == ft.dtype and same_bits(b, ft):
-            other += _RECORD_OVERHEAD + _PER_TENSOR_OVERHEAD
-            continue
-        n = min(b.shape[0], ft.shape[0]) if ft.dim() else 1
-        delta = (ft[:n].to(torch.float32) - b[:n].to(torch.float32)) if ft.dim() else (ft.float() - b.float()).reshape(1)
-        blocks = shape[0] if len(shape) == 3 else 1
-        view = delta.reshape(-1, delta.shape[-1]) if delta.dim() else delta.reshape(1, 1)
-        # The ratio applies to the overlap with the base (a grown vocabulary's new rows are extra).
-        entries.append(PlanEntry(name, (n, *shape[1:]) if shape else shape, dtype, method.statistics(view, rms(b[:n]), _hessian(calibration, name, view)), blocks))
-        other += _PER_TENSOR_OVERHEAD  # the method counts its own index entries (it knows its keys)
-        if len(shape) and shape[0] > n:  # grown vocabulary: the new rows are stored dense
-            other += itemsize(info.dtype) * (shape[0] - n) * math.prod(shape[1:]) + _RECORD_OVERHEAD
-        del b, ft, delta, view
+        with base.borrow(name) as b, finetuned.borrow(name) as ft:  # views of the files' pages
+            if b.shape == ft.shape and b.dtype == ft.dtype and same_bits(b, ft):
+                other += _RECORD_OVERHEAD + _PER_TENSOR_OVERHEAD
+                continue
+            n = min(b.shape[0], ft.shape[0]) if ft.dim() else 1
+            delta = (ft[:n].to(torch.float32) - b[:n].to(torch.float32)) if ft.dim() else (ft.float() - b.float()).reshape(1)
+            blocks = shape[0] if len(shape) == 3 else 1
+            view = delta.reshape(-1, delta.shape[-1]) if delta.dim() else delta.reshape(1, 1)
+            # The ratio applies to the overlap with the base (a grown vocabulary's new rows are extra).
+            entries.append(PlanEntry(name, (n, *shape[1:]) if shape else shape, dtype, method.statistics(view, rms(b[:n]), _hessian(calibration, name, view)), blocks))
+            other += _PER_TENSOR_OVERHEAD  # the method counts its own index entries (it knows its keys)
+            if len(shape) and shape[0] > n:  # grown vocabulary: the new rows are stored dense
+                other += itemsize(info.dtype) * (shape[0] - n) * math.prod(shape[1:]) + _RECORD_OVERHEAD
+            del delta, view
     bar.close()
     budget = math.floor(ratio * total_dense) - other
     return method.plan(entries, max(budget, 0))

@@ -123,15 +123,13 @@ def dense_nbytes(record: Mapping) -> int:
 _STRETCH = 1 << 18
 
 
-def decode_record(
-    name: str, record: Mapping, get: Callable[[str], torch.Tensor], base: torch.Tensor | None, *, consume_base: bool = False
-) -> torch.Tensor | None:
+def decode_record(name: str, record: Mapping, get: Callable[[str], torch.Tensor], base: torch.Tensor | None) -> torch.Tensor | None:
     """The fine-tuned tensor ``name``, or ``None`` for a removed tensor.
 
     ``get(key)`` returns the stored tensor under a full safetensors key; ``base`` is the base
     model's tensor of that name (``None`` only for added tensors). Components are summed onto
-    the base in float32 and the sum is cast once to the record's dtype. ``consume_base=True``
-    lets the result be written over ``base`` (a tensor read for this call and used no more).
+    the base in float32 and the sum is cast once to the record's dtype. The result is always
+    new memory: the base and the stored tensors may be views of files that are only borrowed.
     """
     validate_record(name, record)
     kind = record["kind"]
@@ -144,7 +142,7 @@ def decode_record(
     if kind == "unchanged":
         if tuple(base.shape) != shape:
             raise FormatError(f"tensor {name!r}: unchanged against a base of shape {list(shape)}, got {list(base.shape)}")
-        return base.to(dtype)
+        return base.to(dtype, copy=True)
     comps = record["components"]
     tensors_by_comp = []
     for i, meta in enumerate(comps):
@@ -154,7 +152,7 @@ def decode_record(
         check_fields(f"tensor {name!r} component {i} ({meta['type']})", layout, fetched)
         tensors_by_comp.append((ctype, meta, fetched))
     if kind == "added":
-        return tensors_by_comp[0][2]["values"].reshape(shape)
+        return tensors_by_comp[0][2]["values"].reshape(shape).clone()
     base_shape = tuple(record.get("base_shape", shape))
     if tensors_by_comp[0][0].needs_base:
         ctype, meta, fetched = tensors_by_comp[0]
@@ -165,20 +163,18 @@ def decode_record(
         raise FormatError(f"tensor {name!r}: the base tensor has shape {list(base.shape)}, the delta was made against {list(base_shape)}")
     if base_shape[1:] != shape[1:]:
         raise FormatError(f"tensor {name!r}: base_shape {list(base_shape)} and shape {list(shape)} may differ in dimension 0 only")
-    return sum_components(base, shape, dtype, tensors_by_comp, consume_base=consume_base)
+    return sum_components(base, shape, dtype, tensors_by_comp)
 
 
-def sum_components(base: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, parts, *, consume_base: bool = False) -> torch.Tensor:
+def sum_components(base: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, parts) -> torch.Tensor:
     """``cast(float32(base) + P_0 + P_1 + ...)`` (spec §5.4 steps 6-8), a stretch at a time.
 
     ``parts``: ``(component type, meta, stored fields)`` in component order. The base sits at
     the origin of ``shape`` (dimension 0 may have grown or shrunk). Every element still gets
     each addition in component order, so the result is the spec's whatever the stretches.
-    With ``consume_base`` the result is written over ``base`` where it fits: each stretch is
-    read before it is written, and loading a model then touches no new memory for its weights.
+    ``base`` is only read, a stretch at a time: a memory-mapped base is never copied whole.
     """
-    fits = consume_base and base.dtype == dtype and tuple(base.shape) == shape and base.is_contiguous() and base.device.type == "cpu"
-    out = base if fits else torch.empty(shape, dtype=dtype)
+    out = torch.empty(shape, dtype=dtype)
     flat_out = out.view(-1)
     numel = flat_out.numel()
     width = math.prod(shape[1:]) if shape else 1  # elements per row of dimension 0

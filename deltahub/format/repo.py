@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -22,7 +22,7 @@ from ..errors import FormatError
 from . import records as rec
 from .components import check_fields
 from .config import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, dumps_config, loads_config, shard_name
-from .safetensors_stream import SafetensorsStreamWriter, open_streaming
+from .safetensors_stream import MappedSafetensors, SafetensorsStreamWriter
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 # "model.layers.12.mlp.up_proj.weight" -> "model.layers.12": tensors of one block share a shard.
@@ -241,7 +241,7 @@ class DeltaWriter:
 class DeltaReader:
     """Read a delta repo from a local folder: config, records, stored tensors, decoding.
 
-    Tensors are read lazily from the shards (with pread); nothing is loaded until asked for.
+    Tensors are read lazily from memory-mapped shards; nothing is loaded until asked for.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -270,33 +270,41 @@ class DeltaReader:
         except KeyError:
             raise KeyError(f"the delta has no record for tensor {name!r}") from None
 
-    def _handle(self, shard: str):
+    def _handle(self, shard: str) -> MappedSafetensors:
         if shard not in self._handles:
             path = self.path / shard
             if not path.is_file():
                 raise FormatError(f"shard {shard} is missing from {self.path}; download the delta again")
             try:
-                self._handles[shard] = open_streaming(path)
-            except Exception as e:  # safetensors raises its own error types for bad headers
-                raise FormatError(f"shard {shard} is unreadable ({e}); the file is truncated or corrupted") from None
+                self._handles[shard] = MappedSafetensors(path)
+            except OSError as e:
+                raise FormatError(f"shard {shard} cannot be read ({e})") from None
         return self._handles[shard]
 
-    def get(self, key: str) -> torch.Tensor:
-        """A stored tensor by its full key ``"{name}::{i}.{field}"``."""
+    @contextmanager
+    def borrow(self, key: str) -> Iterator[torch.Tensor]:
+        """A stored tensor by its full key ``"{name}::{i}.{field}"``, as a view of the shard's
+        pages for the ``with`` block (see :class:`MappedSafetensors`)."""
         shard = self.weight_map.get(key)
         if shard is None:
             raise FormatError(f"stored tensor {key!r} is not in {INDEX_NAME}; the delta is incomplete")
-        try:
-            return self._handle(shard).get_tensor(key)
-        except FormatError:
-            raise
-        except Exception as e:
-            raise FormatError(f"stored tensor {key!r} cannot be read from {shard} ({e}); the file is truncated or corrupted") from None
+        handle = self._handle(shard)
+        if key not in handle:
+            raise FormatError(f"stored tensor {key!r} is not in {shard}, though {INDEX_NAME} says so; the delta is corrupted")
+        with handle.borrow(key) as t:
+            yield t
 
-    def decode(self, name: str, base: torch.Tensor | None, *, consume_base: bool = False) -> torch.Tensor | None:
-        """The fine-tuned tensor ``name`` given the base's tensor (``None`` if removed);
-        ``consume_base=True`` lets the result reuse the base tensor's memory."""
-        return rec.decode_record(name, self.record(name), self.get, base, consume_base=consume_base)
+    def get(self, key: str) -> torch.Tensor:
+        """A stored tensor by its full key, in memory of its own."""
+        with self.borrow(key) as t:
+            return t.clone()
+
+    def decode(self, name: str, base: torch.Tensor | None) -> torch.Tensor | None:
+        """The fine-tuned tensor ``name`` given the base's tensor (``None`` if removed).
+
+        The stored tensors are read as views of the shards' pages and given back after."""
+        with ExitStack() as borrowed:
+            return rec.decode_record(name, self.record(name), lambda key: borrowed.enter_context(self.borrow(key)), base)
 
     def iter_decoded(self, base: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.records:

@@ -1,11 +1,13 @@
-"""A streaming writer of safetensors files.
+"""Safetensors files one tensor at a time: a mapped reader and a streaming writer.
+
+The format is an 8-byte little-endian header length, a JSON header (padded with spaces to a
+multiple of 8) giving each tensor's dtype, shape and data offsets, then the data.
 
 ``safetensors.torch.save_file`` needs every tensor of a file in memory at once; a 5 GB shard
-of a 70B delta would then cost 5 GB of RAM. This writer takes one tensor at a time, so memory
-stays at one tensor. The format is an 8-byte little-endian header length, a JSON header padded
-with spaces to a multiple of 8, then the data: when the tensors are not known in advance their
-bytes wait in a spool file until the header can be written. Files are read back with the safetensors library,
-through :func:`open_streaming`.
+of a 70B delta would then cost 5 GB of RAM. :class:`SafetensorsStreamWriter` takes one tensor
+at a time, so memory stays at one tensor. :class:`MappedSafetensors` reads a tensor as a view of
+the page cache and gives its pages back afterwards, so reading costs neither a copy nor memory
+that outlives the use.
 """
 
 from __future__ import annotations
@@ -13,30 +15,116 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
-from safetensors import safe_open
 
-from .dtypes import itemsize, to_name
+from ..errors import FormatError
+from .dtypes import KNOWN_DTYPES, itemsize, to_name, to_torch
 
 _COPY_CHUNK = 64 << 20
 
 
-def open_streaming(path: str | os.PathLike):
-    """``safe_open`` reading with pread where safetensors supports it.
+# Upper bound of a header we accept; safetensors itself refuses headers above 100 MB.
+_MAX_HEADER = 100 << 20
+# Pages given back to the kernel after a borrow; without madvise (Windows) they stay mapped.
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
-    A memory map keeps every page it ever touched resident, so streaming a 70B checkpoint would
-    show up as 140 GB of RSS, and a loaded delta model would carry its delta's pages on top of
-    the model. With pread a tensor's memory goes when the tensor does.
+
+class MappedSafetensors:
+    """A safetensors file mapped into memory, read one tensor at a time.
+
+    ``borrow(key)`` yields the tensor as a view of the page cache (no copy, no new memory),
+    then gives its pages back to the kernel: mapped pages otherwise stay counted in the
+    process's memory for as long as the map lives, so streaming a 140 GB checkpoint would look
+    like 140 GB of RSS. ``get(key)`` is an owned copy. The map is private: a write to a view
+    would change this process's pages only, and is undone when they are given back, so views
+    are for reading.
+
+    >>> import tempfile; d = tempfile.mkdtemp()
+    >>> from safetensors.torch import save_file; save_file({"a": torch.ones(2, 3)}, f"{d}/x.safetensors")
+    >>> f = MappedSafetensors(f"{d}/x.safetensors")
+    >>> f.keys(), f.info("a")
+    (['a'], ('F32', (2, 3)))
+    >>> with f.borrow("a") as t: float(t.sum())
+    6.0
     """
-    try:
-        return safe_open(str(path), framework="pt", backend="pread")
-    except TypeError:  # safetensors < 0.8 has no backend argument
-        return safe_open(str(path), framework="pt")
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(_MAX_HEADER, size - 8):
+                raise FormatError(f"{self.path.name} is not a safetensors file (bad header length); the file is truncated or corrupted")
+            try:
+                header = json.loads(fh.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise FormatError(f"{self.path.name} has a malformed safetensors header ({e}); the file is truncated or corrupted") from None
+            # An empty map cannot be made; a file of no data needs none.
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+        if not isinstance(header, dict):
+            raise FormatError(f"{self.path.name}: the safetensors header is not a JSON object")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for key, e in header.items():
+            try:
+                dtype, shape, (a, b) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+                ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(a, int) and isinstance(b, int)
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise FormatError(f"{self.path.name}: malformed header entry for {key!r}: {e!r}")
+            if not 0 <= a <= b <= size - 8 - n:
+                raise FormatError(f"{self.path.name}: tensor {key!r} lies past the end of the file; the file is truncated, download it again")
+            if dtype in KNOWN_DTYPES and b - a != math.prod(shape) * itemsize(dtype):
+                raise FormatError(f"{self.path.name}: tensor {key!r} holds {b - a} bytes, {dtype} {list(shape)} needs {math.prod(shape) * itemsize(dtype)}")
+            self._entries[key] = (dtype, shape, 8 + n + a, b - a)
+
+    def keys(self) -> list[str]:
+        """Tensor keys in file order (by data offset), which keeps reads sequential."""
+        return sorted(self._entries, key=lambda k: self._entries[k][2])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def info(self, key: str) -> tuple[str, tuple[int, ...]]:
+        """``(dtype name, shape)`` of a tensor."""
+        dtype, shape, _, _ = self._entries[key]
+        return dtype, shape
+
+    @contextmanager
+    def borrow(self, key: str) -> Iterator[torch.Tensor]:
+        """The tensor as a view of the file's pages, for the ``with`` block; read it, do not keep it."""
+        dtype, shape, start, nbytes = self._entries[key]
+        t = to_torch(dtype)
+        if nbytes == 0:
+            yield torch.empty(shape, dtype=t)
+            return
+        view = torch.frombuffer(self._map, dtype=t, count=nbytes // t.itemsize, offset=start).view(shape)
+        try:
+            yield view
+        finally:
+            del view
+            self._release(start, nbytes)
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor, copied into memory of its own."""
+        with self.borrow(key) as view:
+            return view.clone()
+
+    def _release(self, start: int, nbytes: int) -> None:
+        # Only pages wholly inside the tensor: a page shared with a neighbour may be in use.
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first and _DONTNEED is not None:
+            self._map.madvise(_DONTNEED, first, last - first)
 
 
 class SafetensorsStreamWriter:
