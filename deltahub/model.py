@@ -28,23 +28,23 @@ from .serving.model import MultiDeltaModel, load_unmerged
 class _LazyDecoded:
     """A state-dict entry that decodes its tensor on ``entry[...]`` (what transformers calls).
 
-    transformers materializes entries from a pool of as many threads as cores (at most 4). In
-    a pool thread (any thread but ``caller``'s, the one loading) the decode runs on one core:
-    each decode would otherwise spread its element-wise ops over every core, and two at once
-    oversubscribe them. torch's thread count is per thread, but setting it also sets the default
-    that a thread adopts at its first parallel op, so ``from_pretrained`` sets the caller's count
-    again once the model is loaded.
+    transformers materializes entries from a pool of threads (as many as cores, at most 4). In
+    a pool thread (any thread but ``caller``'s, the one loading) a decode runs on ``threads``
+    cores, its share of the caller's: each decode would otherwise spread its work over every
+    core, and several at once oversubscribe them. torch's thread count is per thread, but
+    setting it also sets the default that a thread adopts at its first parallel op, so
+    ``from_pretrained`` sets the caller's count again once the model is loaded.
     """
 
-    def __init__(self, name: str, reader: DeltaReader, base: Checkpoint, errors: list[BaseException], caller: threading.Thread) -> None:
-        self.name, self.reader, self.base, self.errors, self.caller = name, reader, base, errors, caller
+    def __init__(self, name: str, reader: DeltaReader, base: Checkpoint, errors: list[BaseException], caller: threading.Thread, threads: int) -> None:
+        self.name, self.reader, self.base, self.errors, self.caller, self.threads = name, reader, base, errors, caller, threads
         rec = reader.record(name)
         self.shape = tuple(rec["shape"])
         self.dtype = to_torch(rec["dtype"])
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         try:
-            with _one_core_unless_in(self.caller), borrow_base(self.base, self.name) as b:
+            with _threads_unless_in(self.caller, self.threads), borrow_base(self.base, self.name) as b:
                 t = self.reader.decode(self.name, b)
         except BaseException as e:  # transformers may swallow loader errors; keep them to re-raise
             self.errors.append(e)
@@ -55,14 +55,24 @@ class _LazyDecoded:
         return list(self.shape)
 
 
+def _loader_threads() -> int:
+    """How many threads transformers materializes weights with."""
+    try:
+        from transformers.core_model_loading import GLOBAL_WORKERS  # transformers 5
+
+        return int(GLOBAL_WORKERS)
+    except ImportError:
+        return min(4, os.cpu_count() or 4)
+
+
 @contextmanager
-def _one_core_unless_in(caller: threading.Thread) -> Iterator[None]:
-    """torch on one core for the duration, in any thread but ``caller``."""
+def _threads_unless_in(caller: threading.Thread, threads: int) -> Iterator[None]:
+    """torch on ``threads`` cores for the duration, in any thread but ``caller``."""
     if threading.current_thread() is caller:
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -170,8 +180,9 @@ class DeltaModel(MultiDeltaModel):
         config = finetuned_config(reader)
         errors: list[BaseException] = []
         caller = threading.current_thread()
-        state = {n: _LazyDecoded(n, reader, base_ckpt, errors, caller) for n, r in reader.records.items() if r["kind"] != "removed"}
         threads = torch.get_num_threads()
+        share = max(1, threads // _loader_threads())  # each pool thread's share of the cores
+        state = {n: _LazyDecoded(n, reader, base_ckpt, errors, caller, share) for n, r in reader.records.items() if r["kind"] != "removed"}
         try:
             model = model_class(config).from_pretrained(
                 None,

@@ -153,22 +153,23 @@ def test_a_bernoulli_part_takes_its_rows_in_order():
         adder.add(torch.zeros(8, 64), 8, 16)
 
 
-def test_a_pool_thread_decodes_on_one_core_and_restores_its_setting():
-    from deltahub.model import _one_core_unless_in
+@pytest.mark.parametrize("share", [1, 3])
+def test_a_pool_thread_decodes_on_its_share_of_the_cores_and_restores_its_setting(share):
+    from deltahub.model import _threads_unless_in
 
     seen = []
     caller = threading.current_thread()
 
     def work():
         torch.set_num_threads(2)
-        with _one_core_unless_in(caller):
+        with _threads_unless_in(caller, share):
             seen.append(torch.get_num_threads())
         seen.append(torch.get_num_threads())
 
     before = torch.get_num_threads()
-    with _one_core_unless_in(caller):
+    with _threads_unless_in(caller, share):
         assert torch.get_num_threads() == before  # the loading thread itself is left alone
     th = threading.Thread(target=work)
     th.start()
     th.join()
-    assert seen == [1, 2] and torch.get_num_threads() == before
+    assert seen == [share, 2] and torch.get_num_threads() == before
