@@ -1,7 +1,8 @@
 """Load benchmark: DeltaModel.from_pretrained against from_pretrained of the applied checkpoint.
 
-Same disk, warm page cache (each load runs twice in a fresh process; the faster run counts),
-peak resident memory of the loading process. A plain safetensors load maps the file and reads
+Same disk, warm page cache; each load runs ``--repeat`` times in fresh processes, the loads
+taking turns so that a slow spell of a shared machine falls on all alike; the best and the
+median run are reported, with the peak resident memory of the best. A plain safetensors load maps the file and reads
 nothing until the weights are used, so each load is measured twice: the call alone, and the
 call plus a first forward pass on 8 tokens (time until the model has answered once). Also the
 throughput of ``deltahub apply``, and what this machine charges for fresh memory: filling as
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 
 import deltahub
 
-from .measure import markdown_table, run_measured
+from .measure import markdown_table, run_interleaved, run_measured
 from .pairs import CACHE, get_pair
 
 
@@ -48,17 +50,27 @@ def main() -> None:
     nbytes = sum(p.stat().st_size for p in applied.glob("*.safetensors"))
     setup = "import torch, transformers\nfrom deltahub import DeltaModel\ntorch.set_grad_enabled(False)"
     forward = "\nm(input_ids=torch.arange(8).unsqueeze(0))"
-    plain = run_measured(setup, f"m = transformers.AutoModelForCausalLM.from_pretrained({str(applied)!r})", args.repeat)
-    ours = run_measured(setup, f"m = DeltaModel.from_pretrained({str(delta)!r})", args.repeat)
-    plain_f = run_measured(setup, f"m = transformers.AutoModelForCausalLM.from_pretrained({str(applied)!r})" + forward, args.repeat)
-    ours_f = run_measured(setup, f"m = DeltaModel.from_pretrained({str(delta)!r})" + forward, args.repeat)
-    fresh = run_measured("import torch", f"xs = [torch.ones(n, dtype=torch.uint8) for n in [64 << 20] * ({nbytes} >> 26) + [{nbytes} % (64 << 20)]]", args.repeat)
+    plain_load = f"m = transformers.AutoModelForCausalLM.from_pretrained({str(applied)!r})"
+    ours_load = f"m = DeltaModel.from_pretrained({str(delta)!r})"
+    runs = run_interleaved(
+        {
+            "plain": (setup, plain_load), "ours": (setup, ours_load),
+            "plain_f": (setup, plain_load + forward), "ours_f": (setup, ours_load + forward),
+            "fresh": ("import torch", f"xs = [torch.ones(n, dtype=torch.uint8) for n in [64 << 20] * ({nbytes} >> 26) + [{nbytes} % (64 << 20)]]"),
+        },
+        args.repeat,
+    )
+    best = {k: min(v, key=lambda m: m.seconds) for k, v in runs.items()}
+    median = {k: statistics.median(m.seconds for m in v) for k, v in runs.items()}
     rows = []
-    for what, p, o in (("load", plain, ours), ("load + first forward", plain_f, ours_f)):
-        rows.append([f"from_pretrained(applied checkpoint): {what}", f"{p.seconds:.2f}", f"{p.peak_mib:.0f}", "1.00x", "1.00x"])
-        rows.append([f"DeltaModel.from_pretrained(delta): {what}", f"{o.seconds:.2f}", f"{o.peak_mib:.0f}", f"{o.seconds / p.seconds:.2f}x", f"{o.peak_mib / p.peak_mib:.2f}x"])
+    for what, p, o in (("load", "plain", "ours"), ("load + first forward", "plain_f", "ours_f")):
+        bp, bo = best[p], best[o]
+        rows.append([f"from_pretrained(applied checkpoint): {what}", f"{bp.seconds:.2f}", f"{median[p]:.2f}", f"{bp.peak_mib:.0f}", "1.00x", "1.00x", "1.00x"])
+        rows.append([f"DeltaModel.from_pretrained(delta): {what}", f"{bo.seconds:.2f}", f"{median[o]:.2f}", f"{bo.peak_mib:.0f}", f"{bo.seconds / bp.seconds:.2f}x", f"{median[o] / median[p]:.2f}x", f"{bo.peak_mib / bp.peak_mib:.2f}x"])
+    fresh = best["fresh"]
     print(f"\n### Load: {label}, delta {args.method} 1/8\n")
-    print(markdown_table(["load", "seconds", "peak MiB", "time vs plain", "memory vs plain"], rows))
+    print(f"{args.repeat} runs of each, taking turns, each in a fresh process\n")
+    print(markdown_table(["load", "best s", "median s", "peak MiB", "time vs plain (best)", "time vs plain (median)", "memory vs plain"], rows))
     print(f"\nfresh memory: {fresh.seconds:.2f} s to fill {nbytes / 1e9:.2f} GB of new pages (peak {fresh.peak_mib:.0f} MiB)")
     print(f"apply: {apply_m.seconds:.2f} s for {nbytes / 1e9:.2f} GB ({nbytes / 1e9 / apply_m.seconds:.2f} GB/s), peak {apply_m.peak_mib:.0f} MiB")
 

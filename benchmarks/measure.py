@@ -52,6 +52,16 @@ def run_measured(setup: str, body: str, repeat: int = 1, env: dict | None = None
     return best
 
 
+def run_interleaved(cases: dict[str, tuple[str, str]], repeat: int) -> dict[str, list[Measurement]]:
+    """Each ``name: (setup, body)`` measured ``repeat`` times, taking turns (a, b, a, b, ...),
+    so that a slow spell of a shared machine falls on every case alike."""
+    runs: dict[str, list[Measurement]] = {name: [] for name in cases}
+    for _ in range(repeat):
+        for name, (setup, body) in cases.items():
+            runs[name].append(run_measured(setup, body))
+    return runs
+
+
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
