@@ -6,7 +6,10 @@ import json
 import math
 import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -48,25 +51,61 @@ def apply(
     reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=HubOptions(token, cache_dir, local_files_only), verify_base=verify_base)
     limit = parse_size(max_shard_size)
     layouts = _plan_shards([(n, to_torch(r["dtype"]), tuple(r["shape"])) for n, r in reader.records.items() if r["kind"] != "removed"], limit)
-    with atomic_dir(out, overwrite) as tmp, tqdm(total=sum(map(len, layouts)), desc="Applying", disable=not progress) as bar:
+    def decode(name: str) -> torch.Tensor:
+        with borrow_base(base_ckpt, name) as b:
+            return reader.decode(name, b)
+
+    names = [name for layout in layouts for name, _, _ in layout]
+    with atomic_dir(out, overwrite) as tmp, tqdm(total=len(names), desc="Applying", disable=not progress) as bar:
+        decoded = decoded_ahead(decode, names)
         shards: list[tuple[Path, list[str]]] = []
-        for i, layout in enumerate(layouts):
-            # Every output tensor's name, dtype and shape is known from the records, so each shard's
-            # header is written first and the tensors straight after it (no spool file to copy).
-            writer = SafetensorsStreamWriter(tmp / f"part-{i:05d}.tmp", metadata={"format": "pt"}, layout=layout, checksum=False)
-            shards.append((writer.path, [name for name, _, _ in layout]))
-            try:
-                for name, _, _ in layout:
-                    with borrow_base(base_ckpt, name) as b:
-                        writer.add(name, reader.decode(name, b))
-                    bar.update()
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
+        try:
+            for i, layout in enumerate(layouts):
+                # Every output tensor's name, dtype and shape is known from the records, so each shard's
+                # header is written first and the tensors straight after it (no spool file to copy).
+                writer = SafetensorsStreamWriter(tmp / f"part-{i:05d}.tmp", metadata={"format": "pt"}, layout=layout, checksum=False)
+                shards.append((writer.path, [name for name, _, _ in layout]))
+                try:
+                    for name, _, _ in layout:
+                        writer.add(name, next(decoded))
+                        bar.update()
+                except BaseException:
+                    writer.abort()
+                    raise
+                writer.close()
+        finally:
+            decoded.close()
         _finish_shards(tmp, shards)
         _copy_configs(reader.path, base_ckpt.path, tmp)
     return out
+
+
+def decoded_ahead(decode: Callable[[str], torch.Tensor], names: list[str], workers: int | None = None) -> Iterator[torch.Tensor]:
+    """``decode(name)`` for each name, in order, computed ahead by ``workers`` threads.
+
+    Writing a checkpoint is bound by the disk (or the page cache) and decoding by the cores:
+    with the next tensors decoded while one is written, the two overlap. At most
+    ``workers + 1`` decoded tensors wait at a time, so memory stays a few tensors. Each worker
+    runs torch on its share of the caller's cores. Closing the generator drops what was not
+    yet taken.
+    """
+    threads = torch.get_num_threads()
+    workers = workers or max(1, min(2, threads))
+    share = max(1, threads // workers)
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(share,))
+    pending: deque[Future] = deque()
+    try:
+        for name in names:
+            pending.append(pool.submit(decode, name))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
+        torch.set_num_threads(threads)  # a worker's set_num_threads also set the default threads adopt
 
 
 def _plan_shards(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], limit: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:

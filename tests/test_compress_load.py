@@ -174,6 +174,43 @@ def test_apply_in_shards_equals_apply_in_one_file(pairs, tmp_path):
     assert torch.equal(_logits(load(many, "llama"), x), _logits(load(one, "llama"), x))
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_apply_decodes_ahead_in_order_with_a_bounded_lead(workers):
+    import threading
+
+    from deltahub.apply import decoded_ahead
+
+    started, lock = [], threading.Lock()
+
+    def decode(name):
+        with lock:
+            started.append(name)
+        return torch.full((2,), float(name))
+
+    names = list(range(12))
+    threads = torch.get_num_threads()
+    got = []
+    for t in decoded_ahead(decode, names, workers=workers):
+        assert len(started) <= len(got) + workers + 1  # never more than workers + 1 decoded ahead
+        got.append(int(t[0]))
+    assert got == names and torch.get_num_threads() == threads
+
+
+def test_apply_decoding_ahead_passes_errors_on_and_stops():
+    from deltahub.apply import decoded_ahead
+
+    def decode(name):
+        if name == 3:
+            raise ValueError("tensor 3 is broken")
+        return torch.zeros(1)
+
+    got = []
+    with pytest.raises(ValueError, match="tensor 3 is broken"):
+        for t in decoded_ahead(decode, list(range(8)), workers=2):
+            got.append(t)
+    assert len(got) == 3
+
+
 def test_loading_from_a_worker_thread_equals_loading_from_the_main_thread(pairs, tmp_path):
     """The loader gives pool threads one core each, but never the thread that loads."""
     import threading
