@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -259,7 +260,8 @@ class DeltaReader:
             self.weight_map: dict[str, str] = self.index["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise FormatError(f"{index_path} is malformed ({e})") from None
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, MappedSafetensors] = {}
+        self._lock = threading.Lock()  # transformers' loader threads decode at once
 
     def names(self) -> list[str]:
         return list(self.records)
@@ -271,15 +273,16 @@ class DeltaReader:
             raise KeyError(f"the delta has no record for tensor {name!r}") from None
 
     def _handle(self, shard: str) -> MappedSafetensors:
-        if shard not in self._handles:
-            path = self.path / shard
-            if not path.is_file():
-                raise FormatError(f"shard {shard} is missing from {self.path}; download the delta again")
-            try:
-                self._handles[shard] = MappedSafetensors(path)
-            except OSError as e:
-                raise FormatError(f"shard {shard} cannot be read ({e})") from None
-        return self._handles[shard]
+        with self._lock:
+            if shard not in self._handles:
+                path = self.path / shard
+                if not path.is_file():
+                    raise FormatError(f"shard {shard} is missing from {self.path}; download the delta again")
+                try:
+                    self._handles[shard] = MappedSafetensors(path)
+                except OSError as e:
+                    raise FormatError(f"shard {shard} cannot be read ({e})") from None
+            return self._handles[shard]
 
     @contextmanager
     def borrow(self, key: str) -> Iterator[torch.Tensor]:
