@@ -13,7 +13,7 @@ import argparse
 import shutil
 
 from .measure import markdown_table, run_measured
-from .pairs import CACHE, get_pair
+from .pairs import CACHE, add_pair_arguments, get_pair
 
 SETTINGS = {
     "auto": 1 / 8, "bitdelta": None, "svd": 1 / 8, "deltacome": 1 / 8, "dqrelo": 1 / 8, "deltadq": 1 / 8,
@@ -23,9 +23,7 @@ SETTINGS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-light")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=24)
+    add_pair_arguments(ap)
     ap.add_argument("--methods", default=",".join(SETTINGS))
     args = ap.parse_args()
     base, ft, label = get_pair(args.model, args.hidden, args.layers)

@@ -21,6 +21,7 @@ import torch
 
 from .load import prepare
 from .measure import markdown_table
+from .pairs import add_pair_arguments
 
 
 def lowrank_flops(reader) -> int:
@@ -38,9 +39,7 @@ def lowrank_flops(reader) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="generated")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=24)
+    add_pair_arguments(ap, "generated")
     ap.add_argument("--method", default="dqrelo", help="the delta's method, at 1/8")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

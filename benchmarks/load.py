@@ -24,7 +24,7 @@ import statistics
 import deltahub
 
 from .measure import markdown_table, run_interleaved, run_measured
-from .pairs import CACHE, get_pair
+from .pairs import CACHE, add_pair_arguments, get_pair
 
 
 def prepare(model: str, hidden: int, layers: int, method: str = "dqrelo", ratio: float = 1 / 8):
@@ -39,9 +39,7 @@ def prepare(model: str, hidden: int, layers: int, method: str = "dqrelo", ratio:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-light")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=24)
+    add_pair_arguments(ap)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--method", default="auto", help="the delta's method, at 1/8")
     args = ap.parse_args()

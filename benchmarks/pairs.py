@@ -8,6 +8,13 @@ from pathlib import Path
 CACHE = Path(os.environ.get("DELTAHUB_CACHE", Path.home() / ".cache" / "deltahub"))
 
 
+def add_pair_arguments(ap, default: str = "smollm2-light") -> None:
+    """``--model`` (a pair for :func:`get_pair`) and, for ``generated``, ``--hidden`` and ``--layers``."""
+    ap.add_argument("--model", default=default, help="smollm2-light, smollm2-heavy, generated or a recorded pair's name")
+    ap.add_argument("--hidden", type=int, default=2048, help="generated pair: hidden size")
+    ap.add_argument("--layers", type=int, default=24, help="generated pair: layers")
+
+
 def get_pair(model: str, hidden: int = 2048, layers: int = 24) -> tuple[Path, Path, str]:
     """``(base, finetuned, label)`` for ``smollm2-light``, ``smollm2-heavy``, ``generated`` or a recorded pair's name."""
     if model.startswith("smollm2"):

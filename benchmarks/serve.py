@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .load import prepare
 from .measure import markdown_table, run_measured
+from .pairs import add_pair_arguments
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -128,9 +129,7 @@ def timing_rows(base: Path, delta: Path, threads: int, tokens: int) -> list[list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-light")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=24)
+    add_pair_arguments(ap)
     ap.add_argument("--counts", default="1,2,4,8,16", help="numbers of deltas / full copies")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per timed generation")
