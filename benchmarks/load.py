@@ -13,6 +13,7 @@ Targets (issue #3): at most 1.5x the time and 1.3x the peak memory of the plain 
 
     python -m benchmarks.load --model smollm2-light --method auto
     python -m benchmarks.load --model generated --hidden 2048 --layers 24 --method dqrelo
+    python -m benchmarks.load --model generated --method dqrelo --device-map cuda
 """
 
 from __future__ import annotations
@@ -42,33 +43,40 @@ def main() -> None:
     add_pair_arguments(ap)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--method", default="auto", help="the delta's method, at 1/8")
+    ap.add_argument("--device-map", default=None, help='passed to both loads, e.g. "cuda" or "auto" (default: none, CPU)')
     args = ap.parse_args()
     base, ft, delta, applied, label = prepare(args.model, args.hidden, args.layers, args.method)
     apply_m = run_measured("import deltahub, shutil", f"shutil.rmtree({str(applied)!r}, ignore_errors=True)\ndeltahub.apply({str(delta)!r}, {str(applied)!r}, progress=False)")
     nbytes = sum(p.stat().st_size for p in applied.glob("*.safetensors"))
     setup = "import torch, transformers\nfrom deltahub import DeltaModel\ntorch.set_grad_enabled(False)"
-    forward = "\nm(input_ids=torch.arange(8).unsqueeze(0))"
-    plain_load = f"m = transformers.AutoModelForCausalLM.from_pretrained({str(applied)!r})"
-    ours_load = f"m = DeltaModel.from_pretrained({str(delta)!r})"
+    # The forward pass ends with .tolist(), which waits for a GPU to finish.
+    forward = "\nm(input_ids=torch.arange(8, device=m.device).unsqueeze(0)).logits[0, 0, :4].tolist()"
+    placed = f", device_map={args.device_map!r}" if args.device_map else ""
+    gpu_peak = "\nextra = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None"
+    plain_load = f"m = transformers.AutoModelForCausalLM.from_pretrained({str(applied)!r}{placed})"
+    ours_load = f"m = DeltaModel.from_pretrained({str(delta)!r}{placed})"
     runs = run_interleaved(
         {
-            "plain": (setup, plain_load), "ours": (setup, ours_load),
-            "plain_f": (setup, plain_load + forward), "ours_f": (setup, ours_load + forward),
+            "plain": (setup, plain_load + gpu_peak), "ours": (setup, ours_load + gpu_peak),
+            "plain_f": (setup, plain_load + forward + gpu_peak), "ours_f": (setup, ours_load + forward + gpu_peak),
             "fresh": ("import torch", f"xs = [torch.ones(n, dtype=torch.uint8) for n in [64 << 20] * ({nbytes} >> 26) + [{nbytes} % (64 << 20)]]"),
         },
         args.repeat,
     )
     best = {k: min(v, key=lambda m: m.seconds) for k, v in runs.items()}
     median = {k: statistics.median(m.seconds for m in v) for k, v in runs.items()}
+    on_gpu = best["plain"].extra is not None  # GPU memory peaks, when torch sees a GPU
     rows = []
     for what, p, o in (("load", "plain", "ours"), ("load + first forward", "plain_f", "ours_f")):
         bp, bo = best[p], best[o]
-        rows.append([f"from_pretrained(applied checkpoint): {what}", f"{bp.seconds:.2f}", f"{median[p]:.2f}", f"{bp.peak_mib:.0f}", "1.00x", "1.00x", "1.00x"])
-        rows.append([f"DeltaModel.from_pretrained(delta): {what}", f"{bo.seconds:.2f}", f"{median[o]:.2f}", f"{bo.peak_mib:.0f}", f"{bo.seconds / bp.seconds:.2f}x", f"{median[o] / median[p]:.2f}x", f"{bo.peak_mib / bp.peak_mib:.2f}x"])
+        gpu = [[f"{bp.extra:.0f}", "1.00x"], [f"{bo.extra:.0f}", f"{bo.extra / max(bp.extra, 1):.2f}x"]] if on_gpu else [[], []]
+        rows.append([f"from_pretrained(applied checkpoint): {what}", f"{bp.seconds:.2f}", f"{median[p]:.2f}", f"{bp.peak_mib:.0f}", "1.00x", "1.00x", "1.00x", *gpu[0]])
+        rows.append([f"DeltaModel.from_pretrained(delta): {what}", f"{bo.seconds:.2f}", f"{median[o]:.2f}", f"{bo.peak_mib:.0f}", f"{bo.seconds / bp.seconds:.2f}x", f"{median[o] / median[p]:.2f}x", f"{bo.peak_mib / bp.peak_mib:.2f}x", *gpu[1]])
     fresh = best["fresh"]
-    print(f"\n### Load: {label}, delta {args.method} 1/8\n")
+    print(f"\n### Load: {label}, delta {args.method} 1/8{f', device_map={args.device_map!r}' if args.device_map else ''}\n")
     print(f"{args.repeat} runs of each, taking turns, each in a fresh process\n")
-    print(markdown_table(["load", "best s", "median s", "peak MiB", "time vs plain (best)", "time vs plain (median)", "memory vs plain"], rows))
+    headers = ["load", "best s", "median s", "peak MiB", "time vs plain (best)", "time vs plain (median)", "memory vs plain"]
+    print(markdown_table(headers + (["GPU peak MiB", "GPU memory vs plain"] if on_gpu else []), rows))
     print(f"\nfresh memory: {fresh.seconds:.2f} s to fill {nbytes / 1e9:.2f} GB of new pages (peak {fresh.peak_mib:.0f} MiB)")
     print(f"apply: {apply_m.seconds:.2f} s for {nbytes / 1e9:.2f} GB ({nbytes / 1e9 / apply_m.seconds:.2f} GB/s), peak {apply_m.peak_mib:.0f} MiB")
 

@@ -127,6 +127,20 @@ def test_device_map_with_disk_offload(pairs, tmp_path):
     assert torch.equal(_logits(model, x), _logits(ref, x))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compress_and_load_on_the_gpu(pairs, tmp_path):
+    base, ft = pairs["llama"]
+    on_cpu = deltahub.compress(base, ft, tmp_path / "cpu", method="dqrelo", progress=False)
+    on_gpu = deltahub.compress(base, ft, tmp_path / "gpu", method="dqrelo", device="cuda", progress=False)
+    assert on_gpu.stored_bytes == on_cpu.stored_bytes  # same layout; the SVDs may differ in the last bits
+    assert on_gpu.mean_rel_error == pytest.approx(on_cpu.mean_rel_error, rel=1e-2)
+    model = DeltaModel.from_pretrained(tmp_path / "cpu", device_map="cuda")
+    ref = DeltaModel.from_pretrained(tmp_path / "cpu")
+    gpu_state, cpu_state = model.state_dict(), ref.state_dict()
+    assert all(t.device.type == "cuda" for t in gpu_state.values())
+    assert all(torch.equal(gpu_state[k].cpu(), cpu_state[k]) for k in cpu_state)  # the same bits, placed on the GPU
+
+
 def test_generate_and_pipeline(pairs, tmp_path):
     base, ft = pairs["llama"]
     deltahub.compress(base, ft, tmp_path / "delta", progress=False)
