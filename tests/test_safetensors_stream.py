@@ -110,3 +110,13 @@ def test_mapped_refuses_broken_files(tmp_path):
     for what, (data, message) in cases.items():
         with pytest.raises(FormatError, match=message):
             MappedSafetensors(_corrupt(tmp_path / f"{what}.safetensors", data))
+
+
+def test_an_unaligned_tensor_is_read_as_an_aligned_copy(tmp_path):
+    w = SafetensorsStreamWriter(tmp_path / "x.safetensors")
+    w.add("codes", torch.arange(3, dtype=torch.uint8))  # the next tensor starts 3 bytes in
+    w.add("scales", torch.tensor([1.5, -2.25, 3.0]))
+    w.close()
+    f = MappedSafetensors(tmp_path / "x.safetensors")
+    with f.borrow("scales") as t:
+        assert t.data_ptr() % 4 == 0 and t.tolist() == [1.5, -2.25, 3.0]

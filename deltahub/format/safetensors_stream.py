@@ -107,6 +107,11 @@ class MappedSafetensors:
         if nbytes == 0:
             yield torch.empty(shape, dtype=t)
             return
+        if start % t.itemsize:
+            # Delta shards pack tensors without padding, so a small tensor (scales after codes)
+            # may start off its dtype's alignment: it is copied, not viewed.
+            yield torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes, offset=start).clone().view(t).view(shape)
+            return
         view = torch.frombuffer(self._map, dtype=t, count=nbytes // t.itemsize, offset=start).view(shape)
         try:
             yield view
