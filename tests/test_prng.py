@@ -62,6 +62,14 @@ def test_keys_far_into_a_tensor_span_chunks(seed, start):
         assert int(got[i]) == mix64_reference((seed + (t + 1) * 0x9E3779B97F4A7C15) & MASK64) >> 11
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, MASK64), st.integers(0, 1 << 40), st.integers(0, 150_000))
+def test_the_torch_keys_for_other_devices_equal_the_cpu_keys(seed, start, count):
+    # keys() computes with numpy on CPUs and with torch int64 elsewhere; run the torch path on
+    # the CPU so that it is checked without a GPU too.
+    assert torch.equal(prng._keys_torch(seed, start, count, "cpu"), prng.keys(seed, start, count))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_keys_on_cuda_equal_cpu_keys():
     seed, start, count = 0x0123456789ABCDEF, 12_345, 3_000_000

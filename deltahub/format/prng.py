@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import torch
 
 GAMMA = 0x9E3779B97F4A7C15
@@ -21,18 +22,32 @@ def _signed(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
-# The keys are computed on torch int64 tensors: two's-complement multiplication and addition
+# On CPUs the keys are computed with numpy's uint64, a chunk at a time in place: logical shifts
+# and wrapping arithmetic are native there, and at 64K elements the two buffers stay in cache,
+# about 3 ns a key on one core, 2.3x torch's int64 path (benchmarks/README.md, load).
+_CHUNK_ELEMS = 1 << 16
+_STEPS_U64 = np.arange(1, _CHUNK_ELEMS + 1, dtype=np.uint64) * np.uint64(GAMMA)  # (t + 1) * GAMMA
+_M1_U64, _M2_U64 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+# On other devices (GPUs) on torch int64 tensors: two's-complement multiplication and addition
 # wrap exactly as unsigned arithmetic modulo 2**64 does, and masking after each arithmetic shift
-# makes it a logical one. torch runs these element-wise ops on every core, and on GPUs, which
-# makes masks 3-4x faster than numpy's uint64 on one core (benchmarks/README.md, load).
+# makes it a logical one.
 _GAMMA = _signed(GAMMA)
 _M1 = _signed(0xBF58476D1CE4E5B9)
 _M2 = _signed(0x94D049BB133111EB)
 
-# Keys are made a chunk at a time on CPUs: at 64K elements the int64 temporaries stay in cache.
-# (t + 1) * GAMMA for the elements of one chunk is a fixed table; a chunk adds its own offset.
-_CHUNK_ELEMS = 1 << 16
-_STEPS = torch.arange(1, _CHUNK_ELEMS + 1, dtype=torch.int64).mul_(_GAMMA)
+
+def _keys_into_numpy(out: np.ndarray, seed: int, start: int) -> None:
+    """Keys of elements ``start ..`` into the uint64 array ``out`` (at most one chunk long)."""
+    n = out.size
+    z, t = np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint64)
+    np.add(_STEPS_U64[:n], np.uint64((seed + start * GAMMA) % (1 << 64)), out=z)
+    for shift, mul in ((30, _M1_U64), (27, _M2_U64), (31, None)):
+        np.right_shift(z, np.uint64(shift), out=t)
+        np.bitwise_xor(z, t, out=z)
+        if mul is not None:
+            np.multiply(z, mul, out=z)
+    np.right_shift(z, np.uint64(64 - KEY_BITS), out=out)
 
 
 def _xorshift_(z: torch.Tensor, shift: int) -> torch.Tensor:
@@ -40,16 +55,13 @@ def _xorshift_(z: torch.Tensor, shift: int) -> torch.Tensor:
     return z.bitwise_xor_(z.bitwise_right_shift(shift).bitwise_and_((1 << (64 - shift)) - 1))
 
 
-def _keys_into(out: torch.Tensor, seed: int, start: int) -> None:
-    n, offset = out.numel(), _signed((seed + start * GAMMA) % (1 << 64))
-    if out.device.type == "cpu" and n <= _CHUNK_ELEMS:
-        z = torch.add(_STEPS[:n], offset)
-    else:
-        z = torch.arange(1, n + 1, dtype=torch.int64, device=out.device).mul_(_GAMMA).add_(offset)
+def _keys_torch(seed: int, start: int, count: int, device: torch.device | str) -> torch.Tensor:
+    """Keys on any torch device, all at once."""
+    z = torch.arange(1, count + 1, dtype=torch.int64, device=device).mul_(_GAMMA).add_(_signed((seed + start * GAMMA) % (1 << 64)))
     _xorshift_(z, 30).mul_(_M1)
     _xorshift_(z, 27).mul_(_M2)
     _xorshift_(z, 31)
-    torch.bitwise_right_shift(z, 64 - KEY_BITS, out=out).bitwise_and_((1 << KEY_BITS) - 1)
+    return z.bitwise_right_shift_(64 - KEY_BITS).bitwise_and_((1 << KEY_BITS) - 1)
 
 
 def keys(seed: int, start: int, count: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -58,11 +70,12 @@ def keys(seed: int, start: int, count: int, device: torch.device | str | None = 
     >>> keys(0, 0, 3).tolist()
     [7956156453446585, 3886858653415212, 238094247788840]
     """
-    out = torch.empty(count, dtype=torch.int64, device=device)
-    chunk = count if out.device.type != "cpu" else _CHUNK_ELEMS
-    for s in range(0, count, max(chunk, 1)):
-        _keys_into(out[s : s + chunk], seed, start + s)
-    return out
+    if device is not None and torch.device(device).type != "cpu":
+        return _keys_torch(seed, start, count, device)
+    out = np.empty(count, dtype=np.uint64)
+    for s in range(0, count, _CHUNK_ELEMS):
+        _keys_into_numpy(out[s : s + _CHUNK_ELEMS], seed, start + s)
+    return torch.from_numpy(out.view(np.int64))  # keys are below 2**53: the same values
 
 
 def tensor_seed(global_seed: int, name: str) -> int:
