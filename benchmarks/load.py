@@ -77,7 +77,9 @@ def main() -> None:
     print(f"{args.repeat} runs of each, taking turns, each in a fresh process\n")
     headers = ["load", "best s", "median s", "peak MiB", "time vs plain (best)", "time vs plain (median)", "memory vs plain"]
     print(markdown_table(headers + (["GPU peak MiB", "GPU memory vs plain"] if on_gpu else []), rows))
-    print(f"\nfresh memory: {fresh.seconds:.2f} s to fill {nbytes / 1e9:.2f} GB of new pages (peak {fresh.peak_mib:.0f} MiB)")
+    names = {"plain": "plain load", "ours": "delta load", "plain_f": "plain load + forward", "ours_f": "delta load + forward"}
+    print("\nevery run, in order: " + "; ".join(f"{label} " + ", ".join(f"{m.seconds:.2f}" for m in runs[key]) for key, label in names.items()))
+    print(f"fresh memory: {fresh.seconds:.2f} s to fill {nbytes / 1e9:.2f} GB of new pages (peak {fresh.peak_mib:.0f} MiB)")
     print(f"apply: {apply_m.seconds:.2f} s for {nbytes / 1e9:.2f} GB ({nbytes / 1e9 / apply_m.seconds:.2f} GB/s), peak {apply_m.peak_mib:.0f} MiB")
 
 

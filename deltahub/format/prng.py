@@ -23,8 +23,8 @@ def _signed(x: int) -> int:
 
 
 # On CPUs the keys are computed with numpy's uint64, a chunk at a time in place: logical shifts
-# and wrapping arithmetic are native there, and at 64K elements the two buffers stay in cache,
-# about 3 ns a key on one core, 2.3x torch's int64 path (benchmarks/README.md, load).
+# and wrapping arithmetic are native there, and at 64K elements the two buffers stay in cache:
+# 3-4 ns a key on one core, about twice as fast as torch's int64 path (benchmarks/README.md, load).
 _CHUNK_ELEMS = 1 << 16
 _STEPS_U64 = np.arange(1, _CHUNK_ELEMS + 1, dtype=np.uint64) * np.uint64(GAMMA)  # (t + 1) * GAMMA
 _M1_U64, _M2_U64 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
