@@ -2,13 +2,13 @@
 
 Same disk, warm page cache; each load runs ``--repeat`` times in fresh processes, the loads
 taking turns so that a slow spell of a shared machine falls on all alike; the best and the
-median run are reported, with the peak resident memory of the best. A plain safetensors load maps the file and reads
-nothing until the weights are used, so each load is measured twice: the call alone, and the
-call plus a first forward pass on 8 tokens (time until the model has answered once). Also the
-throughput of ``deltahub apply``, and what this machine charges for fresh memory: filling as
-many new bytes as the model holds. Any loader that builds new weights pays that; a plain load
-of a checkpoint in the page cache does not (on a virtual machine whose host backs memory
-lazily it can be most of the difference).
+median run are reported, with the peak resident memory of the best. A plain safetensors load
+maps the file and reads nothing until the weights are used, so each load is measured twice: the
+call alone, and the call plus a first forward pass on 8 tokens (time until the model has
+answered once). Also the throughput of ``deltahub apply``, and what this machine charges for
+fresh memory: filling as many new bytes as the model holds. Any loader that builds new weights
+pays that; a plain load of a checkpoint in the page cache does not (on a virtual machine whose
+host backs memory lazily it can be most of the difference).
 Targets (issue #3): at most 1.5x the time and 1.3x the peak memory of the plain load.
 
     python -m benchmarks.load --model smollm2-light --method auto
@@ -78,7 +78,7 @@ def main() -> None:
     headers = ["load", "best s", "median s", "peak MiB", "time vs plain (best)", "time vs plain (median)", "memory vs plain"]
     print(markdown_table(headers + (["GPU peak MiB", "GPU memory vs plain"] if on_gpu else []), rows))
     names = {"plain": "plain load", "ours": "delta load", "plain_f": "plain load + forward", "ours_f": "delta load + forward"}
-    print("\nevery run, in order: " + "; ".join(f"{label} " + ", ".join(f"{m.seconds:.2f}" for m in runs[key]) for key, label in names.items()))
+    print("\nevery run, in order: " + "; ".join(f"{what} " + ", ".join(f"{m.seconds:.2f}" for m in runs[key]) for key, what in names.items()))
     print(f"fresh memory: {fresh.seconds:.2f} s to fill {nbytes / 1e9:.2f} GB of new pages (peak {fresh.peak_mib:.0f} MiB)")
     print(f"apply: {apply_m.seconds:.2f} s for {nbytes / 1e9:.2f} GB ({nbytes / 1e9 / apply_m.seconds:.2f} GB/s), peak {apply_m.peak_mib:.0f} MiB")
 
