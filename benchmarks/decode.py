@@ -19,9 +19,8 @@ import time
 
 import torch
 
-from .load import prepare
-from .measure import markdown_table
-from .pairs import add_pair_arguments
+from .measure import markdown_table, sgemm_gflops
+from .pairs import add_pair_arguments, prepare
 
 
 def lowrank_flops(reader) -> int:
@@ -71,11 +70,7 @@ def main() -> None:
     rows.append(["the rest: widen the base, cast back, new memory, reading", f"{total - accounted:.2f}", f"{(total - accounted) / total:.0%}"])
     rows.append(["total", f"{total:.2f}", "100%"])
     flops = lowrank_flops(reader)
-    a, b = torch.randn(256, 1024), torch.randn(1024, 2048)
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    gflops = 20 * 2 * 256 * 1024 * 2048 / (time.perf_counter() - t) / 1e9
+    gflops = sgemm_gflops(args.threads)
     print(f"\n### Decode: {label}, delta {args.method} 1/8, {args.threads} thread(s), profiled\n")
     print(markdown_table(["part", "seconds", "share"], rows))
     print(f"\n{len(names)} tensors, {nbytes / 1e9:.2f} GB rebuilt; low-rank products: {flops / 1e9:.0f} GFLOP, "

@@ -62,6 +62,26 @@ def run_interleaved(cases: dict[str, tuple[str, str]], repeat: int) -> dict[str,
     return runs
 
 
+def sgemm_gflops(threads: int) -> float:
+    """This machine's float32 matrix-product rate on ``threads`` torch threads, from a product
+    large enough to run near the BLAS peak (a best case: decoding's products are smaller)."""
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(256, 1024), torch.randn(1024, 2048)
+        a @ b  # warm-up: the BLAS threads start on the first call
+        t = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        return 20 * 2 * 256 * 1024 * 2048 / (time.perf_counter() - t) / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 CACHE = Path(os.environ.get("DELTAHUB_CACHE", Path.home() / ".cache" / "deltahub"))
@@ -35,3 +36,17 @@ def get_pair(model: str, hidden: int = 2048, layers: int = 24) -> tuple[Path, Pa
         return found
     raise SystemExit(f"unknown model {model!r}: use smollm2-light, smollm2-heavy, generated, or a pair recorded "
                      "with `python -m benchmarks.real_pair --base HUB_ID_OR_PATH --finetuned HUB_ID_OR_PATH --name NAME`")
+
+
+def prepare(model: str, hidden: int, layers: int, method: str = "dqrelo", ratio: float = 1 / 8) -> tuple[Path, Path, Path, Path, str]:
+    """``(base, finetuned, delta, applied, label)``: the pair, its delta (compressed once, then
+    cached) and where the applied checkpoint goes."""
+    import deltahub
+
+    base, ft, label = get_pair(model, hidden, layers)
+    work = CACHE / "bench" / f"{model}-h{hidden}-l{layers}-{method}"
+    delta, applied = work / "delta", work / "applied"
+    if not (delta / "delta_config.json").is_file():
+        shutil.rmtree(delta, ignore_errors=True)
+        deltahub.compress(base, ft, delta, method=method, ratio=ratio)
+    return base, ft, delta, applied, label

@@ -29,9 +29,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from .load import prepare
 from .measure import markdown_table, run_measured
-from .pairs import add_pair_arguments
+from .pairs import add_pair_arguments, prepare
 
 RESULTS = Path(__file__).parent / "results"
 

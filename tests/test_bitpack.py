@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltahub.errors import FormatError
-from deltahub.format.bitpack import pack, packed_nbytes, unpack
+from deltahub.format.bitpack import lookup, pack, packed_nbytes, unpack
 
 BITS = st.integers(min_value=1, max_value=8)
 
@@ -43,6 +43,27 @@ def test_round_trip_every_width_and_length(cb):
     out = unpack(packed, bits, codes.size)
     assert out.dtype == torch.uint8
     assert out.tolist() == codes.tolist()
+
+
+@settings(max_examples=150, deadline=None)
+@given(codes_and_bits())
+def test_lookup_is_the_table_at_each_code(cb):
+    codes, bits = cb
+    if bits not in (1, 2, 4):
+        with pytest.raises(ValueError, match="1-, 2- or 4-bit"):
+            lookup(pack(codes, bits), bits, codes.size, torch.zeros(1 << bits))
+        return
+    table = torch.randn(1 << bits)
+    out = lookup(pack(codes, bits), bits, codes.size, table)
+    assert out.dtype == table.dtype and out.shape == (codes.size,)
+    assert torch.equal(out, table[torch.from_numpy(codes).to(torch.int64)])
+
+
+def test_lookup_refuses_a_table_of_the_wrong_size_and_a_short_stream():
+    with pytest.raises(ValueError, match="holds 16 values"):
+        lookup(pack(np.array([1, 2]), 4), 4, 2, torch.zeros(8))
+    with pytest.raises(FormatError, match="3 4-bit codes"):
+        lookup(torch.zeros(1, dtype=torch.uint8), 4, 3, torch.zeros(16))
 
 
 @settings(max_examples=100, deadline=None)

@@ -144,6 +144,19 @@ def test_bernoulli_mask_is_key_below_threshold(seed, rows, cols, threshold):
     assert torch.equal(mask, k < threshold)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, MASK64), st.integers(0, 1 << 20), st.integers(0, 40))
+def test_bernoulli_keep_at_a_threshold_equal_to_a_key(seed, start, i):
+    """The test runs on the unshifted 64-bit value: a threshold equal to an element's key must
+    drop it and one more must keep it, whatever the 11 bits shifted out."""
+    k = prng.keys(seed, start, 41)
+    key = int(k[i])
+    for threshold, kept in ((key, False), (key + 1, True)):
+        got = prng.bernoulli_keep(seed, start, 41, threshold)
+        assert bool(got[i]) is kept
+        assert np.array_equal(got, (k < threshold).numpy())
+
+
 def test_bernoulli_extremes_and_rate():
     assert not prng.bernoulli_mask(5, 4, 4, 0).any()
     assert prng.bernoulli_mask(5, 4, 4, 1 << prng.KEY_BITS).all()

@@ -37,16 +37,22 @@ _M1 = _signed(0xBF58476D1CE4E5B9)
 _M2 = _signed(0x94D049BB133111EB)
 
 
-def _keys_into_numpy(out: np.ndarray, seed: int, start: int) -> None:
-    """Keys of elements ``start ..`` into the uint64 array ``out`` (at most one chunk long)."""
-    n = out.size
-    z, t = np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint64)
+def _mix_into_numpy(z: np.ndarray, t: np.ndarray, seed: int, start: int) -> None:
+    """SplitMix64's 64-bit outputs for elements ``start ..`` into the uint64 array ``z`` (at most
+    one chunk long; ``t`` is scratch of the same size). A key is this ``>> (64 - KEY_BITS)``."""
+    n = z.size
     np.add(_STEPS_U64[:n], np.uint64((seed + start * GAMMA) % (1 << 64)), out=z)
     for shift, mul in ((30, _M1_U64), (27, _M2_U64), (31, None)):
         np.right_shift(z, np.uint64(shift), out=t)
         np.bitwise_xor(z, t, out=z)
         if mul is not None:
             np.multiply(z, mul, out=z)
+
+
+def _keys_into_numpy(out: np.ndarray, seed: int, start: int) -> None:
+    """Keys of elements ``start ..`` into the uint64 array ``out`` (at most one chunk long)."""
+    z, t = np.empty(out.size, dtype=np.uint64), np.empty(out.size, dtype=np.uint64)
+    _mix_into_numpy(z, t, seed, start)
     np.right_shift(z, np.uint64(64 - KEY_BITS), out=out)
 
 
@@ -116,13 +122,31 @@ def group_mask(seed: int, rows: int, cols: int, group_size: int, keep: int, row0
     return mask
 
 
+def bernoulli_keep(seed: int, start: int, count: int, threshold: int) -> np.ndarray:
+    """Bool [count]: ``key(t) < threshold`` for elements ``start .. start+count-1`` (threshold in 0..2**53).
+
+    Tested on the 64-bit output before the shift: ``mix >> 11 < threshold`` exactly when
+    ``mix < threshold * 2**11``, which saves a pass over the keys.
+
+    >>> bernoulli_keep(0, 0, 3, 4_000_000_000_000_000).tolist()
+    [False, True, True]
+    """
+    out = np.empty(count, dtype=np.bool_)
+    if threshold >= 1 << KEY_BITS:
+        out[:] = True
+        return out
+    limit = np.uint64(threshold << (64 - KEY_BITS))
+    z, t = np.empty(min(count, _CHUNK_ELEMS), dtype=np.uint64), np.empty(min(count, _CHUNK_ELEMS), dtype=np.uint64)
+    for s in range(0, count, _CHUNK_ELEMS):
+        n = min(_CHUNK_ELEMS, count - s)
+        _mix_into_numpy(z[:n], t[:n], seed, start + s)
+        np.less(z[:n], limit, out=out[s : s + n])
+    return out
+
+
 def bernoulli_mask(seed: int, rows: int, cols: int, threshold: int) -> torch.Tensor:
     """Bool mask [rows, cols]: keep element ``t`` iff ``key(t) < threshold`` (threshold in 0..2**53)."""
-    n = rows * cols
-    out = torch.empty(n, dtype=torch.bool)
-    for s in range(0, n, _CHUNK_ELEMS):
-        torch.lt(keys(seed, s, min(_CHUNK_ELEMS, n - s)), threshold, out=out[s : s + _CHUNK_ELEMS])
-    return out.view(rows, cols)
+    return torch.from_numpy(bernoulli_keep(seed, 0, rows * cols, threshold)).view(rows, cols)
 
 
 def bernoulli_threshold(seed: int, count: int, keep: int) -> int:

@@ -125,8 +125,13 @@ class Sparse(ComponentType):
     def values(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         v = meta["values"]
         if "bits" in v:
-            codes = bitpack.unpack(tensors["codes"], v["bits"], meta["nnz"]).to(torch.float32)
-            return tensors["scale"].to(torch.float32) * (codes + float(v.get("offset", 0) - v["zero"]))
+            bits, shift, scale = v["bits"], float(v.get("offset", 0) - v["zero"]), tensors["scale"].to(torch.float32)
+            if bits in (1, 2, 4):
+                # 2**bits values, each computed as the spec computes every element's, then looked up.
+                return bitpack.lookup(tensors["codes"], bits, meta["nnz"], scale * (torch.arange(1 << bits, dtype=torch.float32) + shift))
+            codes = bitpack.unpack(tensors["codes"], bits, meta["nnz"]).to(torch.float32)
+            # In place: no new memory per step (products commute, so x * scale is scale * x).
+            return codes.add_(shift).mul_(scale)
         return tensors["values"].to(torch.float32)
 
     @classmethod
@@ -190,7 +195,7 @@ class _BernoulliRows(RowAdder):
         flat = out.view(-1)
         for s in range(0, flat.numel(), _ADD_CHUNK):
             count = min(_ADD_CHUNK, flat.numel() - s)
-            positions = _positions(prng.keys(self.seed, r0 * self.q + s, count) < self.threshold)
+            positions = torch.from_numpy(np.flatnonzero(prng.bernoulli_keep(self.seed, r0 * self.q + s, count, self.threshold)))
             if self.used + positions.numel() > self.nnz:
                 raise FormatError(f"seeded mask selects more elements than the record's nnz {self.nnz}")
             _add_at(flat[s : s + count], positions, self.values[self.used : self.used + positions.numel()])
