@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from ...errors import FormatError
@@ -38,12 +39,13 @@ class Sign(ComponentType):
 class _SignRows(RowAdder):
     # Each byte of the bitplane indexes a table of its 8 signs, so unpacking, scaling and adding
     # is one gather and one add per slice of rows. The slices stay in cache, which makes this
-    # several times faster than unpacking the whole plane first. A table entry is exactly +s or
-    # -s (or +-1 times a row's s, an exact product), so each element is rounded once, as the
-    # spec's sum is.
+    # several times faster than unpacking the whole plane first. The gather is numpy's take of
+    # whole table rows: 0.07 ms per 2**18 signs against 0.16 ms for torch's embedding. A table
+    # entry is exactly +s or -s (or +-1 times a row's s, an exact product), so each element is
+    # rounded once, as the spec's sum is.
     def __init__(self, bits: torch.Tensor, scale: torch.Tensor, per_row: bool, q: int) -> None:
-        self.bits, self.scale, self.per_row, self.q = bits, scale, per_row, q
-        self.table = SIGN_TABLE if per_row else SIGN_TABLE * scale[0]
+        self.bits, self.scale, self.per_row, self.q = bits.numpy(), scale, per_row, q
+        self.table = (SIGN_TABLE if per_row else SIGN_TABLE * scale[0]).numpy()
 
     def add(self, out: torch.Tensor, r0: int, r1: int) -> None:
         q = self.q
@@ -51,7 +53,7 @@ class _SignRows(RowAdder):
         for a0 in range(r0, r1, step):
             a1 = min(r1, a0 + step)
             e0, e1 = a0 * q, a1 * q
-            signs = torch.nn.functional.embedding(self.bits[e0 // 8 : -(-e1 // 8)].to(torch.int32), self.table).view(-1)
+            signs = torch.from_numpy(np.take(self.table, self.bits[e0 // 8 : -(-e1 // 8)], axis=0)).view(-1)
             signs = signs[e0 % 8 : e0 % 8 + e1 - e0].view(a1 - a0, q)
             rows = out[a0 - r0 : a1 - r0]
             if self.per_row:
