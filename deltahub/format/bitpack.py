@@ -110,6 +110,18 @@ def unpack(data: torch.Tensor | np.ndarray, bits: int, count: int) -> torch.Tens
     return torch.from_numpy(out.reshape(-1)[:count])
 
 
+def codes_of_each_byte(bits: int) -> np.ndarray:
+    """uint8 [256, 8 // bits]: row ``b`` holds the codes byte value ``b`` packs, in stream order
+    (least significant bits first), for widths that divide 8.
+
+    >>> codes_of_each_byte(4)[0x21].tolist()
+    [1, 2]
+    """
+    if 8 % bits:
+        raise ValueError(f"a byte holds whole codes of 1, 2, 4 or 8 bits, not {bits}")
+    return (np.arange(256, dtype=np.uint8)[:, None] >> np.arange(0, 8, bits, dtype=np.uint8)) & np.uint8((1 << bits) - 1)
+
+
 def lookup(data: torch.Tensor | np.ndarray, bits: int, count: int, table: torch.Tensor) -> torch.Tensor:
     """``table[code]`` for each of the ``count`` packed codes of 1, 2 or 4 bits, never unpacked:
     ``table`` holds the ``2**bits`` values the codes stand for (a CPU tensor), and each byte
@@ -124,7 +136,6 @@ def lookup(data: torch.Tensor | np.ndarray, bits: int, count: int, table: torch.
     if table.numel() != 1 << bits:
         raise ValueError(f"a table for {bits}-bit codes holds {1 << bits} values, got {table.numel()}")
     raw = _packed_bytes(data, bits, count)
-    codes_of_byte = (np.arange(256, dtype=np.uint8)[:, None] >> np.arange(0, 8, bits, dtype=np.uint8)) & np.uint8((1 << bits) - 1)
-    by_byte = table.numpy()[codes_of_byte]  # [256, 8 // bits]: the values of each byte's codes, in stream order
+    by_byte = table.numpy()[codes_of_each_byte(bits)]  # [256, 8 // bits]: the values of each byte's codes
     # np.take along axis 0 copies whole rows; fancy indexing (by_byte[raw]) was 10x slower.
     return torch.from_numpy(np.take(by_byte, raw, axis=0).reshape(-1)[:count])

@@ -64,7 +64,7 @@ class _SignRows(RowAdder):
 
 # Row i of SIGN_TABLE holds the 8 signs of byte value i, least significant bit first (bit 1 ->
 # +1): looking a bitplane's bytes up in it unpacks them and maps {0, 1} to {-1, +1} in one gather.
-SIGN_TABLE = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.float32) * 2 - 1
+SIGN_TABLE = torch.from_numpy(bitpack.codes_of_each_byte(1)).to(torch.float32) * 2 - 1
 # Elements per slice of rows: about 1 MiB of float32, which stays in a core's cache.
 _SLICE = 1 << 18
 

@@ -195,7 +195,7 @@ class _BernoulliRows(RowAdder):
         flat = out.view(-1)
         for s in range(0, flat.numel(), _ADD_CHUNK):
             count = min(_ADD_CHUNK, flat.numel() - s)
-            positions = torch.from_numpy(np.flatnonzero(prng.bernoulli_keep(self.seed, r0 * self.q + s, count, self.threshold)))
+            positions = _positions(torch.from_numpy(prng.bernoulli_keep(self.seed, r0 * self.q + s, count, self.threshold)))
             if self.used + positions.numel() > self.nnz:
                 raise FormatError(f"seeded mask selects more elements than the record's nnz {self.nnz}")
             _add_at(flat[s : s + count], positions, self.values[self.used : self.used + positions.numel()])
