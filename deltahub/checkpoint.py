@@ -21,24 +21,12 @@ from typing import Iterator
 import torch
 
 from .errors import DeltahubError, FormatError
-from .format.config import fingerprint as _fingerprint
+from .format.config import TOKENIZER_FILES, fingerprint as _fingerprint
 from .format.dtypes import itemsize
 from .format.safetensors_stream import MappedSafetensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 MODEL_FILE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 

@@ -14,6 +14,33 @@ FORMAT_VERSION = "1.0"
 CONFIG_NAME = "delta_config.json"
 INDEX_NAME = "delta.safetensors.index.json"
 FINETUNED_CONFIG_NAME = "finetuned_config.json"
+CARD_NAME = "README.md"
+GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+SHARD_NAME = re.compile(r"^delta-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def is_repo_file(relpath: str) -> bool:
+    """Whether ``relpath`` is one of the files a delta repo consists of (spec §3.1): the config,
+    the index, shards, the fine-tune's config, generation config and tokenizer files, the card.
+    ``push`` uploads these and nothing else.
+
+    >>> [is_repo_file(p) for p in ("delta-00001-of-00002.safetensors", "tokenizer.json", ".env", "notes.txt", "../x")]
+    [True, True, False, False, False]
+    """
+    fixed = {CONFIG_NAME, INDEX_NAME, FINETUNED_CONFIG_NAME, GENERATION_CONFIG_NAME, CARD_NAME, *TOKENIZER_FILES}
+    return relpath in fixed or bool(SHARD_NAME.match(relpath))
 
 
 def shard_name(index: int, total: int) -> str:
