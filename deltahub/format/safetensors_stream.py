@@ -26,12 +26,11 @@ import torch
 
 from ..errors import FormatError
 from .dtypes import KNOWN_DTYPES, itemsize, to_name, to_torch
+from .limits import MAX_HEADER_BYTES, MAX_NDIM, loads_json
 
 _COPY_CHUNK = 64 << 20
 
 
-# Upper bound of a header we accept; safetensors itself refuses headers above 100 MB.
-_MAX_HEADER = 100 << 20
 # Pages given back to the kernel after a borrow; without madvise (Windows) they stay mapped.
 _DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
@@ -57,35 +56,30 @@ class MappedSafetensors:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        name = self.path.name
         with open(self.path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 0 < n <= min(_MAX_HEADER, size - 8):
-                raise FormatError(f"{self.path.name} is not a safetensors file (bad header length); the file is truncated or corrupted")
-            try:
-                header = json.loads(fh.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise FormatError(f"{self.path.name} has a malformed safetensors header ({e}); the file is truncated or corrupted") from None
+            if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+                raise FormatError(f"{name} is not a safetensors file (bad header length); the file is truncated or corrupted")
+            # Size and nesting are checked before json parses (a header nested 200,000 deep
+            # would otherwise end in a RecursionError).
+            header = loads_json(fh.read(n), f"{name} (malformed safetensors header)", max_bytes=MAX_HEADER_BYTES)
             # An empty map cannot be made; a file of no data needs none.
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
         if not isinstance(header, dict):
-            raise FormatError(f"{self.path.name}: the safetensors header is not a JSON object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            raise FormatError(f"{name}: the safetensors header is not a JSON object; the file is corrupted")
+        self.metadata: dict[str, str] = _header_metadata(name, header.pop("__metadata__", None))
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for key, e in header.items():
-            try:
-                dtype, shape, (a, b) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-                ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(a, int) and isinstance(b, int)
-            except (KeyError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise FormatError(f"{self.path.name}: malformed header entry for {key!r}: {e!r}")
-            if not 0 <= a <= b <= size - 8 - n:
-                raise FormatError(f"{self.path.name}: tensor {key!r} lies past the end of the file; the file is truncated, download it again")
-            if dtype in KNOWN_DTYPES and b - a != math.prod(shape) * itemsize(dtype):
-                raise FormatError(f"{self.path.name}: tensor {key!r} holds {b - a} bytes, {dtype} {list(shape)} needs {math.prod(shape) * itemsize(dtype)}")
+            dtype, shape, a, b = _header_entry(name, key, e)
+            if b > size - 8 - n:
+                raise FormatError(f"{name}: tensor {key!r} lies past the end of the file; the file is truncated, download it again")
+            if b - a != math.prod(shape) * itemsize(dtype):
+                raise FormatError(f"{name}: tensor {key!r} holds {b - a} bytes, {dtype} {list(shape)} needs {math.prod(shape) * itemsize(dtype)}; the file is corrupted")
             self._entries[key] = (dtype, shape, 8 + n + a, b - a)
+        _check_tiling(name, self._entries, 8 + n, size)
 
     def keys(self) -> list[str]:
         """Tensor keys in file order (by data offset), which keeps reads sequential."""
@@ -130,6 +124,47 @@ class MappedSafetensors:
         last = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first and _DONTNEED is not None:
             self._map.madvise(_DONTNEED, first, last - first)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _header_metadata(name: str, meta: object) -> dict[str, str]:
+    """``__metadata__``: absent, or an object of strings (safetensors' own rule)."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise FormatError(f"{name}: the header's __metadata__ must be an object of strings, got {str(meta)[:100]}; the file is corrupted")
+    return meta
+
+
+def _header_entry(name: str, key: str, e: object) -> tuple[str, tuple[int, ...], int, int]:
+    """``(dtype, shape, start, end)`` of one header entry, every field type-checked."""
+    bad = f"{name}: malformed header entry for tensor {key!r}"
+    if not isinstance(e, dict):
+        raise FormatError(f"{bad}: not an object; the file is corrupted")
+    dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in KNOWN_DTYPES:
+        raise FormatError(f"{bad}: field 'dtype' is {str(dtype)[:40]!r}, not one of {list(KNOWN_DTYPES)}; the file is corrupted")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
+        raise FormatError(f"{bad}: field 'shape' must be a list of at most {MAX_NDIM} non-negative integers, got {str(shape)[:100]}; the file is corrupted")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+        raise FormatError(f"{bad}: field 'data_offsets' must be two integers 0 <= begin <= end, got {str(offsets)[:100]}; the file is corrupted")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _check_tiling(name: str, entries: dict[str, tuple[str, tuple[int, ...], int, int]], data_start: int, size: int) -> None:
+    """safetensors' own rule: the tensors' bytes tile the data region in order, without gaps
+    or overlaps, up to the end of the file, so no two tensors alias the same bytes."""
+    pos = data_start
+    for key, (_, _, start, nbytes) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if start != pos:
+            what = "overlaps the tensor before it" if start < pos else "leaves a gap before it"
+            raise FormatError(f"{name}: tensor {key!r} {what} (data_offsets begin {start - data_start}, expected {pos - data_start}); the file is corrupted or hostile")
+        pos += nbytes
+    if pos != size:
+        raise FormatError(f"{name}: {size - pos} bytes after the last tensor's data; the file is corrupted or hostile")
 
 
 class SafetensorsStreamWriter:
