@@ -75,12 +75,40 @@ def fingerprint(entries: Iterable[tuple[str, str, tuple[int, ...]]]) -> str:
 
 
 def validate_config(cfg: Mapping) -> None:
-    """Top-level checks of a parsed ``delta_config.json``."""
+    """Top-level checks of a parsed ``delta_config.json``: the three fields readers need
+    (``format``, ``format_version``, ``tensors``), and the type of each optional provenance
+    field when present, so that code reading ``cfg["base"]["fingerprint"]`` never meets a
+    string or ``null`` where the spec has an object. Records are checked by
+    :func:`records.validate_record`."""
     if cfg.get("format") != FORMAT_NAME:
-        raise FormatError(f"{CONFIG_NAME} has format {cfg.get('format')!r}, expected {FORMAT_NAME!r}: this is not a deltahub delta")
+        raise FormatError(f"{CONFIG_NAME} has format {str(cfg.get('format'))[:60]!r}, expected {FORMAT_NAME!r}: this is not a deltahub delta")
     check_version(cfg.get("format_version"))
     if not isinstance(cfg.get("tensors"), Mapping):
         raise FormatError(f"{CONFIG_NAME} has no 'tensors' object")
+    for field, kind in _OPTIONAL_FIELDS.items():
+        if field in cfg and not isinstance(cfg[field], kind):
+            raise FormatError(f"{CONFIG_NAME}: field {field!r} must be {_TYPE_WORDS[kind]}, got {type(cfg[field]).__name__}; the file is corrupted or hostile")
+    for field in ("base", "finetuned"):
+        for sub, value in (cfg.get(field) or {}).items():
+            if sub in ("name_or_path", "revision", "fingerprint", "dtype") and value is not None and not isinstance(value, str):
+                raise FormatError(f"{CONFIG_NAME}: field '{field}.{sub}' must be a string or null, got {type(value).__name__}; the file is corrupted or hostile")
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise FormatError(f"{CONFIG_NAME}: field 'seed' must be an integer >= 0, got {str(seed)[:40]}; the file is corrupted or hostile")
+    samples = (cfg.get("base") or {}).get("samples")
+    if samples is not None and not (isinstance(samples, dict) and all(isinstance(v, str) for v in samples.values())):
+        raise FormatError(f"{CONFIG_NAME}: field 'base.samples' must be an object of strings; the file is corrupted or hostile")
+    for field in ("name", "params"):
+        value = (cfg.get("method") or {}).get(field)
+        if value is not None and not isinstance(value, str if field == "name" else dict):
+            raise FormatError(f"{CONFIG_NAME}: field 'method.{field}' must be {'a string' if field == 'name' else 'an object'}; the file is corrupted or hostile")
+
+
+# Optional top-level fields (spec §4) and the JSON type each must have when present.
+_OPTIONAL_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "deltahub_version": str, "base": dict, "finetuned": dict, "method": dict, "rules": list, "totals": dict, "summary": dict,
+}
+_TYPE_WORDS = {str: "a string", dict: "an object", list: "a list"}
 
 
 def dumps_config(cfg: Mapping) -> str:
@@ -94,11 +122,11 @@ def dumps_config(cfg: Mapping) -> str:
     return text[:-2] + f',\n  "tensors": {body}\n}}\n' if top else f'{{\n  "tensors": {body}\n}}\n'
 
 
-def loads_config(text: str, where: str = CONFIG_NAME) -> dict:
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{where} is not valid JSON ({e}); the file is truncated or corrupted") from None
+def loads_config(text: str | bytes, where: str = CONFIG_NAME) -> dict:
+    """Parse and check ``delta_config.json`` (size and nesting bounded before parsing)."""
+    from .limits import MAX_CONFIG_BYTES, loads_json
+
+    cfg = loads_json(text, where, max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(cfg, dict):
         raise FormatError(f"{where} must hold a JSON object")
     validate_config(cfg)
