@@ -29,6 +29,15 @@ Test hooks (plain attributes, read and written from the test thread):
   500 on purpose: huggingface_hub retries 5xx on LFS uploads with back-off (1 s, 2 s, ...), so a
   single 500 is a *transient* failure the client recovers from (set ``lfs_failure_status = 500`` to
   test exactly that).
+- ``before_commit`` / ``after_commit``: one-shot callables run by the server thread that handles a
+  commit, outside the lock, so they may make HTTP requests of their own to this server (another
+  user's push racing this one). ``before_commit(repo_type, repo_id, revision)`` runs before the
+  commit is applied (its parent check then sees what the hook did); ``after_commit(repo_type,
+  repo_id, commit_id)`` runs after it is applied, before the client gets the answer.
+- ``fail_next(method, path_pattern, status=403, times=1)``: the next ``times`` requests whose method
+  and path (no query; ``re.search``) match are answered with ``status`` and nothing is done, e.g.
+  ``fail_next("POST", r"/tag/")`` makes the next tag creation fail, ``fail_next("DELETE",
+  "/api/repos/delete")`` the next repo deletion.
 - ``lfs_bytes_uploaded`` / ``lfs_uploads`` / ``lfs_failed_uploads``: counters of LFS bodies stored.
 - ``requests``: list of ``(method, path, status)`` of every request served (no headers, so no tokens).
 - ``errors``: tracebacks of unexpected server-side exceptions (answered with 500); a test can assert
@@ -169,6 +178,8 @@ class HubServer:
 
         self.lfs_failure_status = 403
         self.before_commit = None  # one-shot callable(repo_type, repo_id, revision), run before a commit is applied
+        self.after_commit = None  # one-shot callable(repo_type, repo_id, commit_id), run after it is applied
+        self._failures: list[list] = []  # [method, compiled pattern, status, times left] (fail_next)
         self._lfs_failures_pending = 0
         self.lfs_bytes_uploaded = 0
         self.lfs_uploads = 0
@@ -240,6 +251,23 @@ class HubServer:
     def fail_next_lfs_upload(self, value: bool | int) -> None:
         with self._lock:
             self._lfs_failures_pending = int(value)
+
+    def fail_next(self, method: str, path_pattern: str, status: int = 403, times: int = 1) -> None:
+        """Answer the next ``times`` requests matching ``method`` and ``path_pattern`` (``re.search``
+        on the path without its query) with ``status``, doing nothing else. Not 5xx by default:
+        huggingface_hub retries those on some endpoints."""
+        with self._lock:
+            self._failures.append([method.upper(), re.compile(path_pattern), int(status), int(times)])
+
+    def _take_request_failure(self, method: str, path: str) -> int | None:
+        """The status to fail this request with (one use of a ``fail_next`` entry), or None."""
+        with self._lock:
+            for f in self._failures:
+                if f[0] == method and f[3] > 0 and f[1].search(path):
+                    f[3] -= 1
+                    self._failures = [g for g in self._failures if g[3] > 0]
+                    return f[2]
+        return None
 
     # ------------------------------------------------------------------ introspection (no HTTP)
 
@@ -609,6 +637,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._body_done = False
         try:
+            status = self.hub._take_request_failure(method, self.path.split("?", 1)[0])
+            if status is not None:
+                raise HubError(status, f"Simulated failure of {method} {self.path.split('?', 1)[0]} (HubServer.fail_next)")
             self._route(method)
         except HubError as err:
             self._error(err)
@@ -1228,4 +1259,7 @@ class _Handler(BaseHTTPRequestHandler):
                 repo[table][ref] = cid
             hub._save()
             url = hub._repo_url(repo)
+        hook, hub.after_commit = hub.after_commit, None  # one-shot: lets a test race what follows a landed commit
+        if hook is not None:
+            hook(repo_type, repo_id, cid)
         self._json({"success": True, "commitOid": cid, "commitUrl": f"{url}/commit/{cid}", "hookOutput": "", "pullRequestUrl": pr_url})

@@ -459,3 +459,46 @@ def test_state_survives_a_restart_on_the_same_port_and_folder(tmp_path):
     with HubServer(storage_dir=tmp_path / "hub", port=port) as hub:
         status, h, body = http(hub, "GET", f"/{REPO}/resolve/main/.gitattributes")
         assert status == 200 and h["X-Repo-Commit"] == head and b"filter=lfs" in body
+
+
+def _commit_body(summary: str, files: dict[str, bytes], parent: str | None = None) -> bytes:
+    """An NDJSON commit payload of regular files, as huggingface_hub sends it."""
+    import base64
+
+    header = {"summary": summary, "description": "", **({"parentCommit": parent} if parent else {})}
+    lines = [{"key": "header", "value": header}]
+    lines += [{"key": "file", "value": {"path": p, "content": base64.b64encode(d).decode(), "encoding": "base64"}} for p, d in files.items()]
+    return b"\n".join(json.dumps(x).encode() for x in lines)
+
+
+def test_after_commit_hook_races_over_http_and_fail_next_fails_matching_requests(hub):
+    http(hub, "POST", "/api/repos/create", {"name": "delta-model", "organization": "alice"})
+    head = hub.branch_head(REPO)
+    seen = {}
+
+    def rival(repo_type, repo_id, cid):
+        # another client's push and tag, through HTTP, while our commit's answer is still pending
+        seen["landed"] = cid
+        body = _commit_body("rival push", {"rival.txt": b"theirs"}, parent=cid)
+        status, _, answer = http(hub, "POST", f"/api/models/{repo_id}/commit/main", body, {"Content-Type": "application/x-ndjson"})
+        seen["rival"] = json.loads(answer)["commitOid"] if status == 200 else status
+        seen["tag"] = http(hub, "POST", f"/api/models/{repo_id}/tag/{seen['rival']}", {"tag": "v1"})[0]
+
+    hub.after_commit = rival
+    status, _, answer = http(hub, "POST", f"/api/models/{REPO}/commit/main", _commit_body("ours", {"a.txt": b"a"}, parent=head), {"Content-Type": "application/x-ndjson"})
+    ours = json.loads(answer)["commitOid"]
+    assert status == 200 and seen["landed"] == ours and seen["tag"] == 200 and hub.after_commit is None
+    assert hub.commit_ids(REPO)[:3] == [seen["rival"], ours, head] and hub.refs(REPO)["tags"] == {"v1": seen["rival"]}
+    # our tag now collides, as it would for a real push that lost the race
+    assert http(hub, "POST", f"/api/models/{REPO}/tag/{ours}", {"tag": "v1"})[0] == 409
+
+    hub.fail_next("POST", r"/tag/", status=403)
+    status, h, _ = http(hub, "POST", f"/api/models/{REPO}/tag/{ours}", {"tag": "v2"})
+    assert status == 403 and "fail_next" in h["X-Error-Message"] and "v2" not in hub.refs(REPO)["tags"]
+    assert http(hub, "POST", f"/api/models/{REPO}/tag/{ours}", {"tag": "v2"})[0] == 200  # one-shot
+    hub.fail_next("DELETE", "/api/repos/delete", times=2)
+    for _ in range(2):
+        assert http(hub, "DELETE", "/api/repos/delete", {"name": "delta-model", "organization": "alice"})[0] == 403
+    assert hub.has_repo(REPO)
+    assert http(hub, "DELETE", "/api/repos/delete", {"name": "delta-model", "organization": "alice"})[0] == 200
+    assert not hub.has_repo(REPO)
