@@ -22,7 +22,8 @@ import torch
 from ..errors import FormatError
 from . import records as rec
 from .components import check_fields
-from .config import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, dumps_config, loads_config, shard_name
+from .config import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, SHARD_NAME, dumps_config, loads_config, shard_name, validate_config
+from .limits import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, confined_file, read_json
 from .safetensors_stream import MappedSafetensors, SafetensorsStreamWriter
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
@@ -247,21 +248,31 @@ class DeltaReader:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        cfg_path = self.path / CONFIG_NAME
+        # Both files through confined_file: a link leading out of the repo is refused, and the
+        # error is the same whether or not its target exists.
+        cfg_path = confined_file(self.path, CONFIG_NAME, f"{self.path}: {CONFIG_NAME}")
         if not cfg_path.is_file():
             raise FormatError(f"{self.path} has no {CONFIG_NAME}: it is not a deltahub delta repo")
-        self.config = loads_config(cfg_path.read_text(), str(cfg_path))
+        self.config = read_json(cfg_path, str(cfg_path), max_bytes=MAX_CONFIG_BYTES)
+        if not isinstance(self.config, dict):
+            raise FormatError(f"{cfg_path} must hold a JSON object")
+        validate_config(self.config)
         self.records: dict[str, dict] = self.config["tensors"]
-        index_path = self.path / INDEX_NAME
+        index_path = confined_file(self.path, INDEX_NAME, f"{self.path}: {INDEX_NAME}")
         if not index_path.is_file():
             raise FormatError(f"{self.path} has no {INDEX_NAME}; the delta is incomplete")
-        try:
-            self.index = json.loads(index_path.read_text())
-            self.weight_map: dict[str, str] = self.index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise FormatError(f"{index_path} is malformed ({e})") from None
+        self.index = read_json(index_path, str(index_path), max_bytes=MAX_INDEX_BYTES)
+        self.weight_map: dict[str, str] = check_index(self.index, str(index_path))
         self._handles: dict[str, MappedSafetensors] = {}
         self._lock = threading.Lock()  # transformers' loader threads decode at once
+
+    def shard_path(self, shard: str, key: str | None = None) -> Path:
+        """The path of a shard the index names, confined to the repo (no link leading out)."""
+        return confined_file(self.path, shard, f"{INDEX_NAME} entry" + (f" for {key!r}" if key else ""))
+
+    def checksums(self) -> dict[str, str]:
+        """``metadata.sha256`` of the index (checked by :func:`check_index`): shard -> hex digest."""
+        return (self.index.get("metadata") or {}).get("sha256") or {}
 
     def names(self) -> list[str]:
         return list(self.records)
@@ -272,10 +283,10 @@ class DeltaReader:
         except KeyError:
             raise KeyError(f"the delta has no record for tensor {name!r}") from None
 
-    def _handle(self, shard: str) -> MappedSafetensors:
+    def _handle(self, shard: str, key: str | None = None) -> MappedSafetensors:
         with self._lock:
             if shard not in self._handles:
-                path = self.path / shard
+                path = self.shard_path(shard, key)
                 if not path.is_file():
                     raise FormatError(f"shard {shard} is missing from {self.path}; download the delta again")
                 try:
@@ -291,7 +302,7 @@ class DeltaReader:
         shard = self.weight_map.get(key)
         if shard is None:
             raise FormatError(f"stored tensor {key!r} is not in {INDEX_NAME}; the delta is incomplete")
-        handle = self._handle(shard)
+        handle = self._handle(shard, key)
         if key not in handle:
             raise FormatError(f"stored tensor {key!r} is not in {shard}, though {INDEX_NAME} says so; the delta is corrupted")
         with handle.borrow(key) as t:
@@ -314,3 +325,33 @@ class DeltaReader:
             t = self.decode(name, base.get(name))
             if t is not None:
                 yield name, t
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_index(index: object, where: str = INDEX_NAME) -> dict[str, str]:
+    """Check the structure of a parsed ``delta.safetensors.index.json`` (spec §3.2) and return its
+    ``weight_map``: an object of stored keys to shard names ``delta-i-of-N.safetensors`` (one N,
+    1 <= i <= N), ``metadata`` an object whose ``sha256`` maps shard names to 64 lowercase hex digits.
+    Shard names are checked here so that no path from the index ever reaches ``open``."""
+    if not isinstance(index, dict):
+        raise FormatError(f"{where} must hold a JSON object; the file is corrupted")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise FormatError(f"{where}: field 'weight_map' must be an object of stored keys to shard names, got {type(weight_map).__name__}; the file is corrupted or hostile")
+    totals: set[str] = set()
+    for key, shard in weight_map.items():
+        m = SHARD_NAME.match(shard) if isinstance(shard, str) else None
+        if m is None or not 1 <= int(m.group(1)) <= int(m.group(2)):
+            raise FormatError(f"{where}: the entry for {key!r} names {str(shard)[:100]!r}, not a shard name delta-0000i-of-0000N.safetensors; the index is corrupted or hostile")
+        totals.add(m.group(2))
+    if len(totals) > 1:
+        raise FormatError(f"{where}: shard names disagree on the shard count ({sorted(totals)}); the index is corrupted or hostile")
+    metadata = index.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise FormatError(f"{where}: field 'metadata' must be an object, got {type(metadata).__name__}; the file is corrupted or hostile")
+    sha = metadata.get("sha256", {})
+    if not isinstance(sha, dict) or not all(isinstance(k, str) and SHARD_NAME.match(k) and isinstance(v, str) and _HEX64.match(v) for k, v in sha.items()):
+        raise FormatError(f"{where}: field 'metadata.sha256' must map shard names to 64 lowercase hex digits; the file is corrupted or hostile")
+    return weight_map
