@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import FormatError
+
 F16_MIN_NORMAL = 2.0**-14
 F16_MAX = 65504.0
 
@@ -71,15 +73,26 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int, scale_dtype: to
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """``scale * (code - zero)`` per group, in float32; ``codes`` is [n, length]. Runs on the
-    tensors' device (serving dequantizes on the GPU in every forward)."""
+    tensors' device (serving dequantizes on the GPU in every forward).
+
+    Memory is bounded by the codes, never by ``group_size`` (which comes from the file): a
+    group longer than the vector is one group over the vector, with the same values.
+
+    >>> dequantize_groups(torch.tensor([[3, 0]], dtype=torch.uint8), torch.tensor([[0.5]]), torch.tensor([[1]], dtype=torch.uint8), 1 << 31).tolist()
+    [[1.0, -0.5]]
+    """
     n, length = codes.shape
-    ngroups = scale.shape[1] if scale.dim() == 2 else 0
+    g = max(1, min(group_size, length))
+    ngroups = -(-length // g)
+    if scale.shape != (n, ngroups) or zero.shape != (n, ngroups):
+        raise FormatError(f"quantized vectors of length {length} in groups of {group_size} need scale and zero of shape {[n, ngroups]}, got {list(scale.shape)} and {list(zero.shape)}; the file is corrupted")
     # Groups as a dimension of their own, so scale and zero broadcast instead of being
     # gathered out to every element (3x faster); the arithmetic is the same, element by element.
-    x = torch.zeros(n, ngroups * group_size, dtype=torch.float32, device=codes.device)
+    # Padding the last group costs less than one group, which is at most the vector's length.
+    x = torch.zeros(n, ngroups * g, dtype=torch.float32, device=codes.device)
     x[:, :length] = codes
-    x = x.view(n, ngroups, group_size).sub_(zero.to(torch.float32)[:, :, None]).mul_(scale.to(torch.float32)[:, :, None])
-    return x.view(n, ngroups * group_size)[:, :length]
+    x = x.view(n, ngroups, g).sub_(zero.to(torch.float32)[:, :, None]).mul_(scale.to(torch.float32)[:, :, None])
+    return x.view(n, ngroups * g)[:, :length]
 
 
 def quantize_tensor(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, float, int]:

@@ -15,8 +15,10 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import FormatError, InvalidTensorError
-from .components import Component, block_shape, check_fields, component_type, layout_nbytes
+from .components import Component, block_shape, check_fields, component_type, is_int, layout_nbytes
+from .config import CONFIG_NAME
 from .dtypes import FLOAT_NAMES, KNOWN_DTYPES, itemsize, to_torch
+from .limits import MAX_NDIM, MAX_TENSOR_ELEMENTS
 
 KINDS = ("unchanged", "dense", "compressed", "added", "removed")
 SEPARATOR = "::"
@@ -44,44 +46,66 @@ def make_record(kind: str, shape: tuple[int, ...], dtype: str, components: list[
     return record, tensors
 
 
+def _check_shape(where: str, field: str, shape: object) -> tuple[int, ...]:
+    """A shape from the config: a list of at most MAX_NDIM non-negative integers holding at
+    most MAX_TENSOR_ELEMENTS elements (bounded before anything is sized from it)."""
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(is_int(d) and d >= 0 for d in shape):
+        raise FormatError(f"{where}: field {field!r} must be a list of at most {MAX_NDIM} non-negative integers, got {str(shape)[:100]}; the file is corrupted or hostile")
+    if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+        raise FormatError(f"{where}: field {field!r} {shape} holds {math.prod(shape)} elements, more than the {MAX_TENSOR_ELEMENTS} deltahub reads in one tensor; the file is corrupted or hostile")
+    return tuple(shape)
+
+
 def validate_record(name: str, record: Mapping) -> None:
-    """Check a record's structure and every component's layout; raise :class:`FormatError` naming ``name``."""
-    where = f"tensor {name!r}"
+    """Check a record's structure and every component's layout, every field typed (integers are
+    JSON integers, not booleans or floats; lists are lists; objects are objects) and bounded
+    (limits.MAX_NDIM, MAX_TENSOR_ELEMENTS); raise :class:`FormatError` naming the config, the
+    tensor and the field."""
+    where = f"{CONFIG_NAME}: tensor {name!r}"
+    if not isinstance(record, Mapping):
+        raise FormatError(f"{where}: the record must be an object, got {type(record).__name__}; the file is corrupted or hostile")
     kind = record.get("kind")
-    if kind not in KINDS:
-        raise FormatError(f"{where}: unknown record kind {kind!r}; known kinds are {list(KINDS)}")
-    shape = record.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise FormatError(f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}")
-    if record.get("dtype") not in KNOWN_DTYPES:
-        raise FormatError(f"{where}: unknown dtype {record.get('dtype')!r}")
-    if kind in ("dense", "compressed", "added") and record["dtype"] not in FLOAT_NAMES:
-        raise FormatError(f"{where}: a {kind} record needs a floating-point dtype, got {record['dtype']}")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise FormatError(f"{where}: unknown record kind {str(kind)[:40]!r}; known kinds are {list(KINDS)}")
+    shape = _check_shape(where, "shape", record.get("shape"))
+    dtype = record.get("dtype")
+    if not isinstance(dtype, str) or dtype not in KNOWN_DTYPES:
+        raise FormatError(f"{where}: field 'dtype' is {str(dtype)[:40]!r}, not one of {list(KNOWN_DTYPES)}")
+    if kind in ("dense", "compressed", "added") and dtype not in FLOAT_NAMES:
+        raise FormatError(f"{where}: a {kind} record needs a floating-point dtype, got {dtype}")
+    if "method" in record and not isinstance(record["method"], str):
+        raise FormatError(f"{where}: field 'method' must be a string, got {type(record['method']).__name__}")
     comps = record.get("components")
+    if comps is not None and not isinstance(comps, list):
+        raise FormatError(f"{where}: field 'components' must be a list, got {type(comps).__name__}")
     if kind in ("unchanged", "removed"):
         if comps:
             raise FormatError(f"{where}: a {kind} record stores no components")
         return
-    if not isinstance(comps, list) or not comps:
+    if not comps:
         raise FormatError(f"{where}: a {kind} record needs a non-empty 'components' list")
+    for i, meta in enumerate(comps):
+        if not isinstance(meta, Mapping):
+            raise FormatError(f"{where}: component {i} is not an object")
     base_shape = record.get("base_shape")
     if base_shape is not None:
-        if not isinstance(base_shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in base_shape):
-            raise FormatError(f"{where}: 'base_shape' must be a list of non-negative integers, got {base_shape!r}")
-        if kind != "compressed" or len(base_shape) != len(shape) or list(base_shape[1:]) != shape[1:]:
-            raise FormatError(f"{where}: base_shape {base_shape} may differ from shape {shape} only in dimension 0 of a compressed record")
+        base_shape = _check_shape(where, "base_shape", base_shape)
+        if kind != "compressed" or len(base_shape) != len(shape) or base_shape[1:] != shape[1:]:
+            raise FormatError(f"{where}: base_shape {list(base_shape)} may differ from shape {list(shape)} only in dimension 0 of a compressed record")
     if kind in ("dense", "added"):
         if len(comps) != 1 or comps[0].get("type") != "dense" or "rows" in comps[0]:
             raise FormatError(f"{where}: a {kind} record holds exactly one dense component over the whole tensor")
-        if kind == "added" and comps[0].get("dtype") != record["dtype"]:
-            raise FormatError(f"{where}: an added tensor is stored in its own dtype {record['dtype']}")
+        if kind == "added" and comps[0].get("dtype") != dtype:
+            raise FormatError(f"{where}: an added tensor is stored in its own dtype {dtype}")
     types = [c.get("type") for c in comps]
     if "lossless" in types and len(comps) != 1:
         raise FormatError(f"{where}: a lossless component must be the record's only component")
     for i, meta in enumerate(comps):
-        if not isinstance(meta, Mapping):
-            raise FormatError(f"{where}: component {i} is not an object")
-        component_type(meta.get("type")).layout(meta, block_shape(tuple(shape), meta))
+        try:
+            component_type(meta.get("type")).layout(meta, block_shape(shape, meta))
+        except FormatError as e:
+            # Same class (UnknownComponentError stays one), with the file, tensor and component.
+            raise type(e)(f"{where}, component {i} ({str(meta.get('type'))[:40]}): {e}") from None
 
 
 def record_layout(name: str, record: Mapping) -> dict[str, tuple[str, tuple[int, ...]]]:

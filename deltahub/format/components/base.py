@@ -28,6 +28,19 @@ class Component:
         return self.meta["type"]
 
 
+def is_int(x: object) -> bool:
+    """A JSON integer: an ``int`` that is not a ``bool`` (``true`` is not a row count)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_int(field: str, value: object, lo: int, hi: int | None = None) -> int:
+    """``value`` as an integer in ``lo..hi``, else a :class:`FormatError` naming ``field``."""
+    if not is_int(value) or value < lo or (hi is not None and value > hi):
+        span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise FormatError(f"field {field!r} must be an integer {span}, got {str(value)[:60]}")
+    return value
+
+
 def block_shape(shape: tuple[int, ...], meta: Mapping) -> tuple[int, ...]:
     """Shape of the part of the tensor a component covers (``rows`` restricts dimension 0)."""
     rows = meta.get("rows")
@@ -35,9 +48,9 @@ def block_shape(shape: tuple[int, ...], meta: Mapping) -> tuple[int, ...]:
         return tuple(shape)
     if len(shape) == 0:
         raise FormatError("a component of a 0-d tensor cannot have 'rows'")
+    if not (isinstance(rows, list) and len(rows) == 2 and all(is_int(r) for r in rows) and 0 <= rows[0] < rows[1] <= shape[0]):
+        raise FormatError(f"field 'rows' must be [start, end] with 0 <= start < end <= {shape[0]} (dimension 0 of shape {list(shape)}), got {str(rows)[:60]}")
     start, end = rows
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= shape[0]):
-        raise FormatError(f"component rows {rows} do not fit dimension 0 of shape {list(shape)}")
     return (end - start, *shape[1:])
 
 
@@ -46,8 +59,8 @@ def matrix_view(block: tuple[int, ...], meta: Mapping) -> tuple[int, int]:
     numel = math.prod(block)
     view = meta.get("view")
     if view is not None:
-        if not isinstance(view, list) or len(view) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in view) or view[0] * view[1] != numel:
-            raise FormatError(f"component view {view} does not hold the {numel} elements of block {list(block)}")
+        if not isinstance(view, list) or len(view) != 2 or not all(is_int(v) and v >= 0 for v in view) or view[0] * view[1] != numel:
+            raise FormatError(f"field 'view' {str(view)[:60]} does not hold the {numel} elements of block {list(block)}")
         return int(view[0]), int(view[1])
     if len(block) == 0:
         return 1, 1
@@ -127,9 +140,9 @@ def register_component(cls: type[ComponentType]) -> type[ComponentType]:
 def component_type(name: str) -> type[ComponentType]:
     try:
         return COMPONENT_TYPES[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable "type" (a list or an object)
         raise UnknownComponentError(
-            f"unknown component type {name!r}; this deltahub reads {sorted(COMPONENT_TYPES)}. "
+            f"unknown component type {str(name)[:60]!r}; this deltahub reads {sorted(COMPONENT_TYPES)}. "
             "The delta may come from a newer deltahub: upgrade with `pip install -U deltahub`."
         ) from None
 

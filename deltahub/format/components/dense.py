@@ -18,8 +18,8 @@ class Dense(ComponentType):
     @classmethod
     def layout(cls, meta: Mapping, block: tuple[int, ...]) -> Layout:
         dt = meta.get("dtype")
-        if dt not in FLOAT_NAMES:
-            raise FormatError(f"dense dtype must be one of {FLOAT_NAMES}, got {dt!r}")
+        if not isinstance(dt, str) or dt not in FLOAT_NAMES:
+            raise FormatError(f"dense dtype must be one of {FLOAT_NAMES}, got {str(dt)[:40]!r}")
         return {"values": (dt, tuple(block))}
 
     @classmethod

@@ -16,7 +16,7 @@ import torch
 import zstandard
 
 from ...errors import FormatError
-from .base import Component, ComponentType, Layout, RowAdder, register_component
+from .base import Component, ComponentType, Layout, RowAdder, check_int, register_component
 
 CODEC = "xor-byteplanes-zstd"
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -30,12 +30,10 @@ class Lossless(ComponentType):
     @classmethod
     def layout(cls, meta: Mapping, block: tuple[int, ...]) -> Layout:
         if meta.get("codec") != CODEC:
-            raise FormatError(f"lossless codec must be {CODEC!r}, got {meta.get('codec')!r}")
+            raise FormatError(f"lossless codec must be {CODEC!r}, got {str(meta.get('codec'))[:40]!r}")
         if "rows" in meta:
             raise FormatError("a lossless component covers the whole tensor and cannot have 'rows'")
-        n = meta.get("nbytes")
-        if not isinstance(n, int) or n < 0:
-            raise FormatError(f"lossless needs a byte count 'nbytes', got {n!r}")
+        n = check_int("nbytes", meta.get("nbytes"), 0)
         return {"data": ("U8", (n,))}
 
     @classmethod

@@ -15,24 +15,29 @@ import torch
 from ...errors import FormatError
 from .. import bitpack
 from ..dtypes import FLOAT_NAMES, itemsize, to_name, to_torch
+from ..limits import MAX_TENSOR_ELEMENTS
 from ..quant import GroupQuant, dequantize_groups, quantize_groups
-from .base import Component, ComponentType, Layout, RowAdder, matrix_view, register_component
+from .base import Component, ComponentType, Layout, RowAdder, check_int, is_int, matrix_view, register_component
 
 
 def _ngroups(length: int, group_size: int) -> int:
     return -(-length // group_size)
 
 
+# Upper bound of a quantization group: groups longer than a vector are one group over the
+# vector (quant.dequantize_groups never allocates by group_size), so any bound is only sanity.
+MAX_GROUP_SIZE = MAX_TENSOR_ELEMENTS
+
+
 def _segment_layout(prefix: str, seg: Mapping, length: int) -> Layout:
-    start, end = seg.get("start"), seg.get("end")
+    start, end = seg["start"], seg["end"]  # typed by _check_segments
     width = end - start
     if "bits" in seg:
-        bits, g = seg["bits"], seg.get("group_size")
+        bits = check_int(f"{prefix}.bits", seg["bits"], 1, 8)
+        g = check_int(f"{prefix}.group_size", seg.get("group_size"), 1, MAX_GROUP_SIZE)
         sdt = seg.get("scale_dtype", "F16")
-        if not (isinstance(bits, int) and 1 <= bits <= 8) or not (isinstance(g, int) and g >= 1):
-            raise FormatError(f"lowrank segment {dict(seg)} needs bits in 1..8 and group_size >= 1")
-        if sdt not in ("F16", "F32"):
-            raise FormatError(f"lowrank segment scale_dtype must be F16 or F32, got {sdt!r}")
+        if not isinstance(sdt, str) or sdt not in ("F16", "F32"):
+            raise FormatError(f"field '{prefix}.scale_dtype' must be 'F16' or 'F32', got {str(sdt)[:40]!r}")
         ng = _ngroups(length, g)
         return {
             f"{prefix}.codes": ("U8", (bitpack.packed_nbytes(width * length, bits),)),
@@ -40,17 +45,20 @@ def _segment_layout(prefix: str, seg: Mapping, length: int) -> Layout:
             f"{prefix}.zero": ("U8", (width, ng)),
         }
     dt = seg.get("dtype")
-    if dt not in FLOAT_NAMES:
-        raise FormatError(f"lowrank segment {dict(seg)} needs 'bits' or a float 'dtype'")
+    if not isinstance(dt, str) or dt not in FLOAT_NAMES:
+        raise FormatError(f"lowrank segment {prefix} needs 'bits' or a float 'dtype' ({list(FLOAT_NAMES)}), got dtype {str(dt)[:40]!r}")
     return {f"{prefix}.values": (dt, (width, length))}
 
 
 def _check_segments(factor: str, segs: Sequence[Mapping], rank: int) -> None:
     pos = 0
-    for seg in segs:
-        if seg.get("start") != pos or not isinstance(seg.get("end"), int) or seg["end"] <= pos:
-            raise FormatError(f"lowrank {factor} segments must tile [0, {rank}) in order, got {list(segs)}")
-        pos = seg["end"]
+    for j, seg in enumerate(segs):
+        if not isinstance(seg, Mapping):
+            raise FormatError(f"lowrank segment {factor}.{j} must be an object, got {str(seg)[:60]}")
+        start, end = seg.get("start"), seg.get("end")
+        if not (is_int(start) and is_int(end)) or start != pos or end <= pos:
+            raise FormatError(f"lowrank {factor} segments must tile [0, {rank}) in order with integer 'start' and 'end'; segment {j} is [{str(start)[:20]}, {str(end)[:20]})")
+        pos = end
     if pos != rank:
         raise FormatError(f"lowrank {factor} segments cover [0, {pos}), rank is {rank}")
 
@@ -62,14 +70,14 @@ class LowRank(ComponentType):
     @classmethod
     def layout(cls, meta: Mapping, block: tuple[int, ...]) -> Layout:
         p, q = matrix_view(block, meta)
-        rank = meta.get("rank")
-        if not isinstance(rank, int) or rank < 1:
-            raise FormatError(f"lowrank rank must be a positive integer, got {rank!r}")
+        # Not bounded by min(p, q): the spec allows more (spec/vectors has rank 37 on a 21x131
+        # view) and the field `s` stores 4 bytes per rank, so the file's size bounds it.
+        rank = check_int("rank", meta.get("rank"), 1, MAX_TENSOR_ELEMENTS)
         out: Layout = {"s": ("F32", (rank,))}
         for factor, length in (("u", p), ("v", q)):
             segs = meta.get(factor)
             if not isinstance(segs, list):
-                raise FormatError(f"lowrank needs a segment list {factor!r}")
+                raise FormatError(f"lowrank needs a segment list {factor!r}, got {type(segs).__name__}")
             _check_segments(factor, segs, rank)
             for j, seg in enumerate(segs):
                 out.update(_segment_layout(f"{factor}.{j}", seg, length))

@@ -20,8 +20,8 @@ class Sign(ComponentType):
     def layout(cls, meta: Mapping, block: tuple[int, ...]) -> Layout:
         p, q = matrix_view(block, meta)
         scale = meta.get("scale", "tensor")
-        if scale not in ("tensor", "row"):
-            raise FormatError(f"sign scale must be 'tensor' or 'row', got {scale!r}")
+        if not isinstance(scale, str) or scale not in ("tensor", "row"):
+            raise FormatError(f"sign scale must be 'tensor' or 'row', got {str(scale)[:40]!r}")
         return {
             "bits": ("U8", (bitpack.packed_nbytes(p * q, 1),)),
             "scale": ("F32", (1,) if scale == "tensor" else (p,)),

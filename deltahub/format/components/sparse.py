@@ -16,7 +16,7 @@ import torch
 from ...errors import FormatError
 from .. import bitpack, prng
 from ..dtypes import FLOAT_NAMES, itemsize, to_name, to_torch
-from .base import Component, ComponentType, Layout, RowAdder, matrix_view, register_component
+from .base import Component, ComponentType, Layout, RowAdder, check_int, matrix_view, register_component
 
 _ADD_CHUNK = 1 << 20
 
@@ -32,19 +32,16 @@ def indptr_dtype(nnz: int) -> str:
 def _values_layout(meta: Mapping, nnz: int) -> Layout:
     values = meta.get("values")
     if not isinstance(values, Mapping):
-        raise FormatError("sparse needs a 'values' object")
+        raise FormatError(f"sparse needs a 'values' object, got {type(values).__name__}")
     if "bits" in values:
-        bits = values["bits"]
-        if not (isinstance(bits, int) and 1 <= bits <= 8):
-            raise FormatError(f"sparse values bits must be in 1..8, got {bits!r}")
+        bits = check_int("values.bits", values["bits"], 1, 8)
         for key in ("zero", "offset"):
-            v = values.get(key, 0)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 255:
-                raise FormatError(f"sparse quantized values need an integer {key!r} in 0..255, got {v!r}")
+            check_int(f"values.{key}", values.get(key, 0), 0, 255)
         return {"codes": ("U8", (bitpack.packed_nbytes(nnz, bits),)), "scale": ("F32", (1,))}
-    if values.get("dtype") not in FLOAT_NAMES:
-        raise FormatError(f"sparse values need 'bits' or a float 'dtype', got {dict(values)}")
-    return {"values": (values["dtype"], (nnz,))}
+    dt = values.get("dtype")
+    if not isinstance(dt, str) or dt not in FLOAT_NAMES:
+        raise FormatError(f"sparse values need 'bits' or a float 'dtype' ({list(FLOAT_NAMES)}), got {str(dict(values))[:80]}")
+    return {"values": (dt, (nnz,))}
 
 
 def _mask_nnz(meta: Mapping, p: int, q: int) -> int:
@@ -63,31 +60,26 @@ class Sparse(ComponentType):
     @classmethod
     def layout(cls, meta: Mapping, block: tuple[int, ...]) -> Layout:
         p, q = matrix_view(block, meta)
-        nnz = meta.get("nnz")
-        if not isinstance(nnz, int) or not 0 <= nnz <= p * q:
-            raise FormatError(f"sparse nnz must be an integer in 0..{p * q}, got {nnz!r}")
+        nnz = check_int("nnz", meta.get("nnz"), 0, p * q)
         index = meta.get("index")
         if index == "csr":
             out: Layout = {"indptr": (indptr_dtype(nnz), (p + 1,)), "indices": (indices_dtype(q), (nnz,))}
         elif index == "seeded":
             mask = meta.get("mask")
             if not isinstance(meta.get("seed"), str) or not re.fullmatch(r"[0-9a-f]{16}", meta["seed"]) or not isinstance(mask, Mapping):
-                raise FormatError(f"seeded sparse needs a 'seed' of 16 lowercase hex digits and a 'mask', got seed {meta.get('seed')!r}")
+                raise FormatError(f"seeded sparse needs a 'seed' of 16 lowercase hex digits and a 'mask' object, got seed {str(meta.get('seed'))[:40]!r}")
             if mask.get("kind") == "group":
-                g, keep = mask.get("group_size"), mask.get("keep")
-                if not (isinstance(g, int) and g >= 1 and isinstance(keep, int) and 0 <= keep <= g):
-                    raise FormatError(f"group mask needs group_size >= 1 and 0 <= keep <= group_size, got {dict(mask)}")
+                g = check_int("mask.group_size", mask.get("group_size"), 1)
+                check_int("mask.keep", mask.get("keep"), 0, g)
             elif mask.get("kind") == "bernoulli":
-                t = mask.get("threshold")
-                if not (isinstance(t, int) and 0 <= t <= 1 << prng.KEY_BITS):
-                    raise FormatError(f"bernoulli mask threshold must be in 0..2**53, got {t!r}")
+                check_int("mask.threshold", mask.get("threshold"), 0, 1 << prng.KEY_BITS)
             else:
-                raise FormatError(f"unknown sparse mask kind {mask.get('kind')!r}; known: group, bernoulli")
+                raise FormatError(f"unknown sparse mask kind {str(mask.get('kind'))[:40]!r}; known: group, bernoulli")
             if _mask_nnz(meta, p, q) != nnz:
                 raise FormatError(f"sparse nnz {nnz} does not match its group mask ({_mask_nnz(meta, p, q)})")
             out = {}
         else:
-            raise FormatError(f"sparse index must be 'csr' or 'seeded', got {index!r}")
+            raise FormatError(f"sparse index must be 'csr' or 'seeded', got {str(index)[:40]!r}")
         out.update(_values_layout(meta, nnz))
         return out
 
