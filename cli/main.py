@@ -1,22 +1,45 @@
 """The ``deltahub`` command line: a thin typer layer over deltahub's public API.
 
-Errors from bad input print one line and exit with status 1; ``--debug`` shows the traceback.
+No error prints a traceback unless ``--debug`` is given; each prints one line ``Error: ...`` on
+stderr. Exit statuses:
+
+- 0: success.
+- 1: an error in the input or the environment (any ``DeltahubError``: malformed delta, wrong
+  base, output refused...; ``OSError`` such as a missing file or a full disk; ``ValueError``),
+  or ``verify`` found a problem.
+- 2: the command line itself is wrong (unknown option, bad value: typer's usage errors).
+- 3: an internal error, i.e. a bug in deltahub: the line names the exception; rerun with
+  ``--debug`` for the traceback and report it.
+- 130: interrupted (Ctrl-C); 143: terminated (SIGTERM). An output being written is removed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-import typer
-from rich.console import Console
-from rich.table import Table
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
 
-import deltahub
-from deltahub.card import human_bytes
+try:  # importing torch takes seconds: a Ctrl-C then must not print a traceback either
+    import typer
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    import deltahub
+    from deltahub.card import human_bytes
+except KeyboardInterrupt:
+    sys.stderr.write("Error: interrupted\n")
+    sys.exit(EXIT_INTERRUPTED)
+except Exception as e:  # a broken installation
+    if "--debug" in sys.argv:
+        raise
+    sys.stderr.write(f"Error: deltahub cannot start ({type(e).__name__}: {e}); rerun with --debug for the traceback\n")
+    sys.exit(EXIT_INTERNAL)
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False, help="Store, share and load fine-tuned models as compressed deltas.")
 console = Console()
@@ -32,17 +55,50 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
     _state["debug"] = debug
 
 
+# Errors a user can cause and fix (exit 1); any other exception is a bug (exit 3).
+EXPECTED_ERRORS = (deltahub.DeltahubError, OSError, ValueError)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that writers remove their partial output (they
+    clean up on any BaseException) before the process exits with 143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _say(message: str) -> None:
+    """One line on stderr: ``Error: message`` (newlines in the message folded, no markup parsed)."""
+    text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    err_console.print(Text.assemble(("Error:", "red"), " ", text), highlight=False, soft_wrap=True)
+
+
+def _report(e: BaseException) -> int:
+    """Print the one line for ``e`` and return its exit status (see the module docstring)."""
+    if isinstance(e, Terminated):
+        _say("terminated (SIGTERM); an unfinished output was removed")
+        return EXIT_TERMINATED
+    if isinstance(e, KeyboardInterrupt):
+        _say("interrupted; an unfinished output was removed")
+        return EXIT_INTERRUPTED
+    if isinstance(e, EXPECTED_ERRORS):
+        _say(str(e) or type(e).__name__)
+        return EXIT_ERROR
+    _say(f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback and report it")
+    return EXIT_INTERNAL
+
+
 def _fail(e: BaseException) -> None:
     if _state["debug"]:
         raise e
-    err_console.print(f"[red]Error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+    raise typer.Exit(_report(e))
 
 
 def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
-    except (deltahub.DeltahubError, FileExistsError, ValueError, TypeError, KeyError, OSError) as e:
+    except (Exception, KeyboardInterrupt, Terminated) as e:
         _fail(e)
 
 
@@ -55,7 +111,7 @@ def _ratio(text: str | None) -> float | None:
             num, den = text.split("/")
             return float(num) / float(den)
         return float(text)
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
         raise typer.BadParameter(f"{text!r} is not a ratio; write it as 1/8 or 0.125") from None
 
 
@@ -370,8 +426,28 @@ def export_lora(
 
 
 def run() -> None:
-    """Entry point of the ``deltahub`` script."""
-    app(prog_name="deltahub")
+    """Entry point of the ``deltahub`` script (and ``python -m deltahub``): exits with the status
+    of :func:`status`."""
+    sys.exit(status())
+
+
+def status() -> int:
+    """Run the command line of ``sys.argv`` and return its exit status (module docstring).
+
+    Errors raised outside a command's main call (while printing its result, say) get the same
+    one-line treatment as those inside it (``_run``); ``--debug`` lets them through.
+    """
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app(prog_name="deltahub")  # standalone: exits through SystemExit (usage errors: 2)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
+    except (Exception, KeyboardInterrupt, Terminated) as e:
+        if _state["debug"]:
+            raise
+        return _report(e)
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from .errors import (
     FormatError,
     InfeasibleRatioError,
     InvalidTensorError,
+    OutputError,
     ShapeMismatchError,
     UnknownComponentError,
     UnknownMethodError,
@@ -36,7 +37,7 @@ from .version import __version__
 __all__ = [
     "FORMAT_VERSION", "BaseMismatchError", "Checkpoint", "CheckpointError", "CompressResult", "DeltaInfo", "DeltaModel",
     "DeltaReader", "DeltaWriter", "DeltahubError", "EncodedTensor", "FormatError", "InfeasibleRatioError", "InvalidTensorError",
-    "Policy", "Rule", "ShapeMismatchError", "UnknownComponentError", "UnknownMethodError", "UnsupportedFormatVersionError",
+    "OutputError", "Policy", "Rule", "ShapeMismatchError", "UnknownComponentError", "UnknownMethodError", "UnsupportedFormatVersionError",
     "VerifyReport", "__version__", "apply", "compress", "decode_tensor", "encode_tensor", "get_method", "info", "list_methods", "verify",
     "EvalReport", "evaluate", "ConcurrentPushError", "History", "HubError", "PushResult", "Version", "history", "pull", "push", "rollback",
     "LoraExportReport", "ServingError", "UnknownDeltaError", "export_lora",

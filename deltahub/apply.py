@@ -47,7 +47,7 @@ def apply(
 
         deltahub.apply("user/my-delta", "full-model")
     """
-    out = check_out_dir(out_dir, overwrite)  # refused before anything is downloaded
+    out = check_out_dir(out_dir, overwrite, inputs=(delta, base))  # refused before anything is downloaded
     reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=HubOptions(token, cache_dir, local_files_only), verify_base=verify_base)
     limit = parse_size(max_shard_size)
     layouts = _plan_shards([(n, to_torch(r["dtype"]), tuple(r["shape"])) for n, r in reader.records.items() if r["kind"] != "removed"], limit)
@@ -56,7 +56,7 @@ def apply(
             return reader.decode(name, b)
 
     names = [name for layout in layouts for name, _, _ in layout]
-    with atomic_dir(out, overwrite) as tmp, tqdm(total=len(names), desc="Applying", disable=not progress) as bar:
+    with atomic_dir(out, overwrite, inputs=(delta, base, reader.path, base_ckpt.path)) as tmp, tqdm(total=len(names), desc="Applying", disable=not progress) as bar:
         decoded = decoded_ahead(decode, names)
         shards: list[tuple[Path, list[str]]] = []
         try:

@@ -146,13 +146,17 @@ def compress(
         print(result)
     """
     t0 = time.perf_counter()
-    check_out_dir(out_dir, overwrite)
+    # The output may not be, hold or lie inside an input: checked on the names given before any
+    # download, and again on the folders they resolve to (Hub ids -> cache snapshots).
+    check_out_dir(out_dir, overwrite, inputs=(base, finetuned, calibration))
     params = dict(params or {})
     get_method(method, **params)  # unknown methods and parameters fail before any download
     policy = Policy(method, ratio, params, [r if isinstance(r, Rule) else Rule.parse(r) for r in rules])
     hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     base_ckpt = Checkpoint.open(base, revision=base_revision, **hub)
     ft_ckpt = Checkpoint.open(finetuned, revision=revision, **hub)
+    inputs = (base, finetuned, calibration, base_ckpt.path, ft_ckpt.path)
+    check_out_dir(out_dir, overwrite, inputs=inputs)
     _check_architectures(base_ckpt, ft_ckpt)
     _check_ratios(policy, {to_torch(ft_ckpt.info(n).dtype) for n in ft_ckpt.names()})
     result = CompressResult(Path(out_dir))
@@ -173,7 +177,7 @@ def compress(
     dtypes: dict[str, int] = {}
     total = sum(itemsize(ft_ckpt.info(n).dtype) * math.prod(ft_ckpt.info(n).shape) for n in names)
     samples: dict[str, str] = {}
-    with compute_device(device), DeltaWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite) as writer:
+    with compute_device(device), DeltaWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="Compressing", disable=not progress)
         for name in names:
             info = ft_ckpt.info(name)

@@ -44,3 +44,8 @@ class ShapeMismatchError(InvalidTensorError):
 
 class BaseMismatchError(DeltahubError, ValueError):
     """The base model given does not match the base the delta was made against."""
+
+
+class OutputError(DeltahubError, ValueError):
+    """The output folder is, contains or lies inside an input (or a Hugging Face cache repo):
+    writing there could delete or change the input."""

@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from ..errors import FormatError
+from ..errors import FormatError, OutputError
 from . import records as rec
 from .components import check_fields
 from .config import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, SHARD_NAME, dumps_config, loads_config, shard_name, validate_config
@@ -29,6 +30,8 @@ from .safetensors_stream import MappedSafetensors, SafetensorsStreamWriter
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 # "model.layers.12.mlp.up_proj.weight" -> "model.layers.12": tensors of one block share a shard.
 _LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
+# A repo folder of a Hugging Face cache: models--user--name (datasets--, spaces-- likewise).
+_CACHE_REPO = re.compile(r"(models|datasets|spaces)--.+")
 
 
 def layer_group(name: str) -> str:
@@ -49,39 +52,173 @@ def parse_size(size: int | str) -> int:
     return int(s)
 
 
-def check_out_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse a non-empty output folder unless ``overwrite`` (checked before any work starts)."""
+def check_out_dir(path: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Check an output folder before any work starts, and tidy what killed writers left beside it.
+
+    Refused with :class:`OutputError`, with or without ``overwrite``: an output that is, contains
+    or lies inside one of ``inputs`` (real paths compared, links followed; names that are not
+    local paths, such as Hub ids, are skipped) or inside a Hugging Face cache repo folder
+    (``models--*``), since replacing it would delete the input and writing inside it changes it.
+    Refused with ``FileExistsError``: a non-empty output, unless ``overwrite``.
+    Stale partial and old folders of ``path`` are handled first (:func:`clean_stale`).
+    """
     p = Path(path)
+    _check_not_input(p, inputs)
+    clean_stale(p)
     if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
         raise FileExistsError(f"{p} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
     return p
 
 
+def _check_not_input(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    real = Path(os.path.realpath(out))
+    repo = _cache_repo(real)
+    if repo is not None:
+        raise OutputError(f"the output {out} lies inside the Hugging Face cache repo {repo}; writing there would change the cached model; choose an output folder outside the cache")
+    for given in inputs:
+        if given is None or not os.path.lexists(Path(given).expanduser()):
+            continue  # a Hub id or a missing path: nothing on disk to harm
+        root = Path(os.path.realpath(Path(given).expanduser()))
+        # An input in the cache protects its whole cached repo (snapshots link into blobs/).
+        root = _cache_repo(root) or root
+        if real == root:
+            how = "is"
+        elif root in real.parents:
+            how = "lies inside"
+        elif real in root.parents:
+            how = "contains"
+        else:
+            continue
+        raise OutputError(
+            f"the output {out} {how} the input {given}" + (f" ({root})" if str(root) != str(given) else "")
+            + "; writing there (even with --overwrite) could delete or change the input; choose an output folder that is not an input and neither holds nor lies inside one"
+        )
+
+
+def _cache_repo(real: Path) -> Path | None:
+    """The Hugging Face cache repo folder (``.../models--user--name``, with ``snapshots/``) that
+    ``real`` is or lies inside, if any."""
+    for folder in (real, *real.parents):
+        if _CACHE_REPO.match(folder.name) and (folder / "snapshots").is_dir():
+            return folder
+    return None
+
+
+def _umask_of_proc() -> int | None:
+    # Linux >= 4.7 shows the umask here; reading it is thread-safe, unlike os.umask's set-and-restore.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_by_setting() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Elsewhere the umask is read once, here, at import (set-and-restore is racy once threads run).
+_IMPORT_UMASK = _umask_by_setting() if _umask_of_proc() is None else 0o022
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where the system allows)."""
+    mask = _umask_of_proc()
+    return _IMPORT_UMASK if mask is None else mask
+
+
+def _is_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this host; anything uncertain counts as alive."""
+    if pid <= 0:
+        return True  # never signal 0 or -1 (a process group, every process)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # e.g. PermissionError: alive, another user's
+    return True
+
+
+def clean_stale(out: Path) -> None:
+    """Remove the partial and old folders that dead writers of ``out`` left beside it.
+
+    Only entries named exactly ``.{out.name}.partial-{pid}-{tag}`` or ``.{out.name}.old-{pid}-{tag}``
+    (what :func:`partial_dir` and :func:`install_dir` make) whose ``pid`` is no live process on
+    this host are touched; links are never followed or removed. Recovery of an interrupted
+    overwrite: a writer killed between moving the old ``out`` aside and renaming the new one in
+    leaves ``out`` missing and its old version in ``.old-``; the newest such old folder is then
+    renamed back to ``out`` (the user keeps the previous output; the unfinished new one, in its
+    partial folder, is discarded and the run must be redone). Does nothing off POSIX systems,
+    where liveness cannot be checked this way.
+    """
+    if os.name != "posix" or not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-([0-9]{{1,10}})-[a-z0-9_]{{4,32}}")
+    stale: list[tuple[str, os.DirEntry]] = []
+    with os.scandir(out.parent) as entries:
+        for entry in entries:
+            m = pattern.fullmatch(entry.name)
+            if m and not entry.is_symlink() and not _is_alive(int(m.group(2))):
+                stale.append((m.group(1), entry))
+    olds = [e for kind, e in stale if kind == "old"]
+    if olds and not os.path.lexists(out):
+        newest = max(olds, key=lambda e: e.stat(follow_symlinks=False).st_ctime)
+        try:
+            os.rename(newest.path, out)
+            stale = [(k, e) for k, e in stale if e is not newest]
+        except OSError:
+            return  # another process got there first: leave everything for the next writer
+    for _, entry in stale:
+        _remove(Path(entry.path))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(FileNotFoundError):
+            path.unlink()
+
+
 def partial_dir(out: Path) -> Path:
-    """A new empty hidden folder beside ``out``: on the same filesystem, so that renaming it to
-    ``out`` is atomic."""
+    """A new empty hidden folder ``.{name}.partial-{pid}-{tag}`` beside ``out``: on the same
+    filesystem, so that renaming it to ``out`` is atomic, and named with the writer's pid, so that
+    a later writer can tell a dead run's leftovers (:func:`clean_stale`). It gets the usual
+    folder permissions (``0o777 & ~umask``), not ``mkdtemp``'s private 0700, since it becomes
+    the output."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
 
 
 def install_dir(tmp: Path, out: Path) -> None:
-    """Rename the complete folder ``tmp`` to ``out``. An existing ``out`` is moved aside first and
-    removed only afterwards, so ``out`` is never a mix of old and new files."""
+    """Rename the complete folder ``tmp`` to ``out``. An existing ``out`` is moved aside first
+    (to ``.{name}.old-{pid}-{tag}``) and removed only afterwards, so ``out`` is never a mix of old
+    and new files; if the process dies in between, the next writer puts the old one back
+    (:func:`clean_stale`)."""
     backup = None
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if os.path.lexists(out):
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
         os.replace(out, backup)
     os.replace(tmp, out)
     if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+        _remove(backup)
 
 
 @contextmanager
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
     """Write a folder atomically: yield an empty temporary folder beside ``out_dir`` that is
-    renamed into place when the block succeeds and removed when it fails, so an interrupted
-    run never leaves a folder that looks complete. A non-empty ``out_dir`` is refused unless
-    ``overwrite`` (:func:`check_out_dir`).
+    renamed into place when the block succeeds and removed when it fails (any exception,
+    KeyboardInterrupt included), so an interrupted run never leaves a folder that looks
+    complete. A non-empty ``out_dir`` is refused unless ``overwrite``, and an ``out_dir`` that is,
+    holds or lies inside one of ``inputs`` always (:func:`check_out_dir`).
 
     >>> import tempfile
     >>> out = Path(tempfile.mkdtemp()) / "result"
@@ -90,7 +227,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
     >>> sorted(p.name for p in out.iterdir())
     ['a.txt']
     """
-    out = check_out_dir(out_dir, overwrite)
+    out = check_out_dir(out_dir, overwrite, inputs)
     tmp = partial_dir(out)
     try:
         yield tmp
@@ -114,8 +251,12 @@ class DeltaWriter:
     ['norm.weight']
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False, shard_by_layer: bool = True) -> None:
-        self.out_dir = check_out_dir(out_dir, overwrite)
+    def __init__(
+        self, out_dir: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False, shard_by_layer: bool = True,
+        inputs: Iterable[str | os.PathLike | None] = (),
+    ) -> None:
+        # ``inputs``: the folders and files the delta is made from, which out_dir must not touch.
+        self.out_dir = check_out_dir(out_dir, overwrite, inputs)
         self.max_shard_size = parse_size(max_shard_size)
         # Not atomic_dir: the writer outlives one block (finish() installs, abort() discards).
         self._tmp = partial_dir(self.out_dir)

@@ -196,7 +196,7 @@ def export_lora(
     """
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ServingError(f"rank must be a positive integer, got {rank!r}")
-    out = check_out_dir(out_dir, overwrite)  # refused before any work
+    out = check_out_dir(out_dir, overwrite, inputs=(delta, base))  # refused before any work
     adapter_dtype = parse_user_dtype(dtype)
     if not adapter_dtype.is_floating_point:
         raise ServingError(f"the adapter dtype must be a float dtype, got {dtype!r}")
@@ -343,7 +343,7 @@ def _task_type(config) -> str | None:
 
 
 def _write(out: Path, overwrite: bool, tensors: dict[str, torch.Tensor], config: dict, report: LoraExportReport) -> None:
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=(config.get("base_model_name_or_path"),)) as tmp:  # the recorded base too
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         report.adapter_bytes = (tmp / ADAPTER_WEIGHTS).stat().st_size
