@@ -131,3 +131,15 @@ def loads_config(text: str | bytes, where: str = CONFIG_NAME) -> dict:
         raise FormatError(f"{where} must hold a JSON object")
     validate_config(cfg)
     return cfg
+
+
+def read_config(path, where: str = CONFIG_NAME) -> dict:
+    """:func:`loads_config` of a file, its size checked (MAX_CONFIG_BYTES) before it is read.
+    The caller confines ``path`` to the repo (:func:`limits.confined_file`)."""
+    from .limits import MAX_CONFIG_BYTES, read_json
+
+    cfg = read_json(path, where, max_bytes=MAX_CONFIG_BYTES)
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{where} must hold a JSON object")
+    validate_config(cfg)
+    return cfg
