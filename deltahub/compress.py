@@ -210,7 +210,7 @@ def compress(
         config = {
             "deltahub_version": __version__,
             "base": {"name_or_path": _recorded_name(base, base_ckpt), "revision": base_ckpt.revision, "fingerprint": base_ckpt.fingerprint(), "samples": samples},
-            "finetuned": {"name_or_path": _recorded_name(finetuned, ft_ckpt), "revision": ft_ckpt.revision, "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None},
+            "finetuned": {"name_or_path": _recorded_name(finetuned, ft_ckpt), "revision": ft_ckpt.revision, "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None, "fingerprint": ft_ckpt.fingerprint()},
             "method": {"name": method, "ratio": ratio, "params": get_method(method, **params).params(), **({"calibration": cal_record} if cal else {})},
             "rules": [r.to_dict() for r in policy.rules],
             "seed": seed,
