@@ -189,20 +189,31 @@ def _remove(path: Path) -> None:
 def partial_dir(out: Path) -> Path:
     """A new empty hidden folder ``.{name}.partial-{pid}-{tag}`` beside ``out``: on the same
     filesystem, so that renaming it to ``out`` is atomic, and named with the writer's pid, so that
-    a later writer can tell a dead run's leftovers (:func:`clean_stale`). It gets the usual
-    folder permissions (``0o777 & ~umask``), not ``mkdtemp``'s private 0700, since it becomes
-    the output."""
+    a later writer can tell a dead run's leftovers (:func:`clean_stale`). It stays private
+    (``mkdtemp``'s 0700) until :func:`install_dir` gives it the usual permissions."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())
-    return tmp
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+
+
+def usual_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions ``mkdir`` and ``open`` give under the
+    process's umask (folders ``0o777 & ~umask``, files ``0o666 & ~umask``): ``mkdtemp`` makes
+    0700 folders and some writers (safetensors' ``save_file``) 0600 files. Links are left alone."""
+    mask = current_umask()
+    for dirpath, _, filenames in os.walk(folder):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def install_dir(tmp: Path, out: Path) -> None:
     """Rename the complete folder ``tmp`` to ``out``. An existing ``out`` is moved aside first
     (to ``.{name}.old-{pid}-{tag}``) and removed only afterwards, so ``out`` is never a mix of old
     and new files; if the process dies in between, the next writer puts the old one back
-    (:func:`clean_stale`)."""
+    (:func:`clean_stale`). The output gets the usual permissions first (:func:`usual_permissions`)."""
+    usual_permissions(tmp)
     backup = None
     if os.path.lexists(out):
         backup = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
