@@ -35,8 +35,8 @@ def _values_layout(meta: Mapping, nnz: int) -> Layout:
         raise FormatError(f"sparse needs a 'values' object, got {type(values).__name__}")
     if "bits" in values:
         bits = check_int("values.bits", values["bits"], 1, 8)
-        for key in ("zero", "offset"):
-            check_int(f"values.{key}", values.get(key, 0), 0, 255)
+        check_int("values.zero", values.get("zero"), 0, 255)
+        check_int("values.offset", values.get("offset", 0), 0, 255)  # optional, default 0
         return {"codes": ("U8", (bitpack.packed_nbytes(nnz, bits),)), "scale": ("F32", (1,))}
     dt = values.get("dtype")
     if not isinstance(dt, str) or dt not in FLOAT_NAMES:
