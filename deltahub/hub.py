@@ -14,7 +14,6 @@ uploads only the files a delta repo consists of, and ``pull`` downloads only tho
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -385,17 +384,18 @@ def _undo_created_repo(api: HfApi, repo_id: str, start: dict[str, str] | None, e
     (so no empty repo is left) if nobody else used it meanwhile, and say so in the error; else say
     that an empty repo was left and how to remove it."""
     err = error if isinstance(error, DeltahubError) else HubError(f"{repo_id}: {error}")
+    said = str(err).rstrip(". ")
     try:
         refs = api.list_repo_refs(repo_id)
         untouched = start is not None and not refs.tags and all(b.target_commit in start.values() for b in refs.branches)
         if untouched:
             api.delete_repo(repo_id)
-            return type(err)(f"{err} The empty repo {repo_id} that this push created was deleted.")
+            return type(err)(f"{said}. The empty repo {repo_id} that this push created was deleted.")
         reason = "it changed meanwhile, so it was kept" if start is not None else "its state could not be read, so it was kept"
     except HfHubHTTPError as e:
         reason = f"deleting it failed: the Hub answered {_status(e) or 'an error'}"
     return type(err)(
-        f"{err} This push created {repo_id} and left it without a version ({reason}); "
+        f"{said}. This push created {repo_id} and left it without a version ({reason}); "
         f"remove it with `hf repos delete {repo_id}` (or HfApi().delete_repo({repo_id!r})) if nobody uses it."
     )
 
@@ -415,7 +415,7 @@ def _tag_landed(api: HfApi, repo_id: str, result: PushResult, tag: str, *, auto:
                 result.note = f"{wanted} was taken by another push meanwhile, so this version is {tag}"
             return result
         except HfHubHTTPError as e:
-            reason = f"the Hub answered {_status(e) or 'an error'}: {str(e).splitlines()[0]}"
+            reason = str(e).splitlines()[0].rstrip(". ")
             if _status(e) != 409:
                 break
         try:  # the name was taken meanwhile: by us (a retried request) or by another push
