@@ -416,6 +416,7 @@ class DeltaReader:
         self.index = read_json(index_path, str(index_path), max_bytes=MAX_INDEX_BYTES)
         self.weight_map: dict[str, str] = check_index(self.index, str(index_path))
         self._handles: dict[str, MappedSafetensors] = {}
+        self._broken: dict[str, FormatError] = {}
         self._lock = threading.Lock()  # transformers' loader threads decode at once
 
     def shard_path(self, shard: str, key: str | None = None) -> Path:
@@ -437,14 +438,21 @@ class DeltaReader:
 
     def _handle(self, shard: str, key: str | None = None) -> MappedSafetensors:
         with self._lock:
+            if shard in self._broken:
+                # A bad shard is parsed once, not once per tensor (a 100 MB hostile header).
+                raise FormatError(str(self._broken[shard]))
             if shard not in self._handles:
-                path = self.shard_path(shard, key)
-                if not path.is_file():
-                    raise FormatError(f"shard {shard} is missing from {self.path}; download the delta again")
                 try:
-                    self._handles[shard] = MappedSafetensors(path)
-                except OSError as e:
-                    raise FormatError(f"shard {shard} cannot be read ({e})") from None
+                    path = self.shard_path(shard, key)
+                    if not path.is_file():
+                        raise FormatError(f"shard {shard} is missing from {self.path}; download the delta again")
+                    try:
+                        self._handles[shard] = MappedSafetensors(path)
+                    except OSError as e:
+                        raise FormatError(f"shard {shard} cannot be read ({e})") from None
+                except FormatError as e:
+                    self._broken[shard] = e
+                    raise
             return self._handles[shard]
 
     @contextmanager
