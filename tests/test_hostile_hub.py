@@ -217,3 +217,25 @@ def test_rollback_to_a_version_with_the_same_shapes_but_another_base_needs_force
     assert deltahub.rollback(repo, to="v1", force=True, token=HUB_TOKEN).tag == "v3"
     deltahub.push(deltas["d2"], repo, token=HUB_TOKEN)  # same base as v1 (v4)
     assert deltahub.rollback(repo, to="v1", token=HUB_TOKEN).tag == "v5"
+
+
+def test_the_card_escapes_what_a_config_says_and_survives_wrong_types(deltas):
+    from deltahub.card import render_card
+
+    cfg = json.loads((deltas["d1"] / "delta_config.json").read_text())
+    hostile = {
+        **cfg,
+        "base": {"name_or_path": "evil/x`\n| forged | row |\n<script>alert(1)</script>", "revision": "main\nbase_model: other/model"},
+        "method": {"name": "svd | injected", "ratio": "0.5"},
+        "totals": {"ratio": "big", "stored_bytes": None, "dense_bytes": [1]},
+        "summary": {"mean_rel_error": "x", "worst": [["a|b", 0.5], ["c", "NaN"], "junk"]},
+    }
+    card = render_card(hostile, "tester/card")
+    body = card.split("---", 2)[2]
+    assert "<script>" not in card and "| forged | row |" not in card and "\n| forged" not in card
+    assert all(len(line.replace("\\|", "").split("|")) in (3, 4) for line in body.splitlines() if line.startswith("|"))
+    front = card.split("---")[1]
+    assert "base_model:" not in front and "other/model" not in front  # not a Hub id at a revision: no base_model
+    assert "deltahub-unknown" in front and "a\\|b" in card
+    good = render_card(cfg, "tester/card")
+    assert "library_name: deltahub" in good and "## Tensors with the largest error" in good
