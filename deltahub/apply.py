@@ -14,12 +14,13 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import TOKENIZER_FILES, borrow_base
+from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .format import FINETUNED_CONFIG_NAME
 from .format.dtypes import to_torch
+from .format.limits import confined_file
 from .format.repo import atomic_dir, check_out_dir, parse_size
 from .format.safetensors_stream import SafetensorsStreamWriter
-from .sources import HubOptions, open_pair
+from .sources import HubOptions, decode_checked, open_pair, read_finetuned_config
 
 
 def apply(
@@ -49,11 +50,12 @@ def apply(
     """
     out = check_out_dir(out_dir, overwrite, inputs=(delta, base))  # refused before anything is downloaded
     reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=HubOptions(token, cache_dir, local_files_only), verify_base=verify_base)
+    read_finetuned_config(reader)  # bounded and checked before it is copied as config.json
+    copies = _config_files(reader.path, base_ckpt)  # links out of either repo refused before any work
     limit = parse_size(max_shard_size)
     layouts = _plan_shards([(n, to_torch(r["dtype"]), tuple(r["shape"])) for n, r in reader.records.items() if r["kind"] != "removed"], limit)
     def decode(name: str) -> torch.Tensor:
-        with borrow_base(base_ckpt, name) as b:
-            return reader.decode(name, b)
+        return decode_checked(reader, base_ckpt, name)  # NaN/Inf where the base is finite: refused
 
     names = [name for layout in layouts for name, _, _ in layout]
     with atomic_dir(out, overwrite, inputs=(delta, base, reader.path, base_ckpt.path)) as tmp, tqdm(total=len(names), desc="Applying", disable=not progress) as bar:
@@ -76,7 +78,8 @@ def apply(
         finally:
             decoded.close()
         _finish_shards(tmp, shards)
-        _copy_configs(reader.path, base_ckpt.path, tmp)
+        for name, src in copies.items():
+            shutil.copyfile(src, tmp / name)
     return out
 
 
@@ -137,12 +140,23 @@ def _finish_shards(tmp: Path, shards: list[tuple[Path, list[str]]]) -> None:
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _copy_configs(delta_dir: Path, base_dir: Path, tmp: Path) -> None:
-    cfg = delta_dir / FINETUNED_CONFIG_NAME
-    if cfg.is_file():
-        shutil.copyfile(cfg, tmp / "config.json")
+def _delta_file(delta_dir: Path, name: str) -> Path | None:
+    """``delta_dir/name`` if it is a file inside the delta repo; a link out of it is refused
+    (``limits.confined_file``), so nothing outside the repo is ever copied into the output."""
+    p = confined_file(delta_dir, name, "the delta repo")
+    return p if p.is_file() else None
+
+
+def _config_files(delta_dir: Path, base: Checkpoint) -> dict[str, Path]:
+    """Output name -> source of the files written beside the weights: the fine-tune's config,
+    and the generation and tokenizer files, each from the delta repo when there, else from the
+    base; files of either are confined to their folder."""
+    out = {}
+    cfg = _delta_file(delta_dir, FINETUNED_CONFIG_NAME)
+    if cfg is not None:
+        out["config.json"] = cfg
     for name in ("generation_config.json",) + TOKENIZER_FILES:
-        for src in (delta_dir / name, base_dir / name):
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)
-                break
+        src = _delta_file(delta_dir, name) or base.file(name)
+        if src is not None:
+            out[name] = src
+    return out

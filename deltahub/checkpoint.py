@@ -8,7 +8,6 @@ whose pages are given back after use, so memory stays near the tensors in use, n
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ import torch
 from .errors import DeltahubError, FormatError
 from .format.config import TOKENIZER_FILES, fingerprint as _fingerprint
 from .format.dtypes import itemsize
+from .format.limits import MAX_INDEX_BYTES, confined_file, read_json
 from .format.safetensors_stream import MappedSafetensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -158,19 +158,35 @@ class Checkpoint:
         path, commit = resolve(name_or_path, **kwargs)
         return cls(path, commit, str(name_or_path))
 
+    def _confined(self, relpath: str, where: str) -> Path:
+        """``path/relpath`` if it is a plain name whose file, links followed, stays inside the
+        checkpoint folder (``limits.confined_file``; a Hub cache snapshot's blobs count as
+        inside). A base from the Hub is untrusted input like a delta. The message is the same
+        whether or not a target outside exists."""
+        try:
+            return confined_file(self.path, relpath, where)
+        except FormatError:
+            raise CheckpointError(
+                f"{self.source}: {where} names {relpath!r}, which is not a file inside the checkpoint folder (deltahub follows no link "
+                "out of it); the checkpoint is corrupted or hostile: download it again from a source you trust"
+            ) from None
+
     def _find_files(self) -> list[Path]:
         index = self.path / SAFETENSORS_INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise FormatError(f"{index} is malformed ({e})") from None
-            files = sorted({self.path / f for f in weight_map.values()})
+        if index.is_file() or index.is_symlink():
+            where = f"{self.source}/{SAFETENSORS_INDEX}"
+            data = read_json(self._confined(SAFETENSORS_INDEX, SAFETENSORS_INDEX), where, max_bytes=MAX_INDEX_BYTES)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise FormatError(f"{where}: 'weight_map' must be an object mapping tensor names to shard file names; the checkpoint is corrupted")
+            # Every shard the index names must be a plain file name inside the folder: a Hub repo is
+            # free to write "../../x" there.
+            files = sorted({self._confined(f, f"{SAFETENSORS_INDEX} weight_map") for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{self.source}: shard(s) {missing} named in {SAFETENSORS_INDEX} are missing; download the checkpoint again")
             return files
-        files = sorted(p for p in self.path.glob("*.safetensors") if not p.name.startswith("delta-"))
+        files = sorted(self._confined(p.name, "the folder") for p in self.path.glob("*.safetensors") if not p.name.startswith("delta-"))
         if files:
             return files
         pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -233,12 +249,21 @@ class Checkpoint:
         return _fingerprint((n, i.dtype, i.shape) for n, i in self._info.items())
 
     def file(self, relpath: str) -> Path | None:
-        p = self.path / relpath
+        """``path/relpath`` if that file exists, refused (:class:`CheckpointError`) when it is not
+        a plain name or is a link leading out of the folder."""
+        p = self._confined(relpath, "a file name")
         return p if p.is_file() else None
 
     def config(self) -> dict | None:
+        """``config.json`` as a dict (``None`` without one), size and nesting bounded
+        (``limits.read_json``); :class:`FormatError` naming the file if it is not a JSON object."""
         p = self.file("config.json")
-        return json.loads(p.read_text()) if p else None
+        if p is None:
+            return None
+        data = read_json(p, f"{self.source}/config.json")
+        if not isinstance(data, dict):
+            raise FormatError(f"{self.source}/config.json is not a JSON object; the checkpoint is corrupted")
+        return data
 
     def total_bytes(self) -> int:
         """Bytes of all tensors (what storing this checkpoint whole costs, headers aside)."""

@@ -9,7 +9,6 @@ embeddings) runs unchanged, and the model equals, bit for bit, loading the check
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from contextlib import contextmanager
@@ -17,11 +16,12 @@ from typing import Any, Iterator
 
 import torch
 
-from .checkpoint import Checkpoint, borrow_base
+from .checkpoint import Checkpoint
 from .errors import DeltahubError, FormatError
 from .format import FINETUNED_CONFIG_NAME, DeltaReader
 from .format.dtypes import to_torch
-from .sources import HubOptions, open_pair
+from .format.limits import confined_file, read_json
+from .sources import HubOptions, decode_checked, open_pair, read_finetuned_config
 from .serving.model import MultiDeltaModel, load_unmerged
 
 
@@ -44,8 +44,8 @@ class _LazyDecoded:
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         try:
-            with _threads_unless_in(self.caller, self.threads), borrow_base(self.base, self.name) as b:
-                t = self.reader.decode(self.name, b)
+            with _threads_unless_in(self.caller, self.threads):
+                t = decode_checked(self.reader, self.base, self.name)  # NaN/Inf where the base is finite: refused
         except BaseException as e:  # transformers may swallow loader errors; keep them to re-raise
             self.errors.append(e)
             raise
@@ -80,17 +80,28 @@ def _threads_unless_in(caller: threading.Thread, threads: int) -> Iterator[None]
 
 
 def finetuned_config(reader: DeltaReader):
-    """The fine-tune's transformers config, kept in the delta repo as ``finetuned_config.json``."""
+    """The fine-tune's transformers config, kept in the delta repo as ``finetuned_config.json``
+    (read and bounded by ``sources.read_finetuned_config`` before transformers sees it)."""
+    data = read_finetuned_config(reader)
+    if data is None:
+        raise FormatError(f"{reader.path} has no {FINETUNED_CONFIG_NAME}, so the model cannot be rebuilt; load the base with transformers and apply the delta with `deltahub apply`")
+    return config_from_dict(data, f"{getattr(reader, 'source', reader.path)}/{FINETUNED_CONFIG_NAME}")
+
+
+def config_from_dict(data: dict, where: str):
+    """A transformers config from a (checked) config dict; what transformers refuses in it
+    (an unknown ``model_type``, a field of the wrong type) is a :class:`FormatError` naming
+    ``where``."""
     from transformers import AutoConfig
 
-    path = reader.path / FINETUNED_CONFIG_NAME
-    if not path.is_file():
-        raise FormatError(f"{reader.path} has no {FINETUNED_CONFIG_NAME}, so the model cannot be rebuilt; load the base with transformers and apply the delta with `deltahub apply`")
-    data = json.loads(path.read_text())
+    data = dict(data)
     model_type = data.pop("model_type", None)
-    if model_type is None:
-        raise FormatError(f"{path} has no model_type")
-    return AutoConfig.for_model(model_type, **data)
+    if not isinstance(model_type, str) or not model_type:
+        raise FormatError(f"{where} has no 'model_type' (a string naming the architecture, e.g. \"llama\"); the config is corrupted")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
+        raise FormatError(f"{where}: transformers cannot build a config from it (field 'model_type' = {model_type!r}, or another field): {e}") from None
 
 
 def model_class(config) -> type:
@@ -117,11 +128,36 @@ def resolve_dtype(dtype: str | torch.dtype, reader: DeltaReader, config) -> str 
 
 
 def set_generation_config(model, reader: DeltaReader) -> None:
-    """Give a model that generates the delta's ``generation_config.json``, when it has one."""
-    if (reader.path / "generation_config.json").is_file() and getattr(model, "can_generate", lambda: False)():
+    """Give a model that generates the delta's ``generation_config.json``, when it has one
+    (read through ``limits.confined_file`` and ``limits.read_json``)."""
+    where = f"{getattr(reader, 'source', reader.path)}/generation_config.json"
+    path = confined_file(reader.path, "generation_config.json", where)
+    if path.is_file() and getattr(model, "can_generate", lambda: False)():
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(reader.path)
+        data = read_json(path, where)
+        try:
+            model.generation_config = GenerationConfig.from_dict(data)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"{where}: transformers refuses it as a generation config ({e}); the delta is corrupted") from None
+
+
+def check_loading_info(info: dict, where: str, config_name: str = FINETUNED_CONFIG_NAME) -> None:
+    """Refuse a model transformers left with weights it did not load: ``missing_keys`` (weights
+    left at their random initialization; tied weights, which transformers ties, are not among
+    them) or ``mismatched_keys``. Names a few and the count."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weight(s) have no tensor ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} have the wrong shape ({', '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''})")
+        raise FormatError(
+            f"{where}: the model would be left partly at random initialization: " + "; ".join(parts)
+            + f". The config ({config_name}) does not match the weights: they are corrupted or were made for another architecture"
+        )
 
 
 class DeltaModel(MultiDeltaModel):
@@ -183,8 +219,9 @@ class DeltaModel(MultiDeltaModel):
         threads = torch.get_num_threads()
         share = max(1, threads // _loader_threads())  # each pool thread's share of the cores
         state = {n: _LazyDecoded(n, reader, base_ckpt, errors, caller, share) for n, r in reader.records.items() if r["kind"] != "removed"}
+        want_info = model_kwargs.pop("output_loading_info", False)
         try:
-            model = model_class(config).from_pretrained(
+            model, info = model_class(config).from_pretrained(
                 None,
                 config=config,
                 state_dict=state,
@@ -192,14 +229,24 @@ class DeltaModel(MultiDeltaModel):
                 device_map=device_map,
                 max_memory=max_memory,
                 offload_folder=offload_folder,
+                output_loading_info=True,
                 **model_kwargs,
             )
+        except DeltahubError:
+            raise
+        except Exception as e:
+            # transformers re-raises a decode error from its threads as is, or wrapped.
+            if errors:
+                err = errors[0]
+                raise (err if isinstance(err, DeltahubError) else FormatError(f"decoding the delta failed: {err}")) from None
+            raise
         finally:
             torch.set_num_threads(threads)  # see _LazyDecoded: the pool threads changed torch's default
         if errors:
             err = errors[0]
             raise err if isinstance(err, DeltahubError) else FormatError(f"decoding the delta failed: {err}")
+        check_loading_info(info, str(getattr(reader, "source", reader.path)))
         set_generation_config(model, reader)
-        return model
+        return (model, info) if want_info else model
 
 

@@ -1,15 +1,24 @@
-"""Where deltas and their bases come from: local folders or Hub repos, and the check that a
-base is the one a delta was made against."""
+"""Where deltas and their bases come from: local folders or Hub repos, the check that a
+base is the one a delta was made against, and the checks that make a hostile delta fail
+before anything is decoded (:func:`check_records_against_base`) or used
+(:func:`decode_checked`)."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
-from .checkpoint import Checkpoint, resolve
-from .errors import BaseMismatchError
-from .format import DeltaReader
+import torch
+
+from .checkpoint import Checkpoint, borrow_base, resolve
+from .errors import BaseMismatchError, FormatError, InvalidTensorError, ShapeMismatchError
+from .format import FINETUNED_CONFIG_NAME, DeltaReader
+from .format.dtypes import itemsize
+from .format.limits import LAYER_FIELDS, MAX_ADDED_ROWS, MAX_DECODED_FACTOR, MAX_ROW_GROWTH, confined_file, read_json
+from .format.repo import layer_group
 
 DELTA_FILE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "README.md"]
 
@@ -61,7 +70,11 @@ def open_base(
     reader: DeltaReader, base: str | os.PathLike | None = None, base_revision: str | None = None, hub: HubOptions | None = None, *, verify: bool = False
 ) -> Checkpoint:
     """The base checkpoint: the one given, or the one recorded in ``delta_config.json`` at its
-    pinned revision; with ``verify``, checked to be the delta's base (:func:`check_base`)."""
+    pinned revision; with ``verify``, checked to be the delta's base (:func:`check_base`).
+
+    Whatever ``verify`` says, every record is then checked against the base's header
+    (:func:`check_records_against_base`): ``verify=False`` skips the identity check, not the
+    bounds that keep a hostile delta from allocating or writing without limit."""
     hub = hub or HubOptions()
     recorded = reader.config.get("base", {})
     if base is None:
@@ -73,7 +86,120 @@ def open_base(
     ckpt = Checkpoint.open(base, revision=base_revision, **hub.kwargs())
     if verify:
         check_base(reader, ckpt)
+    check_records_against_base(reader, ckpt)
     return ckpt
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
+
+
+def delta_shard_bytes(reader: DeltaReader) -> int:
+    """Bytes of the shard files the delta's index names (each file once)."""
+    total = 0
+    for shard in set(reader.weight_map.values()):
+        try:
+            total += confined_file(reader.path, shard, "delta.safetensors.index.json").stat().st_size
+        except OSError:
+            pass  # a missing shard fails when it is read, with its own message
+    return total
+
+
+def check_records_against_base(reader: DeltaReader, base: Checkpoint) -> None:
+    """Refuse a delta whose records do not fit ``base``, from the headers alone (nothing is
+    decoded, allocated or written first):
+
+    - every tensor of the base has a record (spec §4), else :class:`FormatError` "the delta is
+      incomplete" naming a few missing names;
+    - ``unchanged``, ``dense`` and ``compressed`` records name a tensor of the base whose shape is
+      the record's ``shape`` (``base_shape`` for a compressed one), else
+      :class:`ShapeMismatchError` naming the tensor and both shapes;
+    - a grown dimension 0 stays within ``limits.MAX_ROW_GROWTH`` x the base's rows +
+      ``limits.MAX_ADDED_ROWS`` (:class:`FormatError`);
+    - the decoded model (every record not ``removed``) holds at most ``limits.MAX_DECODED_FACTOR``
+      x the base's bytes + the delta's shard bytes (added tensors are stored whole), else
+      :class:`FormatError`.
+
+    Costs one pass over the records: microseconds per tensor.
+    """
+    src = getattr(reader, "source", reader.path)
+    missing = [n for n in base.names() if n not in reader.records]
+    if missing:
+        raise FormatError(
+            f"{src}: the delta is incomplete: delta_config.json has no record for {len(missing)} of the {len(base.names())} tensors of the base "
+            f"{base.source} ({_names(missing)}); a delta records every tensor of its base (spec §4). Download the delta again, or pass the base it was made against"
+        )
+    decoded = 0
+    for name, rec in reader.records.items():
+        kind, shape = rec["kind"], tuple(rec["shape"])
+        if kind == "removed":
+            continue
+        decoded += math.prod(shape) * itemsize(rec["dtype"])
+        if kind == "added":
+            continue
+        if name not in base:
+            raise ShapeMismatchError(
+                f"{src}: tensor {name!r} is stored against the base ({kind}) but the base {base.source} has no such tensor; pass the base the delta was made against"
+            )
+        have = base.info(name).shape
+        want = tuple(rec.get("base_shape") or shape)
+        if have != want:
+            field = "base_shape" if rec.get("base_shape") else "shape"
+            raise ShapeMismatchError(
+                f"{src}: tensor {name!r} has shape {list(have)} in the base {base.source}, but its record's {field} is {list(want)}; "
+                "pass the base the delta was made against"
+            )
+        if shape and have and shape[0] > have[0]:
+            bound = MAX_ROW_GROWTH * have[0] + MAX_ADDED_ROWS
+            if shape[0] > bound:
+                raise FormatError(
+                    f"{src}: tensor {name!r}: its record's shape {list(shape)} grows the base's {have[0]} rows to {shape[0]}, more than the "
+                    f"{bound} deltahub accepts ({MAX_ROW_GROWTH}x the base's rows + {MAX_ADDED_ROWS}); the delta is corrupted or hostile"
+                )
+    bound = MAX_DECODED_FACTOR * base.total_bytes() + delta_shard_bytes(reader)
+    if decoded > bound:
+        raise FormatError(
+            f"{src}: the records of delta_config.json decode to {decoded} bytes, more than the {bound} deltahub accepts "
+            f"({MAX_DECODED_FACTOR}x the base's {base.total_bytes()} bytes + the delta's shard bytes); the delta is corrupted or hostile"
+        )
+
+
+def check_finite(name: str, decoded: torch.Tensor | None, base: torch.Tensor | None, where: object) -> None:
+    """Refuse (:class:`InvalidTensorError`) a decoded tensor with NaN or Inf where the base
+    tensor is finite. A checksum does not protect the values (whoever can rewrite a shard can
+    reseal its checksum), so every decode is checked: ``isfinite().all()``, one cheap pass;
+    only when it fails are the positions compared with the base (rows at the same index, for a
+    grown or shrunk dimension 0), since a base may hold non-finite weights of its own."""
+    if decoded is None or not decoded.is_floating_point():
+        return
+    finite = torch.isfinite(decoded)
+    if bool(finite.all()):
+        return
+    bad = ~finite
+    if base is not None and base.is_floating_point() and base.dim() == decoded.dim() and tuple(base.shape[1:]) == tuple(decoded.shape[1:]):
+        if decoded.dim() == 0:
+            bad &= torch.isfinite(base)
+        else:
+            n = min(decoded.shape[0], base.shape[0])
+            bad[:n] &= torch.isfinite(base[:n])
+    if not bool(bad.any()):
+        return
+    nan = int((bad & torch.isnan(decoded)).sum())
+    inf = int(bad.sum()) - nan
+    raise InvalidTensorError(
+        f"{where}: tensor {name!r} decodes to {nan} NaN and {inf} Inf weight(s) where the base's are finite; the delta is corrupted or "
+        "hostile (checksums do not catch a resealed file): download it again from a source you trust"
+    )
+
+
+def decode_checked(reader: DeltaReader, base: Checkpoint, name: str) -> torch.Tensor | None:
+    """``reader.decode(name)`` against the base's tensor, refused by :func:`check_finite` if it
+    turns a finite base weight into NaN or Inf. What ``apply`` and ``DeltaModel`` decode with."""
+    with borrow_base(base, name) as b:
+        t = reader.decode(name, b)
+        check_finite(name, t, b if reader.record(name)["kind"] != "added" else None, getattr(reader, "source", reader.path))
+    return t
 
 
 def base_differences(reader: DeltaReader, base: Checkpoint, limit: int = 5) -> list[str]:
@@ -102,8 +228,22 @@ def base_differences(reader: DeltaReader, base: Checkpoint, limit: int = 5) -> l
 
 
 def check_base(reader: DeltaReader, base: Checkpoint) -> None:
-    """Raise :class:`BaseMismatchError` naming the differences if ``base`` is not the delta's base."""
-    raise_base_mismatch(reader, base.source, base_differences(reader, base), "Pass the right base, or verify_base=False (--no-verify-base) to load anyway.")
+    """Raise :class:`BaseMismatchError` naming the differences if ``base`` is not the delta's
+    base, or if the delta records no base fingerprint (then nothing tells its base apart)."""
+    remedy = "Pass the right base, or verify_base=False (--no-verify-base) to load anyway."
+    require_fingerprint(reader, base.source, remedy)
+    raise_base_mismatch(reader, base.source, base_differences(reader, base), remedy)
+
+
+def require_fingerprint(reader: DeltaReader, what: str, remedy: str) -> None:
+    """Raise :class:`BaseMismatchError` if the delta records no ``base.fingerprint`` (spec
+    §4.1): without it, any base of the same shapes would pass for the delta's base."""
+    base = reader.config.get("base")
+    if not isinstance(base, dict) or not base.get("fingerprint"):
+        raise BaseMismatchError(
+            f"{getattr(reader, 'source', reader.path)}: delta_config.json records no base.fingerprint, so deltahub cannot check that {what} is "
+            f"the base this delta was made against. {remedy}"
+        )
 
 
 def raise_base_mismatch(reader: DeltaReader, what: str, diffs: list[str], remedy: str) -> None:
@@ -116,3 +256,51 @@ def raise_base_mismatch(reader: DeltaReader, what: str, diffs: list[str], remedy
         if recorded.get("revision"):
             want += f"@{recorded['revision'][:12]}"
         raise BaseMismatchError(f"{what} is not the base this delta was made against ({want}): " + "; ".join(diffs) + ". " + remedy)
+
+
+def read_finetuned_config(reader: DeltaReader) -> dict | None:
+    """The delta's ``finetuned_config.json`` as a dict (``None`` without one), read through
+    ``limits.confined_file`` and ``limits.read_json`` (size and nesting bounded) and checked
+    before anything is built from it: a JSON object whose layer counts (``limits.LAYER_FIELDS``,
+    at any depth: ``text_config.num_hidden_layers`` too) are integers no larger than the number
+    of transformer blocks the records name. A config declaring 10^6 layers would otherwise make
+    transformers build them all. Errors are :class:`FormatError` naming the file and field."""
+    where = f"{getattr(reader, 'source', reader.path)}/{FINETUNED_CONFIG_NAME}"
+    path = confined_file(reader.path, FINETUNED_CONFIG_NAME, where)
+    if not path.is_file():
+        return None
+    data = read_json(path, where)
+    if not isinstance(data, dict):
+        raise FormatError(f"{where} is not a JSON object; the delta is corrupted")
+    check_layer_counts(data, count_blocks(n for n, r in reader.records.items() if r["kind"] != "removed"), where)
+    return data
+
+
+def count_blocks(names) -> int:
+    """How many distinct transformer blocks (``format.repo.layer_group``) tensor names name."""
+    # "." first: a bare model's names ("layers.3.mlp...") have no prefix before the block.
+    return len({g for n in names if (g := layer_group("." + n))})
+
+
+def check_layer_counts(data: dict, blocks: int, where: str) -> None:
+    """Refuse (:class:`FormatError`) a config dict whose layer counts (``limits.LAYER_FIELDS``,
+    in sub-configs too) are not integers or exceed ``blocks``, the blocks its weights hold."""
+    for field, value in _layer_counts(data):
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise FormatError(f"{where}: '{field}' must be a non-negative integer, got {value!r}; the delta is corrupted")
+        if value > blocks:
+            raise FormatError(
+                f"{where}: '{field}' is {value}, but the delta's records name {blocks} transformer block(s); the config does not "
+                "describe these weights (corrupted or hostile)"
+            )
+
+
+def _layer_counts(config: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """``(dotted field, value)`` of every layer-count field of a config and its sub-configs."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _layer_counts(value, f"{prefix}{key}.")
+        elif isinstance(key, str) and LAYER_FIELDS.match(key):
+            yield f"{prefix}{key}", value

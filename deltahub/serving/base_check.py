@@ -15,7 +15,7 @@ import torch
 from ..checkpoint import sample_digest
 from ..format import DeltaReader
 from ..format.dtypes import to_torch
-from ..sources import raise_base_mismatch
+from ..sources import raise_base_mismatch, require_fingerprint
 
 
 def model_base_differences(reader: DeltaReader, lookup: Callable[[str], torch.Tensor | None], limit: int = 5) -> list[str]:
@@ -51,5 +51,8 @@ def model_base_differences(reader: DeltaReader, lookup: Callable[[str], torch.Te
 
 
 def check_model_base(reader: DeltaReader, lookup: Callable[[str], torch.Tensor | None], what: str) -> None:
-    """Raise :class:`BaseMismatchError` naming the differences if the model is not the delta's base."""
-    raise_base_mismatch(reader, what, model_base_differences(reader, lookup), "Wrap the right base, or pass verify_base=False to load anyway.")
+    """Raise :class:`BaseMismatchError` naming the differences if the model is not the delta's
+    base, or if the delta records no base fingerprint (as ``sources.check_base`` does)."""
+    remedy = "Wrap the right base, or pass verify_base=False to load anyway."
+    require_fingerprint(reader, what, remedy)
+    raise_base_mismatch(reader, what, model_base_differences(reader, lookup), remedy)

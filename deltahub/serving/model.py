@@ -30,8 +30,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..errors import InvalidTensorError
 from ..format import DeltaReader
-from ..sources import HubOptions, open_delta, open_pair
+from ..sources import HubOptions, check_finite, check_layer_counts, count_blocks, open_delta, open_pair
 from .base_check import check_model_base
 from .errors import ServingError, UnknownDeltaError
 from .layers import DeltaConv1D, DeltaEmbedding, DeltaLayer, DeltaLinear, DeltaParams, Routing
@@ -230,7 +231,10 @@ class MultiDeltaModel(nn.Module):
             # computation sees the delta twice.
             targets = [(m, _wrapper_class(m, p), p) for m, p in _users(holders[id(param)])]
             matrix = any(cls is not DeltaParams and p == "weight" for _, cls, p in targets)
-            op = build_operator(n, record, reader.get, param, matrix=matrix).to(param.device)
+            op = build_operator(n, record, _finite_get(reader, n, source), param, matrix=matrix)
+            if isinstance(op, ValueDelta):
+                check_finite(n, op.value, param.detach().cpu(), source)
+            op = op.to(param.device)
             loaded.ops[n] = op
             for m, cls, p in targets:
                 if m is self.base_model:
@@ -416,6 +420,25 @@ class MultiDeltaModel(nn.Module):
         return self.unload()
 
 
+def _finite_get(reader: DeltaReader, name: str, source: str):
+    """``reader.get`` for the stored tensors of tensor ``name``, refusing a floating-point one
+    that holds NaN or Inf (:class:`InvalidTensorError`). Unmerged operators compute with the
+    stored components, never the decoded tensor, so that is where a flipped scale is caught:
+    a non-finite component makes every output it touches non-finite, whatever the base."""
+
+    def get(key: str) -> torch.Tensor:
+        t = reader.get(key)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = ~torch.isfinite(t)
+            raise InvalidTensorError(
+                f"{source}: tensor {name!r}: stored {key!r} holds {int(bad.sum())} NaN or Inf value(s); the delta is corrupted or hostile "
+                "(checksums do not catch a resealed file): download it again from a source you trust"
+            )
+        return t
+
+    return get
+
+
 def load_unmerged(
     cls: type[MultiDeltaModel],
     delta: str | os.PathLike,
@@ -432,16 +455,34 @@ def load_unmerged(
     **model_kwargs: Any,
 ) -> MultiDeltaModel:
     """``DeltaModel.from_pretrained(..., merge=False)``: the base (recorded in the delta, or
-    ``base``) loaded with transformers, wrapped, and the delta loaded into it."""
-    from ..model import finetuned_config, model_class, resolve_dtype, set_generation_config  # deltahub.model imports this module
+    ``base``) loaded with transformers, wrapped, and the delta loaded into it.
+
+    The base checkpoint passed ``open_pair``'s checks (every base tensor has a record, shapes,
+    bounds); its ``config.json`` is read bounded and confined, its layer counts checked against
+    its blocks, and a base that leaves any weight of the model uninitialized is refused. Once
+    loaded, the delta's records are placed as in :meth:`MultiDeltaModel.load_delta`, where a
+    tensor without a record would stay the base's (unchanged), which is why completeness is
+    checked on the checkpoint, not there."""
+    from ..model import check_loading_info, config_from_dict, finetuned_config, model_class, resolve_dtype, set_generation_config  # deltahub.model imports this module
 
     hub = HubOptions(token, cache_dir, local_files_only)
     reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=hub, verify_base=verify_base)
     config = finetuned_config(reader)
-    # The base's own config.json when it has one: unmerged, the modules are the base's.
-    model = model_class(config).from_pretrained(
-        base_ckpt.path, config=None if (base_ckpt.path / "config.json").is_file() else config, dtype=resolve_dtype(dtype, reader, config), **model_kwargs
+    # The base's own config.json when it has one: unmerged, the modules are the base's. Read here,
+    # bounded, so that transformers reads no file of the base but its weights (and checked ones:
+    # a generation_config.json linking out of the folder is refused by base_ckpt.file).
+    base_cfg = base_ckpt.config()
+    base_ckpt.file("generation_config.json")
+    if base_cfg is not None:
+        where = f"{base_ckpt.source}/config.json"
+        check_layer_counts(base_cfg, count_blocks(base_ckpt.names()), where)
+        base_config = config_from_dict(base_cfg, where)
+    else:
+        base_config = config
+    model, info = model_class(config).from_pretrained(
+        base_ckpt.path, config=base_config, dtype=resolve_dtype(dtype, reader, config), output_loading_info=True, **model_kwargs
     )
+    check_loading_info(info, f"the base {base_ckpt.source}", "config.json")
     set_generation_config(model, reader)
     out = cls.from_base(model)
     # open_pair checked the base checkpoint; the in-memory check repeats it cheaply.
