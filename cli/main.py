@@ -68,8 +68,18 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def _close_progress_bars() -> None:
+    # A bar left open by the failed call would share the error's line and be drawn again after
+    # it when garbage-collected; closed now, it ends its own line first.
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _say(message: str) -> None:
     """One line on stderr: ``Error: message`` (newlines in the message folded, no markup parsed)."""
+    _close_progress_bars()
     text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
     err_console.print(Text.assemble(("Error:", "red"), " ", text), highlight=False, soft_wrap=True)
 
@@ -77,10 +87,10 @@ def _say(message: str) -> None:
 def _report(e: BaseException) -> int:
     """Print the one line for ``e`` and return its exit status (see the module docstring)."""
     if isinstance(e, Terminated):
-        _say("terminated (SIGTERM); an unfinished output was removed")
+        _say("terminated (SIGTERM); no unfinished output is left behind")
         return EXIT_TERMINATED
     if isinstance(e, KeyboardInterrupt):
-        _say("interrupted; an unfinished output was removed")
+        _say("interrupted; no unfinished output is left behind")
         return EXIT_INTERRUPTED
     if isinstance(e, EXPECTED_ERRORS):
         _say(str(e) or type(e).__name__)

@@ -48,6 +48,10 @@ def test_bad_input_gives_one_line_errors(pair, tmp_path):
     assert r.exit_code == 1 and "1/16" in r.output
     r = runner.invoke(app, ["compress", str(base), str(ft), str(tmp_path / "d"), "--ratio", "abc"])
     assert r.exit_code == 2
+    r = runner.invoke(app, ["compress", str(base), str(ft), str(tmp_path / "d"), "--ratio", "1/0"])
+    assert r.exit_code == 2 and not isinstance(r.exception, ZeroDivisionError)  # a usage error
+    r = runner.invoke(app, ["compress", str(base), str(ft), str(base), "--overwrite"])
+    assert r.exit_code == 1 and "is the input" in r.output and (base / "model.safetensors").is_file()
     r = runner.invoke(app, ["info", str(tmp_path / "nowhere")])
     assert r.exit_code == 1 and "Error" in r.output
     r = runner.invoke(app, ["--debug", "compress", str(base), str(ft), str(tmp_path / "d"), "--method", "nope"])

@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
+import signal
 import threading
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -186,13 +186,50 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+class Partial:
+    """The partial folder of one write: a new empty hidden folder ``.{name}.partial-{pid}-{tag}``
+    beside the output, on the same filesystem (so that renaming it into place is atomic), named
+    with the writer's pid (so that a later writer can tell a dead run's leftovers,
+    :func:`clean_stale`), private (0700) until :func:`install_dir` gives it the usual permissions.
+
+    Its name is recorded before the folder is made, so :meth:`remove` finds it wherever an
+    interrupt (Ctrl-C, SIGTERM) lands, even between ``mkdir`` and the caller's next line.
+    """
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def make(self, out: Path) -> Path:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        while self.path is None:
+            self.path = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+            try:
+                os.mkdir(self.path, 0o700)
+            except FileExistsError:
+                self.path = None  # not ours: never to be removed
+        return self.path
+
+    def remove(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
 def partial_dir(out: Path) -> Path:
-    """A new empty hidden folder ``.{name}.partial-{pid}-{tag}`` beside ``out``: on the same
-    filesystem, so that renaming it to ``out`` is atomic, and named with the writer's pid, so that
-    a later writer can tell a dead run's leftovers (:func:`clean_stale`). It stays private
-    (``mkdtemp``'s 0700) until :func:`install_dir` gives it the usual permissions."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    """A new partial folder for ``out`` (:class:`Partial`)."""
+    return Partial().make(out)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    # SIGINT and SIGTERM wait until both renames of install_dir are done (main thread, POSIX).
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def usual_permissions(folder: Path) -> None:
@@ -215,10 +252,16 @@ def install_dir(tmp: Path, out: Path) -> None:
     (:func:`clean_stale`). The output gets the usual permissions first (:func:`usual_permissions`)."""
     usual_permissions(tmp)
     backup = None
-    if os.path.lexists(out):
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-        os.replace(out, backup)
-    os.replace(tmp, out)
+    with _signals_deferred():
+        if os.path.lexists(out):
+            backup = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(out, backup)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if backup is not None and not os.path.lexists(out):
+                os.replace(backup, out)  # the new output could not go in: the old one stays
+            raise
     if backup is not None:
         _remove(backup)
 
@@ -239,12 +282,13 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iter
     ['a.txt']
     """
     out = check_out_dir(out_dir, overwrite, inputs)
-    tmp = partial_dir(out)
+    partial = Partial()
     try:
+        tmp = partial.make(out)
         yield tmp
         install_dir(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        partial.remove()
         raise
 
 
@@ -270,7 +314,9 @@ class DeltaWriter:
         self.out_dir = check_out_dir(out_dir, overwrite, inputs)
         self.max_shard_size = parse_size(max_shard_size)
         # Not atomic_dir: the writer outlives one block (finish() installs, abort() discards).
-        self._tmp = partial_dir(self.out_dir)
+        # The folder is made on first use (_tmp), inside the caller's with block, so an interrupt
+        # between this constructor and __enter__ cannot leave it behind.
+        self._partial = Partial()
         self._records: dict[str, dict] = {}
         self._shards: list[tuple[Path, list[str]]] = []
         self._writer: SafetensorsStreamWriter | None = None
@@ -282,6 +328,10 @@ class DeltaWriter:
 
     def __enter__(self) -> "DeltaWriter":
         return self
+
+    @property
+    def _tmp(self) -> Path:
+        return self._partial.path or self._partial.make(self.out_dir)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._done:
@@ -388,7 +438,7 @@ class DeltaWriter:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._partial.remove()
         self._done = True
 
 
