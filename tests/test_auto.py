@@ -167,6 +167,19 @@ def test_auto_alone_fills_the_tensor_budget():
     assert enc.record["components"][0]["type"] == "sparse"
 
 
+def test_auto_widens_a_dominant_vector_on_a_tight_budget():
+    # One direction holds nearly all the energy and the budget holds about one 8-bit vector pair:
+    # the bytes must raise that vector's width, not buy near-zero vectors at 2 bits (a width the
+    # vector passes on its way up must not be charged a segment the record will not hold).
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(256, 1, generator=g) @ torch.randn(1, 688, generator=g) * 1e-2 + torch.randn(256, 688, generator=g) * 1e-5
+    base = torch.zeros(256, 688, dtype=torch.bfloat16)
+    for ratio in (1 / 200, 1 / 150):
+        enc = deltahub.encode_tensor("w", base, delta.bfloat16(), "auto", ratio=ratio, sign_part="never")
+        top = enc.record["components"][-1]["u"][0]
+        assert enc.ratio <= ratio and (top["start"], top["end"]) == (0, 1) and top["bits"] >= 4, enc.record["components"][-1]["u"]
+
+
 @pytest.fixture(scope="module")
 def demo_pair(tmp_path_factory):
     """A small Llama with a real tokenizer (the demo's), trained a few steps then fine-tuned."""

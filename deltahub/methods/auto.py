@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -201,7 +202,18 @@ class Auto(Method):
         q = e.shape[-1]
         p = e.numel // max(q, 1) // e.blocks
         # A new segment costs its JSON and header entries and, in the index, an entry per key.
-        return spectrum_of(singular_values, p, q, e.blocks, self.group_size, SEGMENT_OVERHEAD + 6 * PER_KEY)
+        price = self._segment_price(p, q, lambda segs: self._tensor_bytes(e, segs, False) // e.blocks)
+        return spectrum_of(singular_values, p, q, e.blocks, self.group_size, price)
+
+    def _segment_price(self, p: int, q: int, record_bytes: Callable[[list[Segment]], int]) -> int:
+        """What one more rank segment adds to a block's record, measured: the same vectors in two
+        segments against one, at the widest offsets (a segment's JSON grows with their digits), so
+        that the allocator's byte counts match the records that the plan and the encoder measure."""
+        r = min(p, q)
+        if r < 2:
+            return SEGMENT_OVERHEAD
+        seg = lambda a, b: Segment(a, b, bits=self.levels[0], group_size=self.group_size)  # noqa: E731
+        return max(record_bytes([seg(0, r - 1), seg(r - 1, r)]) - record_bytes([seg(0, r)]), 0)
 
     def _sign_bytes(self, e: PlanEntry) -> int:
         """What a sign part adds to the tensor's record and index: its plane, row scales, JSON."""
@@ -238,7 +250,7 @@ class Auto(Method):
         else:
             u, s, v = truncated_svd(target, min(p, q))
             quantizer = quantize_groups
-        spectrum = self._fit(spectrum_of(s, p, q, 1, self.group_size), ctx, [c.meta for c in extra], one)
+        spectrum = self._fit(self._encoder_spectrum(s, p, q, ctx, [c.meta for c in extra]), ctx, [c.meta for c in extra], one)
         rank = spectrum.counts[0]
         while rank >= 1:  # the allocator's byte counts are estimates: drop the last vectors until the record fits
             spectrum.counts = [min(c, rank) for c in spectrum.counts]
@@ -262,8 +274,13 @@ class Auto(Method):
         p, q = delta.shape
         errors = []
         for metas, x in (([], delta), ([sign.meta], residual)):
-            errors.append(self._fit(spectrum_of(spectrum(x), p, q, 1, self.group_size), ctx, metas, one).error_left(self.levels))
+            errors.append(self._fit(self._encoder_spectrum(spectrum(x), p, q, ctx, metas), ctx, metas, one).error_left(self.levels))
         return (sign, residual) if errors[1] < errors[0] else (None, delta)
+
+    def _encoder_spectrum(self, singular_values: torch.Tensor, p: int, q: int, ctx: EncodeContext, extra: list[dict]) -> Spectrum:
+        """This tensor as the allocator sees it, a segment priced as the encoder's record measures it."""
+        price = self._segment_price(p, q, lambda segs: ctx.measure(extra + [lowrank_meta(segs)]))
+        return spectrum_of(singular_values, p, q, 1, self.group_size, price)
 
     def _fit(self, spectrum: Spectrum, ctx: EncodeContext, extra: list[dict], one: list[Segment]) -> Spectrum:
         """Widths for this tensor's budget: the allocator's estimate, then corrected by the measured

@@ -3,7 +3,8 @@
 Delta-CoMe fixes the widths (8 bits for 2 vectors, 3 for 32, 2 for the rest). Here each singular
 vector ``i`` of each tensor is dropped or stored at one of ``levels`` bits, and bytes go, one step
 at a time, to the step that removes the most squared error per byte, across every tensor at
-once. Storing vector pair ``i`` at ``b`` bits leaves about ``σ_i² · e(b)`` of its energy as
+once. A step raises a tensor's next vector below some width straight to that width, so that a
+segment's overhead is paid only for the segments the record keeps. Storing vector pair ``i`` at ``b`` bits leaves about ``σ_i² · e(b)`` of its energy as
 error, ``e(b) = 2 · 2.25 / (2^b - 1)²``: round-to-nearest in groups of 128 leaves 0.25, 0.046,
 0.010 and 0.00003 of a unit vector's energy at 2, 3, 4 and 8 bits (measured on random orthonormal
 vectors of lengths 576 to 8192), once in U and once in V. Widths never increase along the
@@ -57,18 +58,39 @@ class Spectrum:
             self._cost.append(cost)
             self._factor.append(width_error(prev) - width_error(bits))
 
+    def _width_of_next(self, j: int) -> int:
+        """The level index of vector ``counts[j]`` now (-1: dropped)."""
+        i = self.counts[j]
+        return max((l for l in range(j) if self.counts[l] > i), default=-1)
+
     def step_bytes(self, levels: Sequence[int], j: int) -> float:
-        """Bytes of raising the next vector from ``levels[j-1]`` (or nothing) to ``levels[j]`` bits."""
+        """Bytes of raising the next vector below ``levels[j]`` (vector ``counts[j]``) from its width
+        (or nothing) straight to ``levels[j]`` bits: its data, plus a segment's overhead if the step
+        opens the ``levels[j]`` segment, less one if it empties the segment the vector leaves. The
+        record holds only its nonempty segments, so only those are charged: a dominant vector's
+        way up to 8 bits costs its data, not a segment for every width it passes (charged so, a
+        tight budget bought near-zero vectors at the lowest width instead)."""
         self._tables(levels)
-        return (self._cost[j] + (self.segment_bytes if self.counts[j] == 0 else 0)) * self.blocks
+        i, l = self.counts[j], self._width_of_next(j)
+        above = self.counts[j + 1] if j + 1 < len(levels) else 0
+        opens = i == above  # the levels[j] segment [counts[j+1], counts[j]) is empty
+        empties = l >= 0 and self.counts[l] == i + 1
+        data = sum(self._cost[l + 1 : j + 1])
+        return (data + self.segment_bytes * (int(opens) - int(empties))) * self.blocks
 
     def step_gain(self, levels: Sequence[int], j: int) -> float:
         self._tables(levels)
-        return self._squares[self.counts[j]] * self._factor[j] * self.blocks
+        l = self._width_of_next(j)
+        return self._squares[self.counts[j]] * sum(self._factor[l + 1 : j + 1]) * self.blocks
 
     def can_step(self, j: int) -> bool:
-        limit = len(self.singular_values) if j == 0 else self.counts[j - 1]
-        return self.counts[j] < limit and float(self.singular_values[self.counts[j]]) > 0
+        i = self.counts[j]
+        return i < len(self.singular_values) and float(self.singular_values[i]) > 0
+
+    def step(self, j: int) -> None:
+        """Raise vector ``counts[j]`` to level ``j``: it joins every level between its width and ``j``."""
+        for k in range(self._width_of_next(j) + 1, j + 1):
+            self.counts[k] += 1
 
     def error_left(self, levels: Sequence[int]) -> float:
         """The squared error the current ``counts`` leave, as the allocator models it."""
@@ -102,19 +124,21 @@ def allocate_widths(
 
     >>> s = Spectrum([10.0, 1.0, 0.1], p=64, q=64)
     >>> rate, spent = allocate_widths([s], budget=900)
-    >>> s.segments((2, 3, 4, 8)), spent <= 900
-    ([Segment(start=0, end=3, bits=2, group_size=128, dtype='F16')], True)
+    >>> s.segments((2, 3, 4, 8)), spent <= 900  # the dominant vector at 8 bits, not three at 2
+    ([Segment(start=0, end=1, bits=8, group_size=128, dtype='F16')], True)
     """
     heap: list[tuple[float, int, int, int]] = []
-    # One version per (tensor, level): a step changes the next step of its own level and may open
-    # the level above; every other queued step stays valid (and a step that did not fit never will,
-    # as the bytes left only shrink).
-    version = [[0] * len(levels) for _ in spectra]
+    # One version per tensor: a step changes that tensor's next steps (which vector, from which
+    # width, which segments open or empty) and no other tensor's. A step that did not fit is
+    # dropped (the bytes left only shrink, but for the rare step that empties a segment).
+    version = [0] * len(spectra)
 
     def push(t: int, j: int) -> None:
         s = spectra[t]
         if s.can_step(j):
-            heapq.heappush(heap, (-s.step_gain(levels, j) / s.step_bytes(levels, j), t, j, version[t][j]))
+            cost = s.step_bytes(levels, j)
+            # A step that empties a segment may free more bytes than its data takes: take it first.
+            heapq.heappush(heap, (-s.step_gain(levels, j) / cost if cost > 0 else -math.inf, t, j, version[t]))
 
     spent = 0.0
     rate = math.inf
@@ -128,7 +152,7 @@ def allocate_widths(
     while heap:
         neg_rate, t, j, v = heapq.heappop(heap)
         s = spectra[t]
-        if v != version[t][j] or not s.can_step(j):
+        if v != version[t] or not s.can_step(j):
             continue
         if -neg_rate < min_rate:
             break
@@ -136,12 +160,12 @@ def allocate_widths(
         if cost > budget - spent:
             continue
         spent += cost
-        rate = -neg_rate
-        s.counts[j] += 1
-        version[t][j] += 1
-        push(t, j)
-        if j + 1 < len(levels) and s.counts[j + 1] == s.counts[j] - 1:  # level j + 1 just opened
-            push(t, j + 1)
+        if cost > 0:  # the price of a byte: what the last step that bought bytes removed per byte
+            rate = -neg_rate
+        s.step(j)
+        version[t] += 1
+        for k in range(len(levels)):
+            push(t, k)
     return rate, spent
 
 
