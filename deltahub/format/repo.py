@@ -161,11 +161,14 @@ def clean_stale(out: Path) -> None:
         return
     pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-([0-9]{{1,10}})-[a-z0-9_]{{4,32}}")
     stale: list[tuple[str, os.DirEntry]] = []
-    with os.scandir(out.parent) as entries:
-        for entry in entries:
-            m = pattern.fullmatch(entry.name)
-            if m and not entry.is_symlink() and not _is_alive(int(m.group(2))):
-                stale.append((m.group(1), entry))
+    try:
+        with os.scandir(out.parent) as entries:
+            for entry in entries:
+                m = pattern.fullmatch(entry.name)
+                if m and not entry.is_symlink() and not _is_alive(int(m.group(2))):
+                    stale.append((m.group(1), entry))
+    except OSError:
+        return  # tidying is a courtesy: an unlistable parent is for the write itself to report
     olds = [e for kind, e in stale if kind == "old"]
     if olds and not os.path.lexists(out):
         newest = max(olds, key=lambda e: e.stat(follow_symlinks=False).st_ctime)
