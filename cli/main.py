@@ -16,6 +16,7 @@ stderr. Exit statuses:
 from __future__ import annotations
 
 import json
+import re
 import math
 import signal
 import sys
@@ -42,8 +43,10 @@ except Exception as e:  # a broken installation
     sys.exit(EXIT_INTERNAL)
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False, help="Store, share and load fine-tuned models as compressed deltas.")
-console = Console()
-err_console = Console(stderr=True)
+# Markup off: what is printed comes from files, the Hub and commit messages, and a "[/x]" in a
+# commit message must print as itself, not be read as rich markup (or crash the command).
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 _state = {"debug": False}
 
 TOKEN_HELP = "Hub token (default: HF_TOKEN or the saved login). Never printed."
@@ -110,6 +113,12 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (Exception, KeyboardInterrupt, Terminated) as e:
         _fail(e)
+
+
+def _cell(text: str) -> Text:
+    """Text from the Hub or a file as one table cell: control characters (line breaks, terminal
+    escapes) become spaces."""
+    return Text(re.sub(r"[\x00-\x1f\x7f]", " ", text))
 
 
 def _ratio(text: str | None) -> float | None:
@@ -216,7 +225,7 @@ def info(
         return
     cfg = result.config
     base, method, totals, summary = cfg.get("base", {}), cfg.get("method", {}), cfg.get("totals", {}), cfg.get("summary", {})
-    console.print(f"[bold]{delta}[/bold]  deltahub format {cfg['format_version']}", highlight=False)
+    console.print(Text.assemble((str(delta), "bold"), f"  deltahub format {cfg['format_version']}"), highlight=False)
     console.print(f"base:    {base.get('name_or_path')}" + (f" @ {base['revision']}" if base.get("revision") else ""), highlight=False)
     console.print(f"method:  {method.get('name')}  ratio {method.get('ratio')}  params {method.get('params')}", highlight=False)
     if totals.get("stored_bytes"):
@@ -305,16 +314,20 @@ def log(
     from deltahub.hub import history
 
     hist = _run(history, repo, branch=branch, token=token)
-    versions = [v for v in hist.versions if v.method is not None]
+    # Unreadable versions (a malformed delta_config.json in history) are listed with the reason.
+    versions = [v for v in hist.versions if v.method is not None or v.problem]
     if as_json:
-        rows = [{"tags": v.tags, "commit": v.commit, "date": v.date.isoformat() if v.date else None, "message": v.message, "method": v.method, "ratio": v.ratio, "stored_bytes": v.stored_bytes, "base": v.base} for v in versions]
+        rows = [{"tags": v.tags, "commit": v.commit, "date": v.date.isoformat() if v.date else None, "message": v.message, "method": v.method, "ratio": v.ratio, "stored_bytes": v.stored_bytes, "base": v.base, "problem": v.problem} for v in versions]
         typer.echo(json.dumps({"repo": repo, "versions": rows, "history_bytes": hist.stored_bytes, "full_model_bytes": hist.full_model_bytes}, indent=2))
         return
     table = Table(title=f"{repo} ({branch})")
     for col in ("version", "commit", "date", "message", "method", "ratio", "stored", "base"):
         table.add_column(col)
     for v in versions:
-        table.add_row(", ".join(v.tags) or "-", v.commit[:8], v.date.strftime("%Y-%m-%d %H:%M") if v.date else "", v.message, v.method or "", f"{v.ratio:.4f}" if v.ratio else "", human_bytes(v.stored_bytes or 0), v.base or "")
+        if v.problem:
+            table.add_row(_cell(", ".join(v.tags) or "-"), v.commit[:8], v.date.strftime("%Y-%m-%d %H:%M") if v.date else "", _cell(v.message), "unreadable", "", "", _cell(v.problem))
+            continue
+        table.add_row(_cell(", ".join(v.tags) or "-"), v.commit[:8], v.date.strftime("%Y-%m-%d %H:%M") if v.date else "", _cell(v.message), _cell(v.method or ""), f"{v.ratio:.4f}" if v.ratio else "", human_bytes(v.stored_bytes or 0), _cell(v.base or ""))
     console.print(table)
     console.print(hist.summary(), highlight=False)
 

@@ -202,6 +202,10 @@ def export_lora(
         raise ServingError(f"the adapter dtype must be a float dtype, got {dtype!r}")
     hub = HubOptions(token, cache_dir, local_files_only)
     reader = open_delta(delta, revision, hub)
+    # Again with what the delta resolved to (its cache folder) and the base it records, before
+    # any work: an export must not land on either.
+    recorded = reader.config.get("base", {}).get("name_or_path")
+    check_out_dir(out, overwrite, inputs=(delta, base, reader.path, recorded))
     model, config = _meta_model(reader)
     # A module shared under several paths is one PEFT target, under the first path (the one
     # PEFT's own ``named_modules()`` walk finds); its parameters have a name under every path.
