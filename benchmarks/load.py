@@ -16,19 +16,28 @@ under: the plain load and first forward, plus filling the model's bytes of new m
 the low-rank products the format prescribes (spec §6.3) at this machine's best sgemm rate on
 every core. A delta whose floor is over 1.5x cannot meet the target here.
 
+Last, what the checks against hostile deltas cost (spec/SECURITY.md): the records checked
+against the base's header (``sources.check_records_against_base``, once per load) and the
+finite check of every decoded tensor (``sources.check_finite``), each timed alone, in this
+process, against decoding the same tensors. ``--checks-only`` prints only that.
+
     python -m benchmarks.load --model smollm2-light --method auto
     python -m benchmarks.load --model generated --hidden 2048 --layers 24 --method dqrelo
     python -m benchmarks.load --model generated --method dqrelo --device-map cuda
+    python -m benchmarks.load --model generated --hidden 1024 --layers 8 --method dqrelo --checks-only
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
+from deltahub.checkpoint import Checkpoint, borrow_base
 from deltahub.format import DeltaReader
+from deltahub.sources import check_finite, check_records_against_base
 
 from .decode import lowrank_flops
 from .measure import markdown_table, run_interleaved, run_measured, sgemm_gflops
@@ -41,9 +50,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--method", default="auto", help="the delta's method, at 1/8 (bitdelta: its fixed 1/16)")
     ap.add_argument("--device-map", default=None, help='passed to both loads, e.g. "cuda" or "auto" (default: none, CPU)')
+    ap.add_argument("--checks-only", action="store_true", help="print only what the checks against hostile deltas cost")
     args = ap.parse_args()
     base, ft, delta, applied, label = prepare(args.model, args.hidden, args.layers, args.method)
     reader = DeltaReader(delta)
+    if args.checks_only:
+        print(f"\n### Checks: {label}, delta {args.method}\n")
+        print_check_costs(reader, Checkpoint.open(base))
+        return
     apply_m = run_measured("import deltahub, shutil", f"shutil.rmtree({str(applied)!r}, ignore_errors=True)\ndeltahub.apply({str(delta)!r}, {str(applied)!r}, progress=False)")
     nbytes = sum(p.stat().st_size for p in applied.glob("*.safetensors"))
     setup = "import torch, transformers\nfrom deltahub import DeltaModel\ntorch.set_grad_enabled(False)"
@@ -88,6 +102,35 @@ def main() -> None:
               f"{flops / 1e9:.0f} GFLOP at {gflops:.0f} GFLOP/s ({threads} threads) {flops / 1e9 / gflops:.2f} s = {floor:.2f} s, "
               f"{floor / plain_f:.2f}x the plain load (the delta load: {best['ours_f'].seconds / plain_f:.2f}x)")
     print(f"apply: {apply_m.seconds:.2f} s for {nbytes / 1e9:.2f} GB ({nbytes / 1e9 / apply_m.seconds:.2f} GB/s), peak {apply_m.peak_mib:.0f} MiB")
+    print_check_costs(reader, Checkpoint.open(base), best["ours_f"].seconds)
+
+
+def print_check_costs(reader: DeltaReader, base: Checkpoint, load_s: float | None = None) -> None:
+    """Time the records check (best of 5) and the finite check of every decoded tensor (each
+    tensor decoded first, untimed; then its check timed), against decoding the tensors."""
+    records = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        check_records_against_base(reader, base)
+        records.append(time.perf_counter() - t0)
+    decode_s = finite_s = 0.0
+    nbytes = 0
+    for name, rec in reader.records.items():
+        if rec["kind"] == "removed":
+            continue
+        with borrow_base(base, name) as b:
+            t0 = time.perf_counter()
+            t = reader.decode(name, b)
+            t1 = time.perf_counter()
+            check_finite(name, t, b, reader.path)
+            t2 = time.perf_counter()
+        decode_s += t1 - t0
+        finite_s += t2 - t1
+        nbytes += t.numel() * t.element_size()
+    against = f", {finite_s / load_s:.1%} of the delta load + forward ({load_s:.2f} s)" if load_s else ""
+    print(f"checks: records against the base header {min(records) * 1e3:.2f} ms for {len(reader.records)} records (best of 5); "
+          f"finite check {finite_s:.3f} s for {nbytes / 1e9:.2f} GB decoded ({nbytes / 1e9 / max(finite_s, 1e-9):.1f} GB/s), "
+          f"{finite_s / decode_s:.1%} of decoding the same tensors ({decode_s:.2f} s){against}")
 
 
 if __name__ == "__main__":

@@ -165,18 +165,27 @@ def check_records_against_base(reader: DeltaReader, base: Checkpoint) -> None:
         )
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite (integer tensors always are): one read-only
+    pass of ``torch.aminmax`` (see :func:`check_finite`)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_finite(name: str, decoded: torch.Tensor | None, base: torch.Tensor | None, where: object) -> None:
     """Refuse (:class:`InvalidTensorError`) a decoded tensor with NaN or Inf where the base
     tensor is finite. A checksum does not protect the values (whoever can rewrite a shard can
-    reseal its checksum), so every decode is checked: ``isfinite().all()``, one cheap pass;
-    only when it fails are the positions compared with the base (rows at the same index, for a
-    grown or shrunk dimension 0), since a base may hold non-finite weights of its own."""
-    if decoded is None or not decoded.is_floating_point():
+    reseal its checksum), so every decode is checked: one pass of ``torch.aminmax``, whose
+    minimum and maximum are finite only if every element is (NaN propagates); it reads the
+    tensor without allocating and runs ~15x faster than ``isfinite().all()`` (2.7 against
+    0.17 GB/s on bf16 here, benchmarks/README.md). Only when it fails are the positions
+    compared with the base (rows at the same index, for a grown or shrunk dimension 0), since a
+    base may hold non-finite weights of its own."""
+    if decoded is None or all_finite(decoded):
         return
-    finite = torch.isfinite(decoded)
-    if bool(finite.all()):
-        return
-    bad = ~finite
+    bad = ~torch.isfinite(decoded)
     if base is not None and base.is_floating_point() and base.dim() == decoded.dim() and tuple(base.shape[1:]) == tuple(decoded.shape[1:]):
         if decoded.dim() == 0:
             bad &= torch.isfinite(base)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import InvalidTensorError
 from ..format import DeltaReader
-from ..sources import HubOptions, check_finite, check_layer_counts, count_blocks, open_delta, open_pair
+from ..sources import HubOptions, all_finite, check_finite, check_layer_counts, count_blocks, open_delta, open_pair
 from .base_check import check_model_base
 from .errors import ServingError, UnknownDeltaError
 from .layers import DeltaConv1D, DeltaEmbedding, DeltaLayer, DeltaLinear, DeltaParams, Routing
@@ -428,7 +428,7 @@ def _finite_get(reader: DeltaReader, name: str, source: str):
 
     def get(key: str) -> torch.Tensor:
         t = reader.get(key)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             bad = ~torch.isfinite(t)
             raise InvalidTensorError(
                 f"{source}: tensor {name!r}: stored {key!r} holds {int(bad.sum())} NaN or Inf value(s); the delta is corrupted or hostile "
