@@ -1,6 +1,6 @@
 """The Hub as version history: push v1, push v2, log, load v1 by tag, roll back to v1.
 
-Against the real Hub (after `huggingface-cli login`):
+Against the real Hub (after `hf auth login`):
     python examples/versioning.py --repo YOUR_NAME/my-delta
 
 Offline, against the local Hub test double that deltahub's tests use:
