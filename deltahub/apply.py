@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress as progress_bar
 
 from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .format import FINETUNED_CONFIG_NAME
@@ -58,7 +58,7 @@ def apply(
         return decode_checked(reader, base_ckpt, name)  # NaN/Inf where the base is finite: refused
 
     names = [name for layout in layouts for name, _, _ in layout]
-    with atomic_dir(out, overwrite, inputs=(delta, base, reader.path, base_ckpt.path)) as tmp, tqdm(total=len(names), desc="Applying", disable=not progress) as bar:
+    with atomic_dir(out, overwrite, inputs=(delta, base, reader.path, base_ckpt.path)) as tmp, progress_bar(total=len(names), desc="Applying", enabled=progress) as bar:
         decoded = decoded_ahead(decode, names)
         shards: list[tuple[Path, list[str]]] = []
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress as progress_bar
 
 from .calibration import Calibration, CalibrationError, read_text
 from .card import human_bytes, render_card
@@ -178,7 +178,7 @@ def compress(
     total = sum(itemsize(ft_ckpt.info(n).dtype) * math.prod(ft_ckpt.info(n).shape) for n in names)
     samples: dict[str, str] = {}
     with compute_device(device), DeltaWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer:
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="Compressing", disable=not progress)
+        bar = progress_bar(total=total, unit="B", unit_scale=True, desc="Compressing", enabled=progress)
         for name in names:
             info = ft_ckpt.info(name)
             if to_torch(info.dtype).is_floating_point:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress as progress_bar
 
 from .compress import compress
 from .errors import InfeasibleRatioError
@@ -91,7 +91,7 @@ def build_pair(work: Path, base_steps: int = 120, finetune_steps: int = 60, prog
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
-    with tqdm(total=base_steps + finetune_steps, desc="Training the demo pair", disable=not progress) as bar:
+    with progress_bar(total=base_steps + finetune_steps, desc="Training the demo pair", enabled=progress) as bar:
         _train(model, tok(base_text, return_tensors="pt").input_ids[0], base_steps, 3e-3, 1, bar)
         model.to(torch.bfloat16).save_pretrained(work / "base")
         tok.save_pretrained(work / "base")
@@ -129,7 +129,7 @@ def run_demo(
         nll[label] = mean_nll(transformers.AutoModelForCausalLM.from_pretrained(path), ids, 256)
     gain = nll["base"] - nll["finetuned"]
     rows = []
-    for method in tqdm(methods or list_methods(), desc="Compressing with every method", disable=not progress):
+    for method in progress_bar(methods or list_methods(), desc="Compressing with every method", enabled=progress):
         r = None if method in NATURAL_SIZE else ratio
         out = work / f"delta-{method}"
         t0 = time.perf_counter()

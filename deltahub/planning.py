@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress as progress_bar
 
 from .calibration import Calibration
 from .checkpoint import Checkpoint
@@ -40,7 +40,7 @@ def plan_ratios(method: Planner, policy: Policy, base: Checkpoint, finetuned: Ch
     other = _FIXED_OVERHEAD
     entries: list[PlanEntry] = []
     planned_bytes = sum(itemsize(finetuned.info(n).dtype) * math.prod(finetuned.info(n).shape) for n in names)
-    bar = tqdm(total=planned_bytes, unit="B", unit_scale=True, desc="Planning", disable=not progress)
+    bar = progress_bar(total=planned_bytes, unit="B", unit_scale=True, desc="Planning", enabled=progress)
     for name in names:
         info = finetuned.info(name)
         shape, dtype = tuple(info.shape), to_torch(info.dtype)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress as progress_bar
 
 from ..format import DeltaReader
 from ..format.components import LowRank, block_shape, matrix_view
@@ -233,7 +233,7 @@ def export_lora(
     err2 = norm2 = skipped2 = 0.0
     any_conv = False
     changed = [(n, r) for n, r in reader.records.items() if r["kind"] not in ("unchanged", "removed")]
-    for name, record in tqdm(changed, desc="Exporting", disable=not progress):
+    for name, record in progress_bar(changed, desc="Exporting", enabled=progress):
         validate_record(name, record)
         shape = list(record["shape"])
         targets = []
