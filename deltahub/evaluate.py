@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress as progress_bar
 
 from .checkpoint import Checkpoint, borrow_base
 from .format.records import describe_record
@@ -102,7 +102,7 @@ def tensor_errors(delta: str | os.PathLike, finetuned: str | os.PathLike, base: 
     reader, base_ckpt = open_pair(delta, base, hub=hub)
     ft = Checkpoint.open(finetuned, **(hub or HubOptions()).kwargs())
     out = []
-    for name, rec in tqdm(list(reader.records.items()), desc="Tensor errors", disable=not progress):
+    for name, rec in progress_bar(list(reader.records.items()), desc="Tensor errors", enabled=progress):
         if rec["kind"] == "removed" or name not in ft:
             continue
         with borrow_base(base_ckpt, name) as b, ft.borrow(name) as f:
@@ -120,7 +120,7 @@ def mean_nll(model, input_ids: torch.Tensor, window: int = 512, progress: bool =
     """Mean next-token negative log-likelihood (nats) over non-overlapping windows of ``input_ids``."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for start in tqdm(range(0, input_ids.numel() - 1, window), desc=desc, disable=not progress):
+    for start in progress_bar(range(0, input_ids.numel() - 1, window), desc=desc, enabled=progress):
         chunk = input_ids[start : start + window + 1].to(device)
         if chunk.numel() < 2:
             break
