@@ -8,6 +8,10 @@ Two measurements:
   fine-tune and base + decoded delta, and the performance retention
   ``PR = (NLL_base - NLL_delta) / (NLL_base - NLL_ft)``: the papers' retention metric applied
   to held-out loss (1 keeps the whole gain of fine-tuning, 0 keeps none).
+
+Without the fine-tune (someone who only pulled a delta), only the second half can be measured and
+only for base and base + delta: the per-tensor errors and PR need the true fine-tune, so they are
+``None`` in the report and its text says why.
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ class TensorError:
 
 @dataclass
 class TextScore:
+    """Mean NLL per token (nats) of each model on the same tokens; ``nll_finetuned`` is None when
+    the fine-tune was not given, and so are ``ppl_finetuned`` and ``retention``."""
+
     tokens: int
     nll_base: float
-    nll_finetuned: float
+    nll_finetuned: float | None
     nll_delta: float
 
     @property
@@ -48,35 +55,47 @@ class TextScore:
         return math.exp(self.nll_base)
 
     @property
-    def ppl_finetuned(self) -> float:
-        return math.exp(self.nll_finetuned)
+    def ppl_finetuned(self) -> float | None:
+        return None if self.nll_finetuned is None else math.exp(self.nll_finetuned)
 
     @property
     def ppl_delta(self) -> float:
         return math.exp(self.nll_delta)
 
     @property
-    def retention(self) -> float:
-        """PR = (NLL_base - NLL_delta) / (NLL_base - NLL_ft); NaN when fine-tuning gained nothing."""
+    def retention(self) -> float | None:
+        """PR = (NLL_base - NLL_delta) / (NLL_base - NLL_ft); NaN when fine-tuning gained nothing,
+        None without the fine-tune."""
+        if self.nll_finetuned is None:
+            return None
         gain = self.nll_base - self.nll_finetuned
         return (self.nll_base - self.nll_delta) / gain if gain else float("nan")
 
 
 @dataclass
 class EvalReport:
+    """What :func:`evaluate` measured. Without the fine-tune (``finetuned is None``) there are no
+    tensor errors: ``tensors`` is empty, and ``total_rel_error``, ``mean_rel_error``, the text's
+    ``nll_finetuned`` and ``retention`` are None. ``str(report)`` is a plain-text summary."""
+
     delta: str
     tensors: list[TensorError] = field(default_factory=list)
     text: TextScore | None = None
+    finetuned: str | None = None  # what the delta was compared with; None: no fine-tune given
 
     @property
-    def total_rel_error(self) -> float:
+    def total_rel_error(self) -> float | None:
         """sqrt(sum of squared errors) / sqrt(sum of squared deltas), over compressed and dense tensors."""
+        if self.finetuned is None:
+            return None
         err = sum((t.rel_error * t.delta_norm) ** 2 for t in self.tensors if math.isfinite(t.rel_error))
         ref = sum(t.delta_norm**2 for t in self.tensors)
         return math.sqrt(err / ref) if ref else 0.0
 
     @property
-    def mean_rel_error(self) -> float:
+    def mean_rel_error(self) -> float | None:
+        if self.finetuned is None:
+            return None
         errs = [t.rel_error for t in self.tensors if t.kind in ("dense", "compressed") and math.isfinite(t.rel_error)]
         return sum(errs) / len(errs) if errs else 0.0
 
@@ -84,17 +103,37 @@ class EvalReport:
         return sorted((t for t in self.tensors if math.isfinite(t.rel_error)), key=lambda t: -t.rel_error)[:n]
 
     def to_dict(self) -> dict:
+        measured = self.finetuned is not None
         out = {
             "delta": self.delta,
+            "finetuned": self.finetuned,
             "total_rel_error": self.total_rel_error,
             "mean_rel_error": self.mean_rel_error,
-            "worst": [asdict(t) for t in self.worst()],
-            "tensors": [asdict(t) for t in self.tensors],
+            "worst": [asdict(t) for t in self.worst()] if measured else None,
+            "tensors": [asdict(t) for t in self.tensors] if measured else None,
         }
         if self.text is not None:
             t = self.text
             out["text"] = {**asdict(t), "ppl_base": t.ppl_base, "ppl_finetuned": t.ppl_finetuned, "ppl_delta": t.ppl_delta, "retention": t.retention}
         return out
+
+    def __str__(self) -> str:
+        lines = [f"delta {self.delta}"]
+        if self.finetuned is None:
+            lines.append("per-tensor errors and PR: not measured (they need the fine-tune; pass finetuned= / --finetuned)")
+        else:
+            lines.append(f"compared with the fine-tune {self.finetuned}")
+            for t in self.worst(5):
+                lines.append(f"  {t.name}  {t.kind}  {t.method or ''}  relative error {t.rel_error:.4f}")
+            lines.append(f"relative error of the whole delta: {self.total_rel_error:.4f} (mean over tensors {self.mean_rel_error:.4f})")
+        if self.text is not None:
+            s = self.text
+            lines.append(f"held-out text, {s.tokens} tokens: NLL / token (perplexity)")
+            rows = [("base", s.nll_base), ("fine-tune", s.nll_finetuned), ("base + delta", s.nll_delta)]
+            lines += [f"  {label:13s} {nll:.4f} ({math.exp(nll):.3f})" for label, nll in rows if nll is not None]
+            if s.retention is not None:
+                lines.append(f"performance retention PR = {s.retention:.4f}")
+        return "\n".join(lines)
 
 
 def tensor_errors(delta: str | os.PathLike, finetuned: str | os.PathLike, base: str | os.PathLike | None = None, *, progress: bool = True, hub: HubOptions | None = None) -> list[TensorError]:
@@ -137,7 +176,7 @@ def default_text() -> str:
 
 def evaluate(
     delta: str | os.PathLike,
-    finetuned: str | os.PathLike,
+    finetuned: str | os.PathLike | None = None,
     base: str | os.PathLike | None = None,
     *,
     text: str | None = None,
@@ -150,32 +189,57 @@ def evaluate(
     """Per-tensor errors and, on ``text`` (default: the shipped Austen excerpt), NLL/PPL/PR.
 
     Models are loaded one at a time (base, fine-tune, base + delta) to keep memory at one model.
+    With ``finetuned=None`` only base and base + delta are scored on the text (the delta's base
+    is checked against its fingerprint first); the fields that need the fine-tune are None.
+    ``with_text=False`` then leaves nothing to measure and raises ``ValueError``.
 
     Example::
 
         report = deltahub.evaluate("my-delta", finetuned="Qwen/Qwen2.5-0.5B-Instruct")
         print(report.text.retention)
+        print(deltahub.evaluate("user/my-delta"))  # base against base + delta only
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .model import DeltaModel
 
+    if finetuned is None and not with_text:
+        raise ValueError("nothing to measure: the per-tensor errors need the fine-tune (pass finetuned=, or with_text=True to score base and base + delta)")
     hub = HubOptions(token)
-    report = EvalReport(str(delta), tensor_errors(delta, finetuned, base, progress=progress, hub=hub))
-    if not with_text:
-        return report
-    reader, base_ckpt = open_pair(delta, base, hub=hub, verify_base=False)
-    tok = AutoTokenizer.from_pretrained(str(Checkpoint.open(finetuned, **hub.kwargs()).path))
+    if finetuned is None:
+        report = EvalReport(str(delta))
+        reader, base_ckpt = open_pair(delta, base, hub=hub)  # no tensor pass checked the base: check it here
+    else:
+        report = EvalReport(str(delta), tensor_errors(delta, finetuned, base, progress=progress, hub=hub), finetuned=str(finetuned))
+        if not with_text:
+            return report
+        reader, base_ckpt = open_pair(delta, base, hub=hub, verify_base=False)
+    ft_path = None if finetuned is None else Checkpoint.open(finetuned, **hub.kwargs()).path
+    tok = _tokenizer(ft_path, reader.path, base_ckpt.path)
     ids = tok(text if text is not None else default_text(), return_tensors="pt").input_ids[0][: max_tokens + 1]
+    loaders = {
+        "base": lambda: AutoModelForCausalLM.from_pretrained(str(base_ckpt.path)),
+        "finetuned": lambda: AutoModelForCausalLM.from_pretrained(str(ft_path)),
+        "delta": lambda: DeltaModel.from_pretrained(reader.path, base=base_ckpt.path, verify_base=False),
+    }
+    if ft_path is None:
+        del loaders["finetuned"]
     scores = {}
-    for label, loader in (
-        ("base", lambda: AutoModelForCausalLM.from_pretrained(str(base_ckpt.path))),
-        ("finetuned", lambda: AutoModelForCausalLM.from_pretrained(str(Checkpoint.open(finetuned, **hub.kwargs()).path))),
-        ("delta", lambda: DeltaModel.from_pretrained(reader.path, base=base_ckpt.path, verify_base=False)),
-    ):
+    for label, loader in loaders.items():
         model = loader()
         scores[label] = mean_nll(model, ids, window, progress, desc=f"NLL {label}")
         del model
         gc.collect()
-    report.text = TextScore(int(ids.numel() - 1), scores["base"], scores["finetuned"], scores["delta"])
+    report.text = TextScore(int(ids.numel() - 1), scores["base"], scores.get("finetuned"), scores["delta"])
     return report
+
+
+def _tokenizer(finetuned: Path | None, delta: Path, base: Path):
+    """The fine-tune's tokenizer: from the fine-tune if given, else the delta repo's copy (written
+    when it differs from the base's), else the base's."""
+    from transformers import AutoTokenizer
+
+    if finetuned is not None:
+        return AutoTokenizer.from_pretrained(str(finetuned))
+    has_own = any((Path(delta) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return AutoTokenizer.from_pretrained(str(delta if has_own else base))

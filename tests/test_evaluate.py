@@ -54,3 +54,35 @@ def test_eval_cli_json_and_table(pair, tmp_path):
     assert data["worst"] and data["total_rel_error"] > 0
     r = runner.invoke(app, ["eval", str(tmp_path / "d"), "--finetuned", str(ft), "--tensors-only"])
     assert r.exit_code == 0 and "relative error of the whole delta" in r.output and "retention" not in r.output
+
+
+def test_without_the_finetune_scores_base_and_base_plus_delta_only(pair):
+    """Someone who only pulled a delta: NLL of base and base + delta, and nothing that needs the fine-tune."""
+    base, ft, work = pair
+    deltahub.compress(base, ft, work / "svd-nf", method="svd", ratio=1 / 8, progress=False)
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. " * 6
+    full = deltahub.evaluate(work / "svd-nf", ft, text=text, max_tokens=200, progress=False)
+    alone = deltahub.evaluate(work / "svd-nf", text=text, max_tokens=200, progress=False)
+    assert alone.finetuned is None and alone.tensors == [] and alone.total_rel_error is None and alone.mean_rel_error is None
+    s = alone.text
+    assert s.nll_finetuned is None and s.ppl_finetuned is None and s.retention is None
+    # the same tokens and the same two models as the full evaluation
+    assert s.tokens == full.text.tokens and s.nll_base == full.text.nll_base and s.nll_delta == full.text.nll_delta
+    assert s.nll_delta != s.nll_base
+    data = alone.to_dict()
+    assert data["finetuned"] is None and data["total_rel_error"] is None and data["worst"] is None and data["tensors"] is None
+    assert data["text"]["retention"] is None and data["text"]["nll_finetuned"] is None and data["text"]["ppl_delta"] > 0
+    json.dumps(data)  # JSON-serializable as it is
+    out = str(alone)
+    assert "not measured" in out and "--finetuned" in out and "base + delta" in out and "fine-tune " not in out and "PR =" not in out
+    assert "PR =" in str(full) and "relative error of the whole delta" in str(full)
+
+
+def test_without_the_finetune_the_base_is_still_checked(pair):
+    """With no tensor pass to compare against, a wrong base is refused before any model runs."""
+    base, ft, work = pair
+    deltahub.compress(base, ft, work / "chk", method="svd", ratio=1 / 8, progress=False)
+    with pytest.raises(deltahub.errors.BaseMismatchError):
+        deltahub.evaluate(work / "chk", base=ft, text="a few words " * 20, max_tokens=50, progress=False)
+    with pytest.raises(ValueError, match="nothing to measure"):
+        deltahub.evaluate(work / "chk", with_text=False, progress=False)
