@@ -1263,3 +1263,58 @@ class _Handler(BaseHTTPRequestHandler):
         if hook is not None:
             hook(repo_type, repo_id, cid)
         self._json({"success": True, "commitOid": cid, "commitUrl": f"{url}/commit/{cid}", "hookOutput": "", "pullRequestUrl": pr_url})
+
+
+# ---------------------------------------------------------------------- standalone
+
+USAGE = """Run the Hub test double on its own, until Ctrl-C (or SIGTERM):
+
+    python -m tests.hub_server [--port 8765] [--storage-dir DIR] [--token TOKEN] [--verbose]
+
+from the repository root. It prints the variables that point huggingface_hub (and so deltahub,
+``hf`` and transformers) at it; set them in the client's shell before it starts.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.hub_server``: start a ``HubServer``, print its URL and the environment to
+    set, serve until SIGINT/SIGTERM, stop cleanly. Exit status 0."""
+    import argparse
+    import signal
+
+    ap = argparse.ArgumentParser(prog="python -m tests.hub_server", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: a free one, printed)")
+    ap.add_argument("--storage-dir", type=Path, default=None, help="keep repos here across runs (default: a temporary folder, removed on exit)")
+    ap.add_argument("--token", default=None, help="accept only this token (as user --user); default: any token, as user 'user'")
+    ap.add_argument("--user", default="user", help="the user name of --token (default: user)")
+    ap.add_argument("--verbose", action="store_true", help="print one line per request to stderr")
+    args = ap.parse_args(argv)
+
+    server = HubServer(args.storage_dir, args.port, tokens={args.token: args.user} if args.token else None, verbose=args.verbose)
+    try:
+        server.start()
+    except OSError as e:  # port taken, no permission: one line, not a traceback
+        print(f"cannot listen on 127.0.0.1:{args.port}: {e.strerror or e}", file=sys.stderr)
+        server.stop()  # removes its temporary storage
+        return 1
+    token = args.token or "hf_local"
+    user = args.user if args.token else "user"
+    print(f"Hub test double at {server.url} (storage: {server.storage_dir}; writes need a token; whoami: {user})")
+    print("Point huggingface_hub at it in the client's shell, before it starts:")
+    print(f"  export HF_ENDPOINT={server.url}")
+    print("  export HF_HUB_DISABLE_XET=1")
+    print(f"  export HF_TOKEN={token}" + ("" if args.token else "    # any token is accepted"))
+    print("Ctrl-C stops it.", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):  # a timed wait, so the signal handler runs promptly on every platform
+        pass
+    server.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
