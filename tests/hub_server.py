@@ -15,6 +15,9 @@ picks the Xet protocol without asking the server, and this double does not speak
 import time. To point a process at this server, either set the variables before the first import
 (``reserve_port()`` gives the port before the server exists), or run the client in a subprocess.
 
+On its own, from the repository root: ``python -m tests.hub_server [--port N]`` serves until Ctrl-C
+and prints the variables to set in the client's shell (:func:`main`).
+
 Storage model, per repo: commits are immutable snapshots ``{path -> entry}`` (entry: sha256, size,
 LFS or not, git oid) with parents, title, message, date and authors; branches, tags and PR refs
 (``refs/pr/N``) point at commit ids. File contents live once, content-addressed by sha256, under
