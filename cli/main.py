@@ -11,13 +11,31 @@ stderr. Exit statuses:
 - 3: an internal error, i.e. a bug in deltahub: the line names the exception; rerun with
   ``--debug`` for the traceback and report it.
 - 130: interrupted (Ctrl-C); 143: terminated (SIGTERM). An output being written is removed.
+
+The output contract (scripts rely on it):
+
+- stdout carries the command's result, stderr everything else (progress bars, notes, errors).
+- Piped or redirected, stdout is plain text: lines are never wrapped or cut, tables are plain
+  columns with a header line, whole names and full commit ids, no colour. On a terminal, tables
+  are rich tables that fold long cells instead of cutting them.
+- ``--json`` (every command that reports something) prints one JSON document on stdout and
+  nothing else; NaN and infinities are written as null. ``pull`` prints the path alone.
+- ``--quiet``/``-q`` (before the command): no progress bars, no informational lines, no
+  transformers/huggingface_hub log messages; errors still go to stderr; stdout is unchanged.
+- Only deltahub's own progress bars are drawn (transformers' "Loading weights" and
+  huggingface_hub's "Fetching N files" are silenced); ``HF_HUB_DISABLE_PROGRESS_BARS=1`` hides
+  deltahub's as well.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as _dt
+import enum
 import json
-import re
 import math
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -33,6 +51,7 @@ try:  # importing torch takes seconds: a Ctrl-C then must not print a traceback 
 
     import deltahub
     from deltahub.card import human_bytes
+    from deltahub.progress import quiet_third_party
 except KeyboardInterrupt:
     sys.stderr.write("Error: interrupted\n")
     sys.exit(EXIT_INTERRUPTED)
@@ -42,20 +61,70 @@ except Exception as e:  # a broken installation
     sys.stderr.write(f"Error: deltahub cannot start ({type(e).__name__}: {e}); rerun with --debug for the traceback\n")
     sys.exit(EXIT_INTERNAL)
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False, help="Store, share and load fine-tuned models as compressed deltas.")
+EPILOG = (
+    "Exit status: 0 ok; 1 error in the input or environment (and verify found a problem); 2 wrong command line; "
+    "3 internal error (a bug: rerun with --debug); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). "
+    "Output: results on stdout (plain text when piped, one JSON document with --json), progress and messages on stderr; "
+    "HF_HUB_DISABLE_PROGRESS_BARS=1 hides every progress bar."
+)
+
+app = typer.Typer(
+    no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False, help="Store, share and load fine-tuned models as compressed deltas.",
+    epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]},
+)
 # Markup off: what is printed comes from files, the Hub and commit messages, and a "[/x]" in a
 # commit message must print as itself, not be read as rich markup (or crash the command).
 console = Console(markup=False)
 err_console = Console(stderr=True, markup=False)
-_state = {"debug": False}
+_state = {"debug": False, "quiet": False}
 
 TOKEN_HELP = "Hub token (default: HF_TOKEN or the saved login). Never printed."
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"deltahub {deltahub.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, no informational lines (errors still go to stderr)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     """deltahub: compressed, versioned deltas of fine-tuned models."""
     _state["debug"] = debug
+    _state["quiet"] = quiet
+    if quiet:
+        _silence_all()
+
+
+def _silence_all() -> None:
+    """--quiet: every progress bar (deltahub's included) and the libraries' log lines off for
+    this process."""
+    import logging
+    import warnings
+
+    from huggingface_hub.utils import disable_progress_bars
+
+    # transformers is imported later, lazily: it reads its verbosity from this variable and its
+    # progress switch from huggingface_hub's at import.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HF_HUB_DISABLE_PROGRESS_BARS=0 overrides us, with a warning
+        disable_progress_bars()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    if "transformers.utils.logging" in sys.modules:
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.disable_progress_bar()
+        tf_logging.set_verbosity_error()
+
+
+def _progress() -> bool:
+    """Whether deltahub's own progress bars are wanted (not with --quiet)."""
+    return not _state["quiet"]
 
 
 # Errors a user can cause and fix (exit 1); any other exception is a bug (exit 3).
@@ -109,16 +178,93 @@ def _fail(e: BaseException) -> None:
 
 
 def _run(fn, *args, **kwargs):
+    """Call deltahub: errors become one line and an exit status, and only deltahub's progress
+    bars are drawn (transformers' and huggingface_hub's are silenced for the call)."""
     try:
-        return fn(*args, **kwargs)
+        with quiet_third_party():
+            return fn(*args, **kwargs)
     except (Exception, KeyboardInterrupt, Terminated) as e:
         _fail(e)
 
 
-def _cell(text: str) -> Text:
-    """Text from the Hub or a file as one table cell: control characters (line breaks, terminal
-    escapes) become spaces."""
-    return Text(re.sub(r"[\x00-\x1f\x7f]", " ", text))
+# ------------------------------------------------------------------ output
+
+
+def _clean(text: object) -> str:
+    """Text from the Hub or a file as one table cell or line: control characters (line breaks,
+    terminal escapes) become spaces."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", str(text))
+
+
+def _plain() -> bool:
+    """True when stdout is not a terminal (a pipe, a file, ``$(...)``): print plain text."""
+    try:
+        return not sys.stdout.isatty()
+    except (AttributeError, ValueError):  # no stdout, or a closed one
+        return True
+
+
+def _echo(line: str = "") -> None:
+    """A line of the result on stdout, as is: never wrapped, cut, styled or parsed as markup."""
+    typer.echo(line)
+
+
+def _note(line: str) -> None:
+    """An informational line on stderr (none with --quiet)."""
+    if not _state["quiet"]:
+        typer.echo(line, err=True)
+
+
+def _table(columns: list[str], rows: list[list[str]], title: str | None = None, right: tuple[str, ...] = ()) -> None:
+    """A table on stdout. Piped: an optional title line, then plain columns separated by two
+    spaces, header first, every cell whole. On a terminal: a rich table whose long cells fold."""
+    rows = [[_clean(cell) for cell in row] for row in rows]
+    if _plain():
+        if title:
+            _echo(_clean(title))
+        widths = [max([len(col)] + [len(row[i]) for row in rows]) for i, col in enumerate(columns)]
+        for row in [columns, *rows]:
+            cells = [cell.rjust(w) if col in right else cell.ljust(w) for col, cell, w in zip(columns, row, widths)]
+            _echo("  ".join(cells).rstrip())
+        return
+    table = Table(title=_clean(title) if title else None)
+    for col in columns:
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))
+    console.print(table)
+
+
+def _jsonable(obj: object) -> object:
+    """``obj`` as JSON values: dataclasses as dicts of their fields and public properties, paths
+    as strings, datetimes in ISO 8601, NaN and infinities as None (JSON has no such numbers)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        for name in dir(type(obj)):
+            if not name.startswith("_") and isinstance(getattr(type(obj), name), property):
+                out[name] = _jsonable(getattr(obj, name))
+        return out
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if isinstance(obj, (_dt.datetime, _dt.date)):
+        return obj.isoformat()
+    if isinstance(obj, enum.Enum):
+        return _jsonable(obj.value)
+    return str(obj)  # Path, torch.dtype, ...
+
+
+def _print_json(obj: object) -> None:
+    """The one JSON document of a --json command, on stdout."""
+    typer.echo(json.dumps(_jsonable(obj), indent=2, allow_nan=False))
+
+
+JSON_HELP = "Print one JSON document on stdout (and nothing else)."
 
 
 def _ratio(text: str | None) -> float | None:
@@ -172,6 +318,7 @@ def compress(
     cache_dir: Optional[Path] = typer.Option(None, help="Hugging Face cache folder."),
     calibration: Optional[Path] = typer.Option(None, help="Plain-text file: auto measures errors on the base's activations over it (loads the base model once)."),
     calibration_tokens: int = typer.Option(2048, help="Tokens of the calibration text to use."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Compress FINETUNED - BASE into a delta repo at OUT.
 
@@ -180,11 +327,15 @@ def compress(
     result = _run(
         deltahub.compress, base, finetuned, out, method, _ratio(ratio), params=_params(param), rules=rule, seed=seed, device=device,
         revision=revision, base_revision=base_revision, token=token, cache_dir=cache_dir, max_shard_size=max_shard_size, overwrite=overwrite,
-        calibration=calibration, calibration_tokens=calibration_tokens,
+        calibration=calibration, calibration_tokens=calibration_tokens, progress=_progress(),
     )
-    console.print(str(result), highlight=False)
+    if as_json:
+        _print_json(result)
+        return
+    _echo(str(result))
     if result.fallbacks:
-        console.print(f"{len(result.fallbacks)} tensor(s) too small for the ratio were stored dense: {', '.join(result.fallbacks[:5])}", highlight=False)
+        more = f" and {len(result.fallbacks) - 5} more" if len(result.fallbacks) > 5 else ""
+        _echo(f"{len(result.fallbacks)} tensor(s) too small for the ratio were stored dense: {', '.join(result.fallbacks[:5])}{more}")
 
 
 @app.command()
@@ -198,20 +349,24 @@ def apply(
     max_shard_size: str = typer.Option("5GB", help="Largest shard of the output."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write the full fine-tuned checkpoint (base + delta) for transformers or vLLM.
 
     Example: deltahub apply user/qwen-delta -o qwen-instruct
     """
-    path = _run(deltahub.apply, delta, out, base, revision=revision, base_revision=base_revision, verify_base=verify_base, max_shard_size=max_shard_size, overwrite=overwrite, token=token)
-    console.print(f"wrote {path}", highlight=False)
+    path = _run(deltahub.apply, delta, out, base, revision=revision, base_revision=base_revision, verify_base=verify_base, max_shard_size=max_shard_size, overwrite=overwrite, token=token, progress=_progress())
+    if as_json:
+        _print_json({"path": path, "delta": delta, "revision": revision})
+        return
+    _echo(f"wrote {path}")
 
 
 @app.command()
 def info(
     delta: str = typer.Argument(..., help="Delta repo: local folder or Hub id (only delta_config.json is read)."),
     tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     revision: Optional[str] = typer.Option(None, help="Revision of the delta."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
 ) -> None:
@@ -221,28 +376,24 @@ def info(
     """
     result = _run(deltahub.info, delta, revision=revision, token=token)
     if as_json:
-        typer.echo(json.dumps(result.to_dict(with_tensors=tensors), indent=2))
+        _print_json(result.to_dict(with_tensors=tensors))
         return
     cfg = result.config
     base, method, totals, summary = cfg.get("base", {}), cfg.get("method", {}), cfg.get("totals", {}), cfg.get("summary", {})
-    console.print(Text.assemble((str(delta), "bold"), f"  deltahub format {cfg['format_version']}"), highlight=False)
-    console.print(f"base:    {base.get('name_or_path')}" + (f" @ {base['revision']}" if base.get("revision") else ""), highlight=False)
-    console.print(f"method:  {method.get('name')}  ratio {method.get('ratio')}  params {method.get('params')}", highlight=False)
+    _echo(_clean(f"{delta}  deltahub format {cfg['format_version']}"))
+    _echo(_clean(f"base:    {base.get('name_or_path')}" + (f" @ {base['revision']}" if base.get("revision") else "")))
+    _echo(_clean(f"method:  {method.get('name')}  ratio {method.get('ratio')}  params {method.get('params')}"))
     if totals.get("stored_bytes"):
-        console.print(f"size:    {human_bytes(totals['stored_bytes'])} stored for {human_bytes(totals['dense_bytes'])} dense: ratio {totals['ratio']:.4f}", highlight=False)
+        _echo(f"size:    {human_bytes(totals['stored_bytes'])} stored for {human_bytes(totals['dense_bytes'])} dense: ratio {totals['ratio']:.4f}")
     if summary.get("mean_rel_error") is not None:
-        console.print(f"error:   mean {summary['mean_rel_error']:.4f}, worst {summary['max_rel_error']:.4f}", highlight=False)
+        _echo(f"error:   mean {summary['mean_rel_error']:.4f}, worst {summary['max_rel_error']:.4f}")
     kinds: dict[str, int] = {}
     for t in result.tensors:
         kinds[t.kind] = kinds.get(t.kind, 0) + 1
-    console.print("tensors: " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())), highlight=False)
+    _echo(_clean("tensors: " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))))
     if tensors:
-        table = Table()
-        for col in ("tensor", "kind", "method", "shape", "holds", "stored", "ratio"):
-            table.add_column(col, justify="right" if col in ("stored", "ratio") else "left")
-        for t in result.tensors:
-            table.add_row(t.name, t.kind, t.method or "", "x".join(map(str, t.shape)), t.holds, human_bytes(t.stored_bytes), f"{t.ratio:.4f}")
-        console.print(table)
+        rows = [[t.name, t.kind, t.method or "", "x".join(map(str, t.shape)), t.holds, human_bytes(t.stored_bytes), f"{t.ratio:.4f}"] for t in result.tensors]
+        _table(["tensor", "kind", "method", "shape", "holds", "stored", "ratio"], rows, right=("stored", "ratio"))
 
 
 @app.command()
@@ -252,13 +403,20 @@ def verify(
     check_base: bool = typer.Option(False, "--check-base", help="Also check the recorded base."),
     revision: Optional[str] = typer.Option(None, help="Revision of the delta."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Check a delta's integrity (shards, checksums, layouts, decoding) and, optionally, its base.
+
+    Exits 1 when a problem is found (with --json too: the document says "ok": false).
 
     Example: deltahub verify qwen-delta --base Qwen/Qwen2.5-0.5B
     """
     report = _run(deltahub.verify, delta, base, check_base=check_base, revision=revision, token=token)
-    console.print(str(report), highlight=False)
+    if as_json:
+        _print_json(report)
+    else:
+        for line in str(report).splitlines():
+            _echo(_clean(line))
     if not report.ok:
         raise typer.Exit(1)
 
@@ -273,6 +431,7 @@ def push(
     branch: Optional[str] = typer.Option(None, help="Branch to push to (default main)."),
     create_pr: bool = typer.Option(False, help="Open a pull request instead of committing to the branch."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Upload a delta as a new version: one commit, one tag; unchanged shards are not re-uploaded.
 
@@ -281,7 +440,10 @@ def push(
     from deltahub.hub import push as _push
 
     result = _run(_push, delta, repo, tag=tag, message=message, private=private or None, branch=branch, create_pr=create_pr, token=token)
-    console.print(str(result), highlight=False)
+    if as_json:
+        _print_json(result)
+        return
+    _echo(_clean(str(result)))
 
 
 @app.command()
@@ -290,21 +452,28 @@ def pull(
     revision: Optional[str] = typer.Option(None, help="Version: tag, branch or commit (default: the head)."),
     local_dir: Optional[Path] = typer.Option(None, help="Copy into this folder instead of only the Hugging Face cache."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Download a version of a delta (cached; works offline from the cache with HF_HUB_OFFLINE=1).
+
+    Prints the local path and nothing else, on one line: P=$(deltahub pull REPO --revision v2).
 
     Example: deltahub pull user/qwen-delta --revision v2
     """
     from deltahub.hub import pull as _pull
 
-    console.print(str(_run(_pull, repo, revision=revision, local_dir=local_dir, token=token)), highlight=False)
+    path = _run(_pull, repo, revision=revision, local_dir=local_dir, token=token)
+    if as_json:
+        _print_json({"repo": repo, "revision": revision, "path": path})
+        return
+    _echo(str(path))
 
 
 @app.command()
 def log(
     repo: str = typer.Argument(..., help="Hub repo id."),
     branch: str = typer.Option("main", help="Branch to list."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
 ) -> None:
     """List the versions of a delta repo, newest first, and what the history costs.
@@ -317,19 +486,26 @@ def log(
     # Unreadable versions (a malformed delta_config.json in history) are listed with the reason.
     versions = [v for v in hist.versions if v.method is not None or v.problem]
     if as_json:
-        rows = [{"tags": v.tags, "commit": v.commit, "date": v.date.isoformat() if v.date else None, "message": v.message, "method": v.method, "ratio": v.ratio, "stored_bytes": v.stored_bytes, "base": v.base, "problem": v.problem} for v in versions]
-        typer.echo(json.dumps({"repo": repo, "versions": rows, "history_bytes": hist.stored_bytes, "full_model_bytes": hist.full_model_bytes}, indent=2))
+        rows = [
+            {"tags": v.tags, "commit": v.commit, "date": v.date, "message": v.message, "method": v.method, "ratio": v.ratio, "stored_bytes": v.stored_bytes,
+             "dense_bytes": v.dense_bytes, "base": v.base, "base_fingerprint": v.base_fingerprint, "problem": v.problem}
+            for v in versions
+        ]
+        _print_json({"repo": repo, "branch": branch, "versions": rows, "history_bytes": hist.stored_bytes, "full_model_bytes": hist.full_model_bytes, "summary": hist.summary()})
         return
-    table = Table(title=f"{repo} ({branch})")
-    for col in ("version", "commit", "date", "message", "method", "ratio", "stored", "base"):
-        table.add_column(col)
+    # Piped: full commit ids (usable as --revision) and ISO dates; on a terminal, short ones.
+    plain = _plain()
+    rows = []
     for v in versions:
+        commit = v.commit if plain else v.commit[:12]
+        date = (v.date.isoformat() if plain else v.date.strftime("%Y-%m-%d %H:%M")) if v.date else ""
+        tags = ", ".join(v.tags) or "-"
         if v.problem:
-            table.add_row(_cell(", ".join(v.tags) or "-"), v.commit[:8], v.date.strftime("%Y-%m-%d %H:%M") if v.date else "", _cell(v.message), "unreadable", "", "", _cell(v.problem))
-            continue
-        table.add_row(_cell(", ".join(v.tags) or "-"), v.commit[:8], v.date.strftime("%Y-%m-%d %H:%M") if v.date else "", _cell(v.message), _cell(v.method or ""), f"{v.ratio:.4f}" if v.ratio else "", human_bytes(v.stored_bytes or 0), _cell(v.base or ""))
-    console.print(table)
-    console.print(hist.summary(), highlight=False)
+            rows.append([tags, commit, date, v.message, "unreadable", "", "", v.problem])
+        else:
+            rows.append([tags, commit, date, v.message, v.method or "", f"{v.ratio:.4f}" if v.ratio else "", human_bytes(v.stored_bytes or 0), v.base or ""])
+    _table(["version", "commit", "date", "message", "method", "ratio", "stored", "base"], rows, title=f"{repo} ({branch})", right=("ratio", "stored"))
+    _echo(_clean(hist.summary()))
 
 
 @app.command()
@@ -340,6 +516,7 @@ def rollback(
     force: bool = typer.Option(False, help="Roll back even to a version made against another base."),
     branch: str = typer.Option("main", help="Branch to roll back."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Make the head equal to an earlier version with a new commit (server-side copies, no upload).
 
@@ -348,64 +525,74 @@ def rollback(
     from deltahub.hub import rollback as _rollback
 
     result = _run(_rollback, repo, to, message=message, force=force, branch=branch, token=token)
-    console.print(f"rolled back {repo} to {to}: new head {result.commit[:12]} tagged {result.tag}", highlight=False)
+    if as_json:
+        _print_json({**_jsonable(result), "rolled_back_to": to})
+        return
+    _echo(_clean(f"rolled back {repo} to {to}: new head {result.commit[:12]} tagged {result.tag}"))
 
 
 @app.command("eval")
 def eval_(
     delta: str = typer.Argument(..., help="Delta repo: local folder or Hub id."),
-    finetuned: str = typer.Option(..., "--finetuned", help="The true fine-tune, to compare against."),
+    finetuned: Optional[str] = typer.Option(None, "--finetuned", help="The true fine-tune, to compare against (without it: base against base + delta on the text only)."),
     base: Optional[str] = typer.Option(None, help="Base model (default: the one recorded in the delta)."),
     text: Optional[Path] = typer.Option(None, help="Text file for NLL/perplexity/retention (default: the Austen excerpt shipped with deltahub)."),
     max_tokens: int = typer.Option(4096, help="Tokens of the text to score."),
-    tensors_only: bool = typer.Option(False, "--tensors-only", help="Only the per-tensor errors (no model is run)."),
+    tensors_only: bool = typer.Option(False, "--tensors-only", help="Only the per-tensor errors (no model is run; needs --finetuned)."),
     worst: int = typer.Option(10, help="How many of the worst tensors to list."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
 ) -> None:
     """Measure what compression costs: per-tensor errors, and NLL, perplexity and retention on a text.
+
+    With --finetuned, each tensor's error against the true fine-tune and the retention PR;
+    without it (a delta you only pulled), the base against base + delta on the text.
 
     Example: deltahub eval qwen-delta --finetuned Qwen/Qwen2.5-0.5B-Instruct --max-tokens 8192
     """
     from deltahub.evaluate import evaluate
 
     body = text.read_text() if text else None
-    report = _run(evaluate, delta, finetuned, base, text=body, max_tokens=max_tokens, with_text=not tensors_only, progress=not as_json, token=token)
+    # finetuned is passed only when given: evaluate() without it scores base against base + delta.
+    compare = {} if finetuned is None else {"finetuned": finetuned}
+    report = _run(evaluate, delta, base=base, text=body, max_tokens=max_tokens, with_text=not tensors_only, progress=_progress(), token=token, **compare)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        _print_json(report.to_dict())
         return
-    table = Table(title=f"worst {worst} tensors")
-    for col in ("tensor", "kind", "method", "holds", "relative error"):
-        table.add_column(col, justify="right" if col == "relative error" else "left")
-    for t in report.worst(worst):
-        table.add_row(t.name, t.kind, t.method or "", t.holds, f"{t.rel_error:.4f}")
-    console.print(table)
-    console.print(f"relative error of the whole delta: {report.total_rel_error:.4f} (mean over tensors {report.mean_rel_error:.4f})", highlight=False)
+    if report.tensors:
+        rows = [[t.name, t.kind, t.method or "", t.holds, f"{t.rel_error:.4f}"] for t in report.worst(worst)]
+        _table(["tensor", "kind", "method", "holds", "relative error"], rows, title=f"worst {worst} tensors", right=("relative error",))
+        _echo(f"relative error of the whole delta: {report.total_rel_error:.4f} (mean over tensors {report.mean_rel_error:.4f})")
+    elif finetuned is None:
+        _echo("per-tensor errors and PR: not measured (they need the fine-tune: --finetuned)")
     if report.text is not None:
         s = report.text
-        t2 = Table(title=f"held-out text, {s.tokens} tokens")
-        for col in ("model", "NLL / token", "perplexity"):
-            t2.add_column(col, justify="left" if col == "model" else "right")
-        for label, nll in (("base", s.nll_base), ("fine-tune", s.nll_finetuned), ("base + delta", s.nll_delta)):
-            t2.add_row(label, f"{nll:.4f}", f"{math.exp(nll):.3f}")
-        console.print(t2)
-        console.print(f"performance retention PR = {s.retention:.4f}", highlight=False)
+        measured = (("base", s.nll_base), ("fine-tune", s.nll_finetuned), ("base + delta", s.nll_delta))
+        rows = [[label, f"{nll:.4f}", f"{math.exp(nll):.3f}"] for label, nll in measured if nll is not None]
+        _table(["model", "NLL / token", "perplexity"], rows, title=f"held-out text, {s.tokens} tokens", right=("NLL / token", "perplexity"))
+        if s.retention is not None:
+            _echo(f"performance retention PR = {s.retention:.4f}")
 
 
 @app.command()
-def methods() -> None:
-    """List the compression methods.
+def methods(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """List the compression methods, one per line.
 
     Example: deltahub methods
     """
-    for name in deltahub.list_methods():
-        typer.echo(name)
+    names = deltahub.list_methods()
+    if as_json:
+        _print_json({"methods": names})
+        return
+    for name in names:
+        _echo(name)
 
 
 @app.command()
 def demo(
     ratio: str = typer.Option("1/8", help="Target ratio of the dense delta's bytes, e.g. 1/8."),
     work_dir: Optional[Path] = typer.Option(None, help="Keep the models and deltas here (default: a temporary folder)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train a small model pair on Austen offline, compress it with every method, score and load it.
 
@@ -416,14 +603,18 @@ def demo(
     """
     from deltahub.demo import run_demo
 
-    result = _run(run_demo, _ratio(ratio), work_dir=work_dir)
-    table = Table(title=f"deltahub on a small Austen fine-tune, target ratio {ratio} (NLL base {result.nll_base:.3f}, fine-tune {result.nll_finetuned:.3f})")
-    for col in ("method", "honest ratio", "rel. error", "PR", "compress s", "note"):
-        table.add_column(col, justify="left" if col in ("method", "note") else "right")
-    for r in sorted(result.rows, key=lambda r: -r.retention if r.retention == r.retention else 1e9):
-        table.add_row(r.method, f"{r.ratio:.4f}", f"{r.rel_error:.4f}", f"{r.retention:.3f}", f"{r.compress_s:.2f}", r.note[:50])
-    console.print(table)
-    console.print(f"DeltaModel.from_pretrained({str(result.work_dir / ('delta-' + result.sampled_from))!r}) says:\n  {result.sample}", highlight=False)
+    result = _run(run_demo, _ratio(ratio), work_dir=work_dir, progress=_progress())
+    if as_json:
+        _print_json(result)
+        return
+    rows = [
+        [r.method, f"{r.ratio:.4f}", f"{r.rel_error:.4f}", f"{r.retention:.3f}", f"{r.compress_s:.2f}", r.note]
+        for r in sorted(result.rows, key=lambda r: -r.retention if r.retention == r.retention else 1e9)
+    ]
+    title = f"deltahub on a small Austen fine-tune, target ratio {ratio} (NLL base {result.nll_base:.3f}, fine-tune {result.nll_finetuned:.3f})"
+    _table(["method", "honest ratio", "rel. error", "PR", "compress s", "note"], rows, title=title, right=("honest ratio", "rel. error", "PR", "compress s"))
+    _echo(f"DeltaModel.from_pretrained({str(result.work_dir / ('delta-' + result.sampled_from))!r}) says:")
+    _echo(f"  {_clean(result.sample)}")
 
 
 @app.command("export-lora")
@@ -437,6 +628,7 @@ def export_lora(
     revision: Optional[str] = typer.Option(None, help="Revision of the delta."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write a delta as a PEFT LoRA adapter, with each module's rank and relative error.
 
@@ -444,8 +636,12 @@ def export_lora(
 
     Example: deltahub export-lora user/qwen-delta qwen-lora --rank 64
     """
-    report = _run(deltahub.export_lora, delta, out, base, rank, dtype=dtype, embeddings=embeddings, revision=revision, overwrite=overwrite, token=token, progress=False)
-    console.print(str(report), highlight=False)
+    report = _run(deltahub.export_lora, delta, out, base, rank, dtype=dtype, embeddings=embeddings, revision=revision, overwrite=overwrite, token=token, progress=_progress())
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    for line in str(report).splitlines():
+        _echo(_clean(line))
 
 
 def run() -> None:
