@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -100,3 +102,53 @@ def test_hub_server_reports_a_taken_port_in_one_line(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
+
+
+def test_methods_plot_reads_the_peers_tables():
+    """mergekit and zipnn come from the peers tables as written by benchmarks/peers.py."""
+    from benchmarks.methods import peer_points
+
+    md = (ROOT / "benchmarks" / "results" / "peers-smollm2-heavy.md").read_text()
+    peers = peer_points(md)
+    mergekit = sorted((p["ratio"], p["pr"], p["pr_unmerged"]) for p in peers if p["tool"] == "mergekit LoRA")
+    zipnn = sorted((p["ratio"], p["pr"]) for p in peers if p["tool"] == "zipnn")
+    assert mergekit == [(0.0607, 0.932, 0.9267), (0.1239, 0.9737, 0.9725)]
+    assert zipnn == [(0.3983, 1.0), (0.6667, 1.0)]  # lossless: PR 1 by construction
+
+
+def test_methods_plot_only_redraws_from_the_json(tmp_path):
+    """``--plot-only`` measures nothing: from a results folder holding only the JSON and the peers
+    table it writes the PNG and leaves the inputs as they were."""
+    import shutil
+
+    pytest.importorskip("matplotlib", reason="the plot needs the 'bench' extra (matplotlib)")
+    src = ROOT / "benchmarks" / "results"
+    for name in ("methods-smollm2-heavy.json", "peers-smollm2-heavy.md"):
+        shutil.copy(src / name, tmp_path / name)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.methods", "--model", "smollm2-heavy", "--plot-only", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    png = tmp_path / "methods-smollm2-heavy.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p != png} == before
+
+
+def test_methods_plot_marks_points_off_the_scale():
+    """A PR of -92 (deltadq at 1/32 on the heavy pair) is drawn on the top edge, labelled, not dropped."""
+    pytest.importorskip("matplotlib", reason="the plot needs the 'bench' extra (matplotlib)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.methods import Y_TOP, _loss, _mark_clipped
+
+    assert _loss(-92.4) == Y_TOP and _loss(0.99) == pytest.approx(0.01)
+    fig, ax = plt.subplots()
+    _mark_clipped(ax, [(0.0748, -92.4, "deltadq 1/32: PR -92.4", "C0"), (0.06, -1.5, "deltadq 1/16: PR -1.5", "C0")])
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == ["deltadq 1/16: PR -1.5", "deltadq 1/32: PR -92.4"]
+    offsets = sorted(t.xyann[1] for t in ax.texts)
+    assert offsets[0] != offsets[1]  # stacked, not written over each other
+    plt.close(fig)
