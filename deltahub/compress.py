@@ -21,6 +21,7 @@ from .encoding import EncodedTensor, encode_tensor
 from .errors import InfeasibleRatioError, ShapeMismatchError
 from .format import FINETUNED_CONFIG_NAME, DeltaWriter, make_record
 from .format.repo import check_out_dir
+from .memory import memory_source
 from .format.dtypes import itemsize, to_torch
 from .methods import Planned, get_method
 from .methods.linalg import compute_device
@@ -110,7 +111,7 @@ def _check_architectures(base: Checkpoint, ft: Checkpoint) -> None:
 
 def compress(
     base: str | os.PathLike,
-    finetuned: str | os.PathLike,
+    finetuned: str | os.PathLike | torch.nn.Module | Mapping[str, torch.Tensor],
     out_dir: str | os.PathLike,
     method: str = "auto",
     ratio: float | None = 1 / 8,
@@ -146,6 +147,11 @@ def compress(
         print(result)
     """
     t0 = time.perf_counter()
+    ft_memory = memory_source(finetuned)  # an in-memory model or state dict (deltahub.memory)
+    if ft_memory is not None:
+        if revision is not None:
+            raise CheckpointError(f"the fine-tune is {ft_memory.source}, not a Hub repo: drop revision={revision!r}")
+        finetuned = None  # nothing on disk to check, refuse or record by name
     # The output may not be, hold or lie inside an input: checked on the names given before any
     # download, and again on the folders they resolve to (Hub ids -> cache snapshots).
     check_out_dir(out_dir, overwrite, inputs=(base, finetuned, calibration))
@@ -154,7 +160,7 @@ def compress(
     policy = Policy(method, ratio, params, [r if isinstance(r, Rule) else Rule.parse(r) for r in rules])
     hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     base_ckpt = Checkpoint.open(base, revision=base_revision, **hub)
-    ft_ckpt = Checkpoint.open(finetuned, revision=revision, **hub)
+    ft_ckpt = ft_memory if ft_memory is not None else Checkpoint.open(finetuned, revision=revision, **hub)
     inputs = (base, finetuned, calibration, base_ckpt.path, ft_ckpt.path)
     check_out_dir(out_dir, overwrite, inputs=inputs)
     _check_architectures(base_ckpt, ft_ckpt)
@@ -230,8 +236,10 @@ def compress(
     return result
 
 
-def _recorded_name(given: str | os.PathLike, ckpt: Checkpoint) -> str:
+def _recorded_name(given: str | os.PathLike | None, ckpt: Checkpoint) -> str | None:
     """A Hub id as given; a local folder as an absolute path, so the delta loads from anywhere."""
+    if given is None:
+        return None  # an in-memory fine-tune has no name to record
     return str(given) if ckpt.revision is not None else str(Path(given).expanduser().resolve())
 
 
