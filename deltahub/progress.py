@@ -41,29 +41,46 @@ def _env_setting() -> bool | None:
     return getattr(_hf_module(), "HF_HUB_DISABLE_PROGRESS_BARS", None)
 
 
-def _silence() -> tuple[dict[str, bool], bool]:
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as tf_logging
+def _transformers_logging():
+    """transformers' logging module if transformers is already imported, else None: importing it
+    only to silence it would cost commands that never load a model (info, log) half a second."""
+    import sys
 
-    states = _hf_states()
-    saved = (dict(states), tf_logging.is_progress_bar_enabled())
+    return sys.modules.get("transformers.utils.logging")
+
+
+def _silence() -> tuple[dict[str, bool], bool | None]:
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    tf_logging = _transformers_logging()
+    saved = (dict(_hf_states()), tf_logging.is_progress_bar_enabled() if tf_logging else None)
     ours_off = are_progress_bars_disabled(GROUP)
-    tf_logging.disable_progress_bar()  # transformers' switch; it also disables huggingface_hub's bars globally
+    # transformers imported later in the block reads its switch from huggingface_hub's global
+    # one at import time, so that one is turned off too.
     disable_progress_bars()
+    if tf_logging:
+        tf_logging.disable_progress_bar()
     if not ours_off:
         enable_progress_bars(GROUP)  # deltahub's bars stay as the caller had them
     return saved
 
 
-def _restore(saved: tuple[dict[str, bool], bool]) -> None:
-    from transformers.utils import logging as tf_logging
+def _restore(saved: tuple[dict[str, bool], bool | None]) -> None:
+    from huggingface_hub.utils import are_progress_bars_disabled
 
     states, transformers_on = saved
-    if transformers_on:
-        tf_logging.enable_progress_bar()
     current = _hf_states()
     current.clear()
     current.update(states)
+    tf_logging = _transformers_logging()
+    if tf_logging:
+        # Imported inside the block, transformers took the silenced state: give it the one it
+        # would have taken outside.
+        on = transformers_on if transformers_on is not None else not are_progress_bars_disabled()
+        # transformers' switches also set huggingface_hub's global one: restore that after them.
+        tf_logging.enable_progress_bar() if on else tf_logging.disable_progress_bar()
+        current.clear()
+        current.update(states)
 
 
 @contextmanager
