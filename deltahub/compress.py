@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import filecmp
 import hashlib
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +16,10 @@ from .progress import progress as progress_bar
 
 from .calibration import Calibration, CalibrationError, read_text
 from .card import human_bytes, render_card
-from .checkpoint import TOKENIZER_FILES, Checkpoint, CheckpointError, borrow_base, sample_digest
-from .encoding import EncodedTensor, encode_tensor
-from .errors import InfeasibleRatioError, ShapeMismatchError
+from .checkpoint import TOKENIZER_FILES, Checkpoint, CheckpointError, borrow_base, cached_snapshot, sample_digest
+from . import budget as budgets
+from .encoding import EncodedTensor, encode_tensor, same_bits
+from .errors import DeltahubError, InfeasibleRatioError, ShapeMismatchError
 from .format import FINETUNED_CONFIG_NAME, DeltaWriter, make_record
 from .format.repo import check_out_dir
 from .memory import memory_source
@@ -55,6 +56,7 @@ class CompressResult:
     stored_bytes: int = 0
     seconds: float = 0.0
     fallbacks: list[str] = field(default_factory=list)
+    target: float | None = None  # the whole-model target ratio; None: every method at its natural size
 
     @property
     def ratio(self) -> float:
@@ -83,7 +85,8 @@ class CompressResult:
         return (
             f"{self.path}: {len(self.tensors)} tensors ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); "
             f"{human_bytes(self.dense_bytes)} dense delta -> {human_bytes(self.stored_bytes)} stored, ratio {self.ratio:.4f} "
-            f"({1 / self.ratio if self.ratio else float('inf'):.1f}x); relative error mean {self.mean_rel_error:.4f}, worst {self.max_rel_error:.4f}; "
+            f"({f'target {budgets.fraction(self.target)}' if self.target is not None else 'natural size, no target'}; "
+            f"{1 / self.ratio if self.ratio else float('inf'):.1f}x); relative error mean {self.mean_rel_error:.4f}, worst {self.max_rel_error:.4f}; "
             f"{self.seconds:.1f} s"
         )
 
@@ -122,6 +125,7 @@ def compress(
     device: str = "cpu",
     revision: str | None = None,
     base_revision: str | None = None,
+    base_id: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
@@ -134,10 +138,25 @@ def compress(
 ) -> CompressResult:
     """Compress ``finetuned - base`` into a delta repo at ``out_dir``, one tensor at a time.
 
-    ``base`` and ``finetuned`` are local folders or Hub repo ids. Tensors of one dimension are
-    stored dense; ``rules`` (``"PATTERN=METHOD[:k=v,...]"``) override the method by name. A
-    tensor too small for the ratio falls back to ``dense`` (listed in the result) unless
-    ``fallback_dense=False``. Nothing appears at ``out_dir`` until the whole repo is written.
+    ``base`` and ``finetuned`` are local folders or Hub repo ids (a PEFT adapter folder is
+    refused: merge it into its base first). ``finetuned`` may also be an in-memory model or a
+    state dict (:mod:`deltahub.memory`): read tensor by tensor, no copy of the model, giving
+    the delta its ``save_pretrained`` folder would give (``finetuned.name_or_path`` is null). Tensors of one dimension are stored dense; ``rules``
+    (``"PATTERN=METHOD[:k=v,...]"``) override the method by name.
+
+    ``ratio`` is a target for the whole repo: its stored bytes (shards, index, config) never
+    exceed ``ratio`` times the dense delta's bytes. A target the method cannot reach on this
+    model raises :class:`InfeasibleRatioError` before any work, naming the smallest ratio it can
+    reach; nothing is written. ``ratio=None`` asks for the method's natural size, where its
+    parameters decide it (``bitdelta``: 1 bit per weight; ``svd``, ``dqrelo``, ``deltacome``
+    with ``rank``; ``deltadq`` with ``keep``; ``dare`` with ``p``; ``magnitude`` with
+    ``density``; ``lossless`` and ``dense`` always). A matrix whose dense record is smaller than
+    the method's smallest record is stored ``dense`` (listed in ``fallbacks``) unless
+    ``fallback_dense=False``, as is one the method cannot fit in its share when the model can
+    afford it. Nothing appears at ``out_dir`` until the whole repo is written.
+    ``base_id`` (``"ORG/NAME[@REV]"``) records a Hub id for a local base, checked first against
+    the Hub's safetensors headers where it answers (:func:`deltahub.base_id.check_base_id`); a
+    base given as a Hugging Face cache snapshot is recorded as its repo id and commit anyway.
     ``calibration``: a text file for ``auto``'s activation-aware mode (the base model runs over
     its first ``calibration_tokens`` tokens once; see :mod:`deltahub.calibration`).
 
@@ -152,6 +171,8 @@ def compress(
         if revision is not None:
             raise CheckpointError(f"the fine-tune is {ft_memory.source}, not a Hub repo: drop revision={revision!r}")
         finetuned = None  # nothing on disk to check, refuse or record by name
+    for given, role in ((finetuned, "fine-tune"), (base, "base")):
+        _refuse_adapter(given, role)
     # The output may not be, hold or lie inside an input: checked on the names given before any
     # download, and again on the folders they resolve to (Hub ids -> cache snapshots).
     check_out_dir(out_dir, overwrite, inputs=(base, finetuned, calibration))
@@ -160,12 +181,16 @@ def compress(
     policy = Policy(method, ratio, params, [r if isinstance(r, Rule) else Rule.parse(r) for r in rules])
     hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     base_ckpt = Checkpoint.open(base, revision=base_revision, **hub)
+    base_record = _recorded_base(base, base_ckpt, base_id, hub)  # a base_id is checked here, before any work
     ft_ckpt = ft_memory if ft_memory is not None else Checkpoint.open(finetuned, revision=revision, **hub)
+    for ckpt, role in ((ft_ckpt, "fine-tune"), (base_ckpt, "base")):
+        _refuse_adapter(ckpt.path, role, ckpt.source)  # a Hub repo id resolved to its snapshot
     inputs = (base, finetuned, calibration, base_ckpt.path, ft_ckpt.path)
     check_out_dir(out_dir, overwrite, inputs=inputs)
     _check_architectures(base_ckpt, ft_ckpt)
     _check_ratios(policy, {to_torch(ft_ckpt.info(n).dtype) for n in ft_ckpt.names()})
-    result = CompressResult(Path(out_dir))
+    budget = _model_budget(policy, base_ckpt, ft_ckpt, fallback_dense, max_shard_size, (base, finetuned))
+    result = CompressResult(Path(out_dir), target=budget.target if budget else None)
     planner = get_method(method, **params)
     cal = None
     if calibration is not None:
@@ -193,9 +218,11 @@ def compress(
             with ft_ckpt.borrow(name) as ft, borrow_base(base_ckpt, name) as b:
                 if b is not None:
                     samples[name] = sample_digest(b)
-                enc, used = _encode(name, b, ft, policy, seed, fallback_dense, planned.get(name), cal.hessian(name) if cal and name in planned else None)
+                enc, used = _encode(name, b, ft, policy, seed, fallback_dense, planned.get(name), cal.hessian(name) if cal and name in planned else None, budget)
                 if used != policy.resolve(name, tuple(ft.shape))[0]:
                     result.fallbacks.append(name)
+                if budget is not None:
+                    budget.spend(name, _spent(enc, b is not None, name in result.fallbacks))
                 writer.add(name, enc.record, enc.tensors)
                 kind = enc.record["kind"]
                 report_method = None if kind == "unchanged" else enc.record.get("method", used)
@@ -215,8 +242,8 @@ def compress(
         ft_dtype = max(dtypes, key=dtypes.get) if dtypes else None
         config = {
             "deltahub_version": __version__,
-            "base": {"name_or_path": _recorded_name(base, base_ckpt), "revision": base_ckpt.revision, "fingerprint": base_ckpt.fingerprint(), "samples": samples},
-            "finetuned": {"name_or_path": _recorded_name(finetuned, ft_ckpt), "revision": ft_ckpt.revision, "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None, "fingerprint": ft_ckpt.fingerprint()},
+            "base": {**base_record, "fingerprint": base_ckpt.fingerprint(), "samples": samples},
+            "finetuned": {**_recorded_name(finetuned, ft_ckpt), "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None, "fingerprint": ft_ckpt.fingerprint()},
             "method": {"name": method, "ratio": ratio, "params": get_method(method, **params).params(), **({"calibration": cal_record} if cal else {})},
             "rules": [r.to_dict() for r in policy.rules],
             "seed": seed,
@@ -228,7 +255,7 @@ def compress(
                 "fallback_dense": result.fallbacks,
             },
         }
-        path = writer.finish(config, card=render_card)
+        path = writer.finish(config, card=_checked_card(budget, method))
     from .format import DeltaReader
 
     result.stored_bytes = DeltaReader(path).config["totals"]["stored_bytes"]
@@ -236,11 +263,33 @@ def compress(
     return result
 
 
-def _recorded_name(given: str | os.PathLike | None, ckpt: Checkpoint) -> str | None:
-    """A Hub id as given; a local folder as an absolute path, so the delta loads from anywhere."""
+def _recorded_name(given: str | os.PathLike | None, ckpt: Checkpoint) -> dict:
+    """``name_or_path`` and ``revision`` of a checkpoint: a Hub id as given, at the commit it
+    resolved to; a Hugging Face cache snapshot as its repo id and commit (what others can
+    fetch, not this machine's cache path); any other folder as an absolute path, so the delta
+    loads from anywhere on this machine."""
     if given is None:
-        return None  # an in-memory fine-tune has no name to record
-    return str(given) if ckpt.revision is not None else str(Path(given).expanduser().resolve())
+        return {"name_or_path": None, "revision": getattr(ckpt, "revision", None)}  # an in-memory fine-tune has no name
+    if ckpt.revision is not None:
+        return {"name_or_path": str(given), "revision": ckpt.revision}
+    snapshot = cached_snapshot(ckpt.path)
+    if snapshot is not None:
+        return {"name_or_path": snapshot.repo_id, "revision": snapshot.revision}
+    return {"name_or_path": str(Path(given).expanduser().resolve()), "revision": None}
+
+
+def _recorded_base(given: str | os.PathLike, ckpt: Checkpoint, base_id: str | None, hub: dict) -> dict:
+    """The base's ``name_or_path``/``revision`` (:func:`_recorded_name`), or the Hub id
+    ``base_id`` with ``id_checked``, compared with the Hub where it answers
+    (:func:`deltahub.base_id.check_base_id`: BaseMismatchError before any work)."""
+    if base_id is None:
+        return _recorded_name(given, ckpt)
+    from .base_id import check_base_id, checkpoint_entries
+
+    return check_base_id(
+        base_id, ckpt.fingerprint(), checkpoint_entries(ckpt), token=hub.get("token"), local_files_only=bool(hub.get("local_files_only")),
+        what=f"the base {ckpt.source}",
+    ).entries()
 
 
 def _check_ratios(policy: Policy, dtypes: set[torch.dtype]) -> None:
@@ -254,10 +303,19 @@ def _check_ratios(policy: Policy, dtypes: set[torch.dtype]) -> None:
                 m.check_ratio(ratio, dt)
 
 
-def _encode(name: str, base: torch.Tensor | None, ft: torch.Tensor, policy: Policy, seed: int, fallback_dense: bool, planned: Planned | None = None, hessian: torch.Tensor | None = None) -> tuple[EncodedTensor, str]:
+def _encode(
+    name: str, base: torch.Tensor | None, ft: torch.Tensor, policy: Policy, seed: int, fallback_dense: bool, planned: Planned | None = None,
+    hessian: torch.Tensor | None = None, budget: budgets.ModelBudget | None = None,
+) -> tuple[EncodedTensor, str]:
     method, params, ratio = policy.resolve(name, tuple(ft.shape))
+    item = budget.items.get(name) if budget is not None else None
+    count_index = False
     if planned is not None:
         ratio, params = planned.ratio, {**params, **planned.params}
+    elif item is not None and item.scalable and base is not None:
+        # Its share of the whole model's budget, its lines in the index and config included.
+        # (+ 0.5: floor(ratio * dense) in the encoder gives back the byte count, not one less)
+        ratio, count_index = (budget.share(name) - item.extra + 0.5) / item.dense, True
     if not ft.is_floating_point():
         if base is not None and base.dtype == ft.dtype and torch.equal(base, ft):
             from .format.dtypes import to_name
@@ -265,24 +323,124 @@ def _encode(name: str, base: torch.Tensor | None, ft: torch.Tensor, policy: Poli
             record, tensors = make_record("unchanged", tuple(ft.shape), to_name(ft.dtype))
             return EncodedTensor(name, record, tensors), method
         raise CheckpointError(f"tensor {name!r} is {ft.dtype} and differs from the base; deltahub stores deltas of floating-point tensors only")
+    if item is not None and item.dense_instead and base is not None:
+        # Its dense record is smaller than the method's smallest one: dense is both exact and cheaper.
+        enc = encode_tensor(name, base, ft, "dense", None, seed=seed)
+        return enc, ("dense" if enc.record["kind"] != "unchanged" else method)
     try:
-        return encode_tensor(name, base, ft, method, ratio, seed=seed, hessian=hessian, **params), method
-    except InfeasibleRatioError:
+        return encode_tensor(name, base, ft, method, ratio, seed=seed, hessian=hessian, count_index=count_index, **params), method
+    except InfeasibleRatioError as e:
         if not fallback_dense or base is None or base.shape != ft.shape:
-            raise
-        return encode_tensor(name, base, ft, "dense", None, seed=seed), "dense"
+            raise _in_model(e, budget, name) from e
+        dense = encode_tensor(name, base, ft, "dense", None, seed=seed)
+        if budget is not None and not budget.affords(name, _spent(dense, True, True)):
+            raise _in_model(e, budget, name) from e
+        return dense, "dense"
+
+
+def _in_model(e: InfeasibleRatioError, budget: budgets.ModelBudget | None, name: str) -> InfeasibleRatioError:
+    """A tensor's error with the model's budget around it (the tensor that makes the target infeasible)."""
+    if budget is None:
+        return e
+    return InfeasibleRatioError(
+        f"{e}. At the target {budgets.fraction(budget.target)} for the whole model this tensor's share is {budget.share(name)} bytes, "
+        f"and storing it dense would leave the other tensors less than their smallest records: raise the target, or store {name!r} "
+        "another way with a rule (--rule 'PATTERN=dense' or a method with a natural size)"
+    )
+
+
+def _spent(enc: EncodedTensor, in_base: bool, fallback: bool) -> int:
+    """What a written tensor costs the repo: its record, its index lines, its config lines."""
+    name = enc.name
+    return enc.nbytes + enc.index_nbytes + (budgets.samples_line(name) if in_base else 0) + (budgets.fallback_line(name) if fallback else 0)
+
+
+def _model_budget(policy: Policy, base: Checkpoint, ft: Checkpoint, fallback_dense: bool, max_shard_size: int | str, given: tuple) -> budgets.ModelBudget | None:
+    """The whole model's budget at the policy's target (None: natural sizes), refused before any
+    work when even every tensor's smallest record exceeds it."""
+    names_given = tuple(str(g) for g in given) + tuple(str(c.path) for c in (base, ft))
+    budget = budgets.plan(policy, base, ft, fallback_dense, max_shard_size, names_given)
+    if budget is None or budget.feasible():
+        return budget
+    # Planned as if every tensor changed. An unchanged tensor costs only its record's line, so
+    # find those (one read of the pair) before calling the target unreachable.
+    for name, item in budget.items.items():
+        if item.scalable or item.dense_instead:
+            with ft.borrow(name) as f, borrow_base(base, name) as b:
+                if b is not None and b.shape == f.shape and b.dtype == f.dtype and same_bits(b, f):
+                    dt = f.dtype
+                    item.floor = budgets.unchanged_cost(name, tuple(f.shape), dt) + budgets.samples_line(name)
+                    item.scalable = item.dense_instead = False
+    if not budget.feasible():
+        raise budgets.infeasible(budget, policy.method)
+    return budget
+
+
+def _checked_card(budget: budgets.ModelBudget | None, method: str):
+    """The card renderer, which first checks the finished repo's honest bytes against the target:
+    the writer calls it before installing the repo, so an overshoot leaves nothing behind."""
+
+    def card(cfg: dict) -> str:
+        totals = cfg["totals"]
+        stored, dense = totals["stored_bytes"], totals["dense_bytes"]
+        if budget is not None and stored > math.floor(budget.target * dense):
+            achieved = stored / dense
+            m = get_method(method)
+            raise InfeasibleRatioError(
+                f"{method} stored {achieved:.4f} of the dense delta, over the target {budgets.fraction(budget.target)} "
+                f"({stored} bytes for {math.floor(budget.target * dense)} allowed); nothing was written. Raise the target to at least "
+                f"--ratio {budgets.round_up(achieved)} (ratio={budgets.round_up(achieved)})" + (f", or ask for {m.natural}" if m.natural else "")
+            )
+        return render_card(cfg)
+
+    return card
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+_MODEL_WEIGHTS = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _refuse_adapter(given: str | os.PathLike | None, role: str, source: str | None = None) -> None:
+    """Refuse a PEFT adapter folder (``adapter_config.json`` and adapter weights, no model
+    weights) given as a model: read as one it would make a delta of added and removed tensors."""
+    if given is None:
+        return
+    folder = Path(given).expanduser()
+    try:
+        if not (folder / ADAPTER_CONFIG).is_file():
+            return
+        files = [p.name for p in folder.iterdir()]
+    except OSError:
+        return
+    if any(f in _MODEL_WEIGHTS or (f.endswith(".safetensors") and not f.startswith(("adapter_model", "delta-"))) for f in files):
+        return  # a full model that also carries an adapter's config
+    weights = sorted(f for f in files if f.startswith("adapter_model"))
+    base = "BASE"
+    try:
+        from .format.limits import read_json
+
+        named = read_json(folder / ADAPTER_CONFIG, f"{source or given}/{ADAPTER_CONFIG}").get("base_model_name_or_path")
+        if isinstance(named, str) and re.fullmatch(r"[\w./@:~+-]{1,200}", named):
+            base = named
+    except (DeltahubError, OSError, AttributeError):
+        pass  # the hint is optional; the refusal is what matters
+    raise CheckpointError(
+        f"{source or given}: the {role} is a PEFT adapter ({', '.join([ADAPTER_CONFIG, *weights])}), not a model; deltahub stores "
+        f"the difference between two full models. Merge the adapter into its base first: "
+        f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{base}'), '{source or given}').merge_and_unload().save_pretrained('MERGED'), "
+        f"then compress {base} MERGED; or serve the LoRA adapter as it is (PEFT, vLLM), which is already small"
+    )
 
 
 def _copy_extra_files(writer: DeltaWriter, base: Checkpoint, ft: Checkpoint) -> None:
+    """The fine-tune's ``config.json`` (as ``finetuned_config.json``), ``generation_config.json``
+    and tokenizer files, whenever the fine-tune has them, even when they equal the base's: the
+    delta repo is then self-contained (``AutoTokenizer.from_pretrained(delta)`` and pipelines
+    work on a delta id). They are a few MB at most, and not counted in ``stored_bytes``."""
     cfg = ft.file("config.json")
     if cfg is not None:
         writer.add_file(FINETUNED_CONFIG_NAME, cfg)
     for name in EXTRA_FILES + TOKENIZER_FILES:
         f = ft.file(name)
-        if f is None:
-            continue
-        if name in TOKENIZER_FILES:
-            b = base.file(name)
-            if b is not None and filecmp.cmp(b, f, shallow=False):
-                continue
-        writer.add_file(name, f)
+        if f is not None:
+            writer.add_file(name, f)

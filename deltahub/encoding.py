@@ -9,6 +9,7 @@ of the record is checked against the budget.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from .errors import InfeasibleRatioError, InvalidTensorError, ShapeMismatchError
 from .format import prng
 from .format.components import Component, encode_dense
 from .format.dtypes import itemsize, to_name
-from .format.records import decode_record, make_record, record_nbytes
+from .format.records import decode_record, make_record, record_layout, record_nbytes
 from .methods import EncodeContext, Method, get_method
 
 
@@ -37,6 +38,11 @@ class EncodedTensor:
         return record_nbytes(self.name, self.record)
 
     @property
+    def index_nbytes(self) -> int:
+        """Bytes of the record's keys in ``delta.safetensors.index.json`` (:func:`index_nbytes`)."""
+        return index_nbytes(self.name, self.record)
+
+    @property
     def dense_nbytes(self) -> int:
         """Bytes of the dense delta in the fine-tune's dtype."""
         return math.prod(self.record["shape"]) * itemsize(self.record["dtype"])
@@ -49,6 +55,17 @@ class EncodedTensor:
     def decode(self, base: torch.Tensor | None) -> torch.Tensor | None:
         """The fine-tuned tensor rebuilt from ``base`` (see :func:`decode_tensor`)."""
         return decode_tensor(self, base)
+
+
+# A shard's name in the index: "delta-00001-of-00002.safetensors" (5-digit counters), quoted.
+_SHARD_NAME_JSON = 34
+
+
+def index_nbytes(name: str, record: dict) -> int:
+    """What a record's stored keys add to ``delta.safetensors.index.json`` (one
+    ``"key": "shard",`` line each, as the writer indents it): bytes a repo's ratio counts
+    that the record's own honest bytes (:func:`record_nbytes`) do not."""
+    return sum(len(json.dumps(key)) + _SHARD_NAME_JSON + 8 for key in record_layout(name, record))
 
 
 def _check_finite(name: str, which: str, t: torch.Tensor) -> None:
@@ -87,10 +104,16 @@ def encode_tensor(
     *,
     seed: int = 0,
     hessian: torch.Tensor | None = None,
+    count_index: bool = False,
     **params: Any,
 ) -> EncodedTensor:
     """Compress ``finetuned - base`` with a method at a target ratio of the dense delta's bytes.
 
+    The record's honest bytes (data, header entries, JSON record) never exceed
+    ``floor(ratio * dense bytes)``; :class:`InfeasibleRatioError` otherwise, naming the tensor
+    and the least the method needs. ``ratio=None``: the method's natural size (its parameters,
+    e.g. ``rank``, decide). ``count_index=True`` also charges the record's lines in the repo's
+    index to the budget (``compress`` does, so that the whole repo meets its target).
     ``hessian``: the input second moment of the tensor's layer, for methods that use calibration.
 
     >>> import torch
@@ -122,7 +145,7 @@ def encode_tensor(
     if m.needs_weights:
         if bshape != shape:
             raise ShapeMismatchError(f"tensor {name!r}: {m.name} needs base and fine-tune of one shape, got {list(bshape)} and {list(shape)}")
-        ctx = _context(name, dtype, shape, ratio, seed, m, None, None)
+        ctx = _context(name, dtype, shape, ratio, seed, m, None, None, count_index=count_index)
         record, tensors = make_record("compressed", shape, to_name(dtype), m.encode_weights(base, finetuned, ctx), method=m.name)  # type: ignore[attr-defined]
         return EncodedTensor(name, record, tensors)
 
@@ -138,7 +161,7 @@ def encode_tensor(
     for rows, view in _blocks(shape, overlap):
         block = delta if rows is None else delta[rows[0] : rows[1]]
         p_q = view or ([block.numel() // block.shape[-1], block.shape[-1]] if block.dim() else [1, 1])
-        ctx = _context(name, dtype, shape, ratio if m.takes_ratio else None, seed, m, rows, view, block.numel())
+        ctx = _context(name, dtype, shape, ratio if m.takes_ratio else None, seed, m, rows, view, block.numel(), count_index=count_index)
         if m.plans:
             ctx.base = base[:overlap] if rows is None else base[rows[0] : rows[1]]
             ctx.base_rms = rms(ctx.base)
@@ -163,8 +186,9 @@ def encode_tensor(
     enc = EncodedTensor(name, record, tensors)
     # Each block met its own budget with its own copy of the record's JSON wrapper counted, so
     # the whole record meets the tensor's budget; check it anyway, a broken promise is a bug.
-    if ratio is not None and m.takes_ratio and bshape == shape and enc.nbytes > math.floor(ratio * enc.dense_nbytes):
-        raise InfeasibleRatioError(f"tensor {name!r}: {m.name} produced {enc.nbytes} bytes, over its budget; please report this bug")
+    spent = enc.nbytes + (enc.index_nbytes if count_index else 0)
+    if ratio is not None and m.takes_ratio and bshape == shape and spent > math.floor(ratio * enc.dense_nbytes):
+        raise InfeasibleRatioError(f"tensor {name!r}: {m.name} produced {spent} bytes, over its budget; please report this bug")
     return enc
 
 
@@ -173,7 +197,7 @@ def rms(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t, dtype=torch.float32)) / math.sqrt(t.numel()) if t.numel() else 0.0
 
 
-def _context(name: str, dtype: torch.dtype, shape: tuple[int, ...], ratio: float | None, seed: int, m: Method, rows, view, block_numel: int | None = None) -> EncodeContext:
+def _context(name: str, dtype: torch.dtype, shape: tuple[int, ...], ratio: float | None, seed: int, m: Method, rows, view, block_numel: int | None = None, count_index: bool = False) -> EncodeContext:
     numel = block_numel if block_numel is not None else math.prod(shape)
     dense = numel * dtype.itemsize
     budget = None if ratio is None else math.floor(ratio * dense)
@@ -190,9 +214,27 @@ def _context(name: str, dtype: torch.dtype, shape: tuple[int, ...], ratio: float
                 meta["view"] = list(view)
             comps.append(meta)
         record = {"kind": "compressed", "shape": list(shape), "dtype": to_name(dtype), "method": m.name, "components": comps}
-        return record_nbytes(name, record)
+        return record_nbytes(name, record) + (index_nbytes(name, record) if count_index else 0)
 
     return EncodeContext(name=name, dtype=dtype, budget=budget, seed=prng.tensor_seed(seed, name), measure=measure, ratio=ratio, dense_nbytes=dense)
+
+
+def smallest_nbytes(name: str, shape: tuple[int, ...], dtype: torch.dtype, method: Method) -> int | None:
+    """The least bytes (record and index lines) ``method`` can store a changed tensor of this
+    shape in, from :meth:`Method.smallest` measured as the encoder measures it, block by block;
+    ``None`` when the method cannot say."""
+    rows = shape[0] if shape else 1
+    total = 0
+    for block_rows, view in _blocks(shape, rows):
+        block = (block_rows[1] - block_rows[0], *shape[1:]) if block_rows is not None and len(shape) != 3 else (tuple(shape[1:]) if len(shape) == 3 else shape)
+        numel = math.prod(block) if block else 1
+        p_q = view or ([numel // block[-1], block[-1]] if block else [1, 1])
+        metas = method.smallest(*p_q) if numel else None
+        if metas is None:
+            return None
+        ctx = _context(name, dtype, shape, None, 0, method, block_rows, view, numel, count_index=True)
+        total += ctx.measure(metas)
+    return total
 
 
 def decode_tensor(encoded: EncodedTensor, base: torch.Tensor | None) -> torch.Tensor | None:

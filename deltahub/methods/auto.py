@@ -229,6 +229,12 @@ class Auto(Method):
         # The widest zero point, so that planning never undercounts the JSON of the real one.
         return {"bits": bits, "zero": (1 << bits) - 1, "offset": 0}
 
+    def smallest(self, p: int, q: int) -> list[dict]:
+        """A sparse record of one value at the narrowest width: the least any tensor can take
+        (a lower bound for low-rank tensors), so ``compress`` refuses a target below it early."""
+        bits = self.value_bits or VALUE_WIDTHS[0]
+        return [sparse_meta("seeded", 1, self._values_meta(bits), {"kind": "bernoulli", "threshold": 1 << prng.KEY_BITS})]
+
     # -- encoding -------------------------------------------------------------------------------
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:

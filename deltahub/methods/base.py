@@ -109,6 +109,8 @@ class Method:
     takes_ratio: ClassVar[bool] = True
     needs_weights: ClassVar[bool] = False
     plans: ClassVar[bool] = False
+    # How to ask for the method's natural size (no target ratio), for error messages; None: it has none.
+    natural: ClassVar[str | None] = None
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:  # pragma: no cover - interface
         """Encode a float32 matrix ``delta`` [p, q] into components."""
@@ -116,6 +118,12 @@ class Method:
 
     def check_ratio(self, ratio: float | None, dtype: torch.dtype, name: str = "") -> None:
         """Refuse ratios the method can never meet for weights of ``dtype``, whatever the tensor."""
+
+    def smallest(self, p: int, q: int) -> list[dict] | None:
+        """Metas of the smallest record the method writes for a ``[p, q]`` block with its
+        parameters (measured by :meth:`EncodeContext.measure`), so that ``compress`` can tell
+        before any work whether a model-wide target is reachable; ``None`` when unknown."""
+        return None
 
     def params(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]

@@ -24,7 +24,11 @@ class BitDelta(Method):
     """1 bit per weight plus one float32 scale per tensor (or per row with ``per_row=True``)."""
 
     name = "bitdelta"
+    natural = "bitdelta's natural size, 1 bit per weight plus its scales (ratio=None; CLI: --ratio none)"
     per_row: bool = False
+
+    def smallest(self, p: int, q: int) -> list[dict]:
+        return [sign_meta(self.per_row)]
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
         if not ctx.fits([sign_meta(self.per_row)]):

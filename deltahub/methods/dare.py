@@ -23,9 +23,17 @@ class DARE(Method):
     """Random drop with rescale; ``p`` is the drop rate (from the budget when not given)."""
 
     name = "dare"
+    natural = "a fixed drop rate instead of a target (ratio=None, params={'p': P}; CLI: --ratio none --param p=0.9)"
     p: float | None = None
     storage: str = "seeded"
     value_dtype: str | None = None
+
+    def smallest(self, p: int, q: int) -> list[dict] | None:
+        if self.p is not None:  # a random number of survivors: no size known in advance
+            return None
+        # One survivor, float32 (the widest value dtype the encoder may fall back to).
+        vdt = float_value_dtype(0.0, self.value_dtype) if self.value_dtype else torch.float32
+        return [sparse_meta(self.storage, 1, float_values(vdt), {"kind": "bernoulli", "threshold": 1 << prng.KEY_BITS})]
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
         if self.storage not in ("seeded", "csr"):

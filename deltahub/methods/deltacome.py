@@ -37,6 +37,7 @@ class DeltaCoMe(Method):
     """Mixed-precision singular vectors: ``bits[i]`` for the next ``counts[i]`` vectors, the last width for the rest."""
 
     name = "deltacome"
+    natural = "a fixed rank instead of a target (ratio=None, params={'rank': R}; CLI: --ratio none --param rank=R)"
     bits: tuple[int, ...] = (8, 3, 2)
     counts: tuple[int, ...] = (2, 32)
     group_size: int = 128
@@ -49,6 +50,9 @@ class DeltaCoMe(Method):
 
     def _segs(self, r: int) -> list[Segment]:
         return mixed_segments(r, self.bits, self.counts, self.group_size)
+
+    def smallest(self, p: int, q: int) -> list[dict]:
+        return [lowrank_meta(self._segs(self.rank or 1))]
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
         rank = choose_rank(self.rank, min(delta.shape), lambda r: [lowrank_meta(self._segs(r))], ctx, "deltacome")

@@ -34,6 +34,7 @@ class DeltaDQ(Method):
     """Keep ``keep`` of every ``group_size`` (from the budget when not given), ``bits``-bit values in ``parts`` parts."""
 
     name = "deltadq"
+    natural = "a fixed keep count instead of a target (ratio=None, params={'keep': K}, K of every group_size values; CLI: --ratio none --param keep=K)"
     group_size: int = 128
     bits: int = 8
     parts: int = 4
@@ -54,15 +55,21 @@ class DeltaDQ(Method):
     def part_bits(self) -> int:
         return self.bits - (self.parts.bit_length() - 1)
 
-    def _metas(self, p: int, q: int, g: int, keep: int) -> list[dict]:
+    def _metas(self, p: int, q: int, g: int, keep: int, slack: int = 0) -> list[dict]:
         nnz = dropout_nnz(p, q, g, keep)
-        per = -(-nnz // self.parts)
+        per = -(-nnz // self.parts) + slack
         width = (1 << self.bits) // self.parts
         values = lambda j: {"bits": self.part_bits, "zero": (1 << self.bits) - 1, "offset": j * width}  # noqa: E731
         if self.storage == "seeded":
             return [sparse_meta("seeded", nnz, values(0), {"kind": "group", "group_size": g, "keep": keep})]
         # Planning assumes an even split; the real split is checked after encoding.
         return [sparse_meta("csr", per, values(j)) for j in range(self.parts)]
+
+    def smallest(self, p: int, q: int) -> list[dict]:
+        # An even split over the parts plus a few values each: an uneven split packs each part's
+        # codes separately (a byte of padding each) and writes longer counts in its JSON.
+        g = max(1, min(self.group_size, q))
+        return self._metas(p, q, g, min(self.keep or 1, g), slack=8 if self.parts > 1 else 0)
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
         p, q = delta.shape

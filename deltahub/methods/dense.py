@@ -17,6 +17,7 @@ class Dense(Method):
 
     name = "dense"
     kind = "dense"
+    natural = "dense, which always has its natural size"
     takes_ratio = False
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:

@@ -27,6 +27,7 @@ class DQRELO(Method):
     """Sign plane plus the residual's best rank-r approximation (float factors in ``factor_dtype``)."""
 
     name = "dqrelo"
+    natural = "a fixed rank instead of a target (ratio=None, params={'rank': R}; CLI: --ratio none --param rank=R)"
     per_row: bool = False
     rank: int | None = None
     factor_dtype: str = "F16"
@@ -42,6 +43,11 @@ class DQRELO(Method):
                 f"{where}dqrelo stores a 1-bit sign plane (1/{bits} of a {bits}-bit delta) plus a low-rank "
                 f"residual, so its ratio must be above 1/{bits}; got {ratio:.4g}. Use 'bitdelta' for 1/{bits} or less."
             )
+
+    def smallest(self, p: int, q: int) -> list[dict]:
+        # Without a fixed rank the smallest record is the sign plane alone (a rank-0 residual).
+        low = [lowrank_meta([Segment(0, self.rank, dtype=self.factor_dtype)])] if self.rank else []
+        return [sign_meta(self.per_row)] + low
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
         self.check_ratio(ctx.ratio, ctx.dtype, ctx.name)

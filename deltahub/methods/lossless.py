@@ -16,6 +16,7 @@ class Lossless(Method):
     """Exact. A ratio, if given, is a ceiling: exceeding it raises InfeasibleRatioError."""
 
     name = "lossless"
+    natural = "lossless, which always has its natural size (ratio=None; CLI: --ratio none)"
     takes_ratio = False
     needs_weights = True
     level: int = 10

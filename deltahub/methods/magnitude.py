@@ -17,8 +17,14 @@ class Magnitude(Method):
     """Top-``nnz`` entries by magnitude, float values (float16 unless that overflows), CSR positions."""
 
     name = "magnitude"
+    natural = "a fixed density instead of a target (ratio=None, params={'density': D}; CLI: --ratio none --param density=0.05)"
     density: float | None = None
     value_dtype: str | None = None
+
+    def smallest(self, p: int, q: int) -> list[dict]:
+        nnz = max(1, round(self.density * p * q)) if self.density is not None else 1
+        # float32 values: the widest the encoder picks (float16 overflows on extreme deltas).
+        return [sparse_meta("csr", nnz, float_values(float_value_dtype(0.0, self.value_dtype) if self.value_dtype else torch.float32))]
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
         p, q = delta.shape

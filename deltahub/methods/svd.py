@@ -22,6 +22,7 @@ class SVD(Method):
     """
 
     name = "svd"
+    natural = "a fixed rank instead of a target (ratio=None, params={'rank': R}; CLI: --ratio none --param rank=R)"
     rank: int | None = None
     factor_dtype: str = "F16"
     randomized: bool = False
@@ -30,6 +31,9 @@ class SVD(Method):
 
     def _metas(self, r: int) -> list[dict]:
         return [lowrank_meta([Segment(0, r, dtype=self.factor_dtype)])]
+
+    def smallest(self, p: int, q: int) -> list[dict]:
+        return self._metas(self.rank or 1)
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
         rank = choose_rank(self.rank, min(delta.shape), self._metas, ctx, "svd")
