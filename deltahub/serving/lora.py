@@ -5,12 +5,19 @@ becomes a LoRA pair with ``B·A`` equal to the delta (PEFT's layout: ``lora_A`` 
 ``lora_B`` ``[out, r]``, ``lora_embedding_A`` ``[r, num_embeddings]``, ``lora_embedding_B``
 ``[dim, r]``):
 
-- a record that is one float ``lowrank`` component (the ``svd`` method) is exported exactly:
+- a record made of ``lowrank`` components (``svd``, ``deltacome``, ``auto``'s low-rank family,
+  float or quantized factors) is exported exactly: the stored factors dequantized,
   ``B = U·diag(S)``, ``A = Vᵀ`` (the spec's ``U·S`` product, rounded once to float32, as the
   decoder computes it);
-- any other record is decoded (against the base only for ``lossless``) and truncated by SVD
-  to ``rank``, or by default to the rank whose factors take as many bytes as the record does
-  in the delta. The relative Frobenius error of every module is reported.
+- a record of low-rank factors plus a 1-bit ``sign`` part (``dqrelo``, ``auto``'s sign part) has
+  its low-rank part exported exactly; the sign part, full-rank noise a LoRA cannot hold at low
+  rank, is left out, and the module's relative error is what leaving it out costs;
+- any other record (sparse, sign only, dense, lossless) is decoded (against the base only for
+  ``lossless``) and truncated by SVD to ``rank``, or by default to the rank whose factors take as
+  many bytes as the record does in the delta.
+
+The relative Frobenius error of every module is reported; modules above ``WARN_ERROR`` (0.1)
+are listed as a warning in the report's text.
 
 Ranks differ per module: PEFT reads them from ``rank_pattern``; ``lora_alpha`` equals the
 rank everywhere (``alpha_pattern``, and the global ``r``/``lora_alpha`` pair), so the LoRA scale
@@ -47,6 +54,8 @@ from .operators import stored_components
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REPORT_NAME = "deltahub_lora_report.json"
+# A module whose adapter is further than this (relative Frobenius error) from the delta is warned about.
+WARN_ERROR = 0.1
 
 
 @dataclass
@@ -59,6 +68,8 @@ class LoraModule:
     rank: int
     rel_error: float
     exact: bool
+    # "factors": the stored low-rank factors; "factors, sign part left out"; "truncated SVD"
+    source: str = "truncated SVD"
 
 
 @dataclass
@@ -83,16 +94,30 @@ class LoraExportReport:
     adapter_bytes: int = 0
     delta_bytes: int | None = None
 
+    warn_above: float = WARN_ERROR
+
     @property
     def exact(self) -> bool:
         """Every exported module came from a stored low-rank factorization, untruncated."""
         return bool(self.modules) and all(m.exact for m in self.modules)
 
+    @property
+    def warnings(self) -> list[LoraModule]:
+        """Modules whose relative error is above ``warn_above``, worst first."""
+        return sorted((m for m in self.modules if m.rel_error > self.warn_above), key=lambda m: -m.rel_error)
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["path"] = str(self.path)
         out["exact"] = self.exact
+        out["warnings"] = [m.module for m in self.warnings]
         return out
+
+    def _sources(self) -> str:
+        counts: dict[str, int] = {}
+        for m in self.modules:
+            counts[m.source] = counts.get(m.source, 0) + 1
+        return ", ".join(f"{n} from {s}" if s != "truncated SVD" else f"{n} by truncated SVD" for s, n in sorted(counts.items()))
 
     def __str__(self) -> str:
         ranks = sorted({m.rank for m in self.modules})
@@ -100,11 +125,22 @@ class LoraExportReport:
         lines = [
             f"{self.path}: {len(self.modules)} LoRA modules ({rank_text}), {self.adapter_bytes / 1e6:.2f} MB"
             + (f" for a {self.delta_bytes / 1e6:.2f} MB delta" if self.delta_bytes else "")
-            + f"; relative error {self.rel_error:.4g}" + (" (exact: stored low-rank factors)" if self.exact else " (truncated SVD)"),
+            + f"; relative error {self.rel_error:.4g}" + (" (exact: stored low-rank factors)" if self.exact else f" ({self._sources()})"),
         ]
         worst = sorted(self.modules, key=lambda m: -m.rel_error)[:3]
         if worst and not self.exact:
             lines.append("worst modules: " + ", ".join(f"{m.module} {m.rel_error:.3f} (rank {m.rank})" for m in worst))
+        signed = [m for m in self.modules if m.source == "factors, sign part left out"]
+        if signed:
+            lines.append(
+                f"{len(signed)} module(s) store a 1-bit sign part besides their factors; LoRA cannot hold it at low rank, so it is left out "
+                f"(relative error of leaving it out: up to {max(m.rel_error for m in signed):.3f}); the low-rank part is exact"
+            )
+        warned = self.warnings
+        if warned:
+            names = ", ".join(f"{m.module} {m.rel_error:.3f}" for m in warned[:4]) + (f" and {len(warned) - 4} more" if len(warned) > 4 else "")
+            lines.append(f"warning: {len(warned)} module(s) have a relative error above {self.warn_above:g}, so the adapter differs from the delta there ({names}); "
+                         "a higher --rank exports a truncated SVD closer; a delta made with svd, deltacome, or auto with sign_part='never', exports exactly")
         if self.skipped:
             names = ", ".join(s.name for s in self.skipped[:4]) + (f" and {len(self.skipped) - 4} more" if len(self.skipped) > 4 else "")
             lines.append(f"not expressible as LoRA: {len(self.skipped)} tensor(s), {self.skipped_share:.2%} of the delta's squared norm ({names})")
@@ -133,23 +169,31 @@ def _kind(module: nn.Module, param: str) -> str | None:
     return _KINDS.get(_fast_wrapper(module)) if param == "weight" else None  # type: ignore[arg-type]
 
 
-def _stored_lowrank(name: str, record: dict, reader: DeltaReader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(U·S [p, r], S [r], V [q, r])`` when the (validated) record is one float low-rank
-    component over the whole matrix; ``None`` otherwise."""
+def _stored_lowrank(name: str, record: dict, reader: DeltaReader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
+    """``(U·S [p, r], S [r], V [q, r], signed)`` when the (validated) record is low-rank
+    components over the whole matrix (float or quantized factors, dequantized as the decoder
+    does), possibly with a 1-bit sign part (``signed``, which these factors leave out);
+    ``None`` otherwise. Several low-rank components are concatenated along the rank."""
     comps = record.get("components") or []
-    if record["kind"] != "compressed" or len(comps) != 1 or comps[0]["type"] != "lowrank" or len(record["shape"]) != 2:
+    if record["kind"] != "compressed" or len(record["shape"]) != 2 or not comps:
         return None
-    meta = comps[0]
     shape = tuple(record["shape"])
-    if "rows" in meta or matrix_view(block_shape(shape, meta), meta) != shape:
+    types = [c["type"] for c in comps]
+    if "lowrank" not in types or not set(types) <= {"lowrank", "sign"}:
         return None
-    if any("bits" in seg for seg in meta["u"] + meta["v"]):
+    if any("rows" in c or matrix_view(block_shape(shape, c), c) != shape for c in comps):
         return None
-    tensors = stored_components(name, record, reader.get)[0].tensors
-    u = LowRank.factor(meta, tensors, "u", shape[0])  # [r, p]
-    v = LowRank.factor(meta, tensors, "v", shape[1])  # [r, q]
-    s = tensors["s"].to(torch.float32)
-    return u.t() * s, s, v.t().contiguous()
+    us, ss, vs = [], [], []
+    for meta, comp in zip(comps, stored_components(name, record, reader.get)):
+        if meta["type"] != "lowrank":
+            continue
+        u = LowRank.factor(meta, comp.tensors, "u", shape[0])  # [r, p], dequantized
+        v = LowRank.factor(meta, comp.tensors, "v", shape[1])  # [r, q]
+        s = comp.tensors["s"].to(torch.float32)
+        us.append(u.t() * s)
+        ss.append(s)
+        vs.append(v.t())
+    return torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=1).contiguous(), "sign" in types
 
 
 def _dense_delta(name: str, record: dict, reader: DeltaReader, base_tensor) -> torch.Tensor:
@@ -181,10 +225,13 @@ def export_lora(
     """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``: the delta as a
     PEFT LoRA adapter for its base model.
 
-    Exact for records stored as one float low-rank factorization (method ``svd``) when
-    ``rank`` is ``None`` or at least their stored rank; otherwise each matrix is a truncated
-    SVD of the decoded delta at ``rank`` (default: the rank whose factors, in ``dtype``, take
-    the record's stored bytes). ``dtype`` is the adapter's (float32 keeps the exact case exact).
+    Exact for records stored as low-rank factors (``svd``, ``deltacome``, ``auto``'s low-rank
+    family; quantized factors are dequantized) when ``rank`` is ``None`` or at least their
+    stored rank; a ``dqrelo``-style sign part beside the factors is left out and its cost
+    reported (the module's relative error). Otherwise each matrix is a truncated SVD of the
+    decoded delta at ``rank`` (default: the rank whose factors, in ``dtype``, take the record's
+    stored bytes); modules further than ``WARN_ERROR`` from the delta are warned about in the
+    report's text (``report.warnings``). ``dtype`` is the adapter's (float32 keeps the exact case exact).
     ``embeddings=False`` leaves embeddings and tied LM heads out (for loaders without embedding
     LoRA). The base is read only for ``lossless`` records. Written atomically.
 
@@ -264,17 +311,20 @@ def export_lora(
         stored = _stored_lowrank(name, record, reader)
         dense = _dense_delta(name, record, reader, lambda: base_tensor(name))
         d_norm2 = float(dense.double().pow(2).sum())
-        # Exact: the stored factors, untruncated, written in a dtype that holds U·S (float32).
-        exact = stored is not None and (rank is None or rank >= stored[1].numel()) and adapter_dtype.itemsize >= 4
-        if stored is not None and (rank is None or rank >= stored[1].numel()):
-            us, s, v = stored
+        # Exact: the stored factors, untruncated, written in a dtype that holds U·S (float32),
+        # with no sign part left out.
+        whole = stored is not None and (rank is None or rank >= stored[1].numel())
+        exact = whole and not stored[3] and adapter_dtype.itemsize >= 4
+        source = "truncated SVD" if stored is None else "factors, sign part left out" if stored[3] else "factors"
+        if whole:
+            us, s, v, _ = stored
         else:
             if rank is not None:
                 r = min(rank, p, q)
             else:
                 r = max(1, min(p, q, record_nbytes(name, record) // ((p + q) * adapter_dtype.itemsize)))
             if stored is not None:  # truncating the stored factorization: keep its largest singular values
-                us_all, s_all, v_all = stored
+                us_all, s_all, v_all, _ = stored
                 top = torch.argsort(s_all, descending=True)[:r]
                 us, s, v = us_all[:, top], s_all[top], v_all[:, top]
             else:
@@ -301,7 +351,7 @@ def export_lora(
                 tensors[f"{prefix}.lora_embedding_A"] = us.t()
                 tensors[f"{prefix}.lora_embedding_B"] = v
             ranks[mname] = r
-            report.modules.append(LoraModule(mname, name, kind, r, rel, exact))
+            report.modules.append(LoraModule(mname, name, kind, r, rel, exact, source))
     total2 = norm2 + skipped2
     report.rel_error = math.sqrt(err2 / norm2) if norm2 else 0.0
     report.skipped_share = skipped2 / total2 if total2 else 0.0
