@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -160,13 +161,24 @@ def check_loading_info(info: dict, where: str, config_name: str = FINETUNED_CONF
         )
 
 
+def _dtype_argument(dtype: str | torch.dtype | None, torch_dtype: str | torch.dtype | None) -> str | torch.dtype:
+    """``dtype`` as transformers 5 reads it: ``torch_dtype`` is its deprecated alias, used when
+    ``dtype`` is not given; unset means ``"auto"``."""
+    if torch_dtype is not None:
+        warnings.warn("`torch_dtype` is deprecated! Use `dtype` instead!", FutureWarning, stacklevel=3)
+        if dtype is None:
+            dtype = torch_dtype
+    return "auto" if dtype is None else dtype
+
+
 class DeltaModel(MultiDeltaModel):
     """Load fine-tunes stored as deltas. The API mirrors transformers and PEFT.
 
     ``from_pretrained`` returns the merged fine-tune, an ordinary transformers model;
     ``from_pretrained(..., merge=False)`` and ``from_base(model)`` return a ``DeltaModel`` that
     serves any number of deltas unmerged on one base (``load_delta``, ``set_delta``,
-    ``disable_delta``, ``delete_delta``, ``merge_and_unload``; see ``deltahub.serving``).
+    ``disable_delta``, ``delete_delta``, ``save_pretrained``, ``push_to_hub``,
+    ``merge_and_unload``, and PEFT's names for them; see ``deltahub.serving.model``).
 
     Example::
 
@@ -183,7 +195,7 @@ class DeltaModel(MultiDeltaModel):
         *,
         revision: str | None = None,
         base_revision: str | None = None,
-        dtype: str | torch.dtype = "auto",
+        dtype: str | torch.dtype | None = None,
         device_map: str | dict | None = None,
         max_memory: dict | None = None,
         offload_folder: str | os.PathLike | None = None,
@@ -200,12 +212,16 @@ class DeltaModel(MultiDeltaModel):
         ``delta``: local folder or Hub repo id (``revision``: tag, branch or commit). ``base``:
         defaults to the base recorded in the delta, at its pinned revision; a base whose tensor
         names, shapes or sampled weights differ is refused unless ``verify_base=False``.
-        ``dtype="auto"`` keeps the fine-tune's dtype. ``device_map``, ``max_memory`` and
-        ``offload_folder`` work as in ``transformers.AutoModel.from_pretrained``.
+        ``dtype`` (default ``"auto"``: the fine-tune's dtype) is the weights' dtype, merged or
+        not; ``torch_dtype``, its deprecated name in transformers 5, is accepted with the same
+        effect and transformers' deprecation warning (a FutureWarning here); ``dtype`` wins when
+        both are given. ``device_map``, ``max_memory`` and ``offload_folder`` work as in
+        ``transformers.AutoModel.from_pretrained``.
 
         ``merge=False`` returns a ``DeltaModel`` instead: the base loaded with transformers and
         the delta served unmerged under ``delta_name``, ready for more ``load_delta`` calls.
         """
+        dtype = _dtype_argument(dtype, model_kwargs.pop("torch_dtype", None))
         if not merge:
             return load_unmerged(
                 cls, delta, base, delta_name=delta_name, revision=revision, base_revision=base_revision, dtype=dtype, token=token, cache_dir=cache_dir,

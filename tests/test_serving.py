@@ -256,7 +256,7 @@ def test_switch_disable_delete(pairs, llama_deltas):
     assert torch.equal(_logits(model, x), plain)
 
 
-def test_peft_like_wrapper(pairs, llama_deltas):
+def test_peft_like_wrapper(pairs, llama_deltas, tmp_path):
     base, _ = pairs["llama"]
     hf = load(base, "llama")
     model = DeltaModel.from_base(hf)
@@ -268,8 +268,9 @@ def test_peft_like_wrapper(pairs, llama_deltas):
     assert out.shape == (1, 7)
     # .to(dtype) moves the base but never casts the stored tensors (merging needs their dtypes)
     model.to(torch.float32)
-    with pytest.raises(ServingError, match="merge_and_unload"):
-        model.save_pretrained("unused")
+    # save_pretrained writes the delta's repo, never the wrapped model's base_layer weights
+    saved = model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in llama_deltas["dqrelo"].iterdir())
     op = model.loaded_deltas["a"].ops["model.layers.0.mlp.up_proj.weight"]
     assert [c.meta["type"] for c in op.comps] == ["sign", "lowrank"]
     assert op.comps[0].field("bits").dtype == torch.uint8 and op.comps[1].field("u.0.values").dtype == torch.float16

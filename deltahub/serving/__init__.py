@@ -9,6 +9,9 @@
 
 from .errors import ServingError, UnknownDeltaError
 from .lora import LoraExportReport, LoraModule, SkippedTensor, export_lora
-from .model import LoadedDelta, MultiDeltaModel
+from .model import PEFT_ALIASES, REFUSED, LoadedDelta, MultiDeltaModel, UnsupportedMethodError
 
-__all__ = ["LoadedDelta", "LoraExportReport", "LoraModule", "MultiDeltaModel", "ServingError", "SkippedTensor", "UnknownDeltaError", "export_lora"]
+__all__ = [
+    "LoadedDelta", "LoraExportReport", "LoraModule", "MultiDeltaModel", "PEFT_ALIASES", "REFUSED", "ServingError", "SkippedTensor",
+    "UnknownDeltaError", "UnsupportedMethodError", "export_lora",
+]

@@ -11,7 +11,16 @@ mixed-delta batches, merge. The API follows PEFT's ``PeftModel``.
     with model.disable_delta(): model.generate(...)         # the plain base
     model(input_ids, delta_names=["math", "code", None])    # one delta per row, one forward
     model.delete_delta("math")
+    model.save_pretrained("code-delta")                     # the active delta as a delta repo
+    model.push_to_hub("user/smollm2-code")                  # ... pushed as a new version (v1, v2, ...)
     merged = model.merge_and_unload()                       # a plain transformers model
+
+PEFT's method names work where they mean the same thing (:data:`PEFT_ALIASES`: ``load_adapter``,
+``set_adapter``, ``delete_adapter``, ``disable_adapter``, ``active_adapter``,
+``active_adapters``); the rest of the adapter API (``add_adapter``, ``add_weighted_adapter``,
+``merge_adapter``, ...) raises :class:`UnsupportedMethodError` naming what to use instead
+(:data:`REFUSED`), and is never handed to the wrapped model, whose own adapter and saving
+methods would act on the wrapper modules.
 
 Memory: the base once, plus each delta's operators (:meth:`MultiDeltaModel.delta_nbytes`),
 which are its stored (compressed) tensors except where ``serving.operators`` says otherwise.
@@ -22,16 +31,23 @@ at a time per model.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from ..errors import InvalidTensorError
+from ..card import human_bytes
+from ..errors import FormatError, InvalidTensorError
 from ..format import DeltaReader
+from ..format.config import CONFIG_NAME, INDEX_NAME, SHARD_NAME, is_repo_file
+from ..format.limits import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, MAX_SMALL_JSON_BYTES, confined_file, loads_json
+from ..format.repo import atomic_dir
 from ..sources import HubOptions, all_finite, check_finite, check_layer_counts, count_blocks, open_delta, open_pair
 from .base_check import check_model_base
 from .errors import ServingError, UnknownDeltaError
@@ -47,7 +63,12 @@ class LoadedDelta:
     source: str
     method: str | None
     stored_bytes: int | None
-    ops: dict[str, TensorDelta | ValueDelta] = field(default_factory=dict)
+    ops: dict[str, TensorDelta | ValueDelta] = field(default_factory=dict, repr=False)
+    reader: DeltaReader | None = field(default=None, repr=False, compare=False)  # its repo files, for save_pretrained
+
+    def __repr__(self) -> str:
+        """One line, whatever the delta's size (the operators are in ``ops``)."""
+        return f"LoadedDelta(name={self.name!r}, method={self.method!r}, tensors={len(self.ops)}, nbytes={self.nbytes}, source={_short(self.source)!r})"
 
     @property
     def nbytes(self) -> int:
@@ -61,6 +82,131 @@ class LoadedDelta:
                     seen.add(s.data_ptr())
                     total += s.nbytes()
         return total
+
+
+class UnsupportedMethodError(ServingError, AttributeError):
+    """A PEFT or transformers adapter method that deltahub does not offer; the message names
+    what to use instead. An ``AttributeError`` too, so ``hasattr(model, name)`` is False."""
+
+
+# PEFT's names that work on a DeltaModel, and the deltahub method each one is.
+PEFT_ALIASES = {
+    "load_adapter": "load_delta", "set_adapter": "set_delta", "delete_adapter": "delete_delta",
+    "disable_adapter": "disable_delta", "active_adapter": "active_delta", "active_adapters": "[active_delta]",
+}
+_INSTEAD_OF_ENABLE = "run set_delta(name) to use a delta again, or disable it for a block only: `with model.disable_delta(): ...`"
+_CHANGES_MODULES = "it would replace modules that carry deltas; call it on the plain model before DeltaModel.from_base(model), or on merge_and_unload()"
+# Methods of PEFT's PeftModel and transformers' PeftAdapterMixin that are not handed to the
+# wrapped model (they would act on the wrapper modules or save base_layer weights), with what to use.
+REFUSED = {
+    "add_adapter": "deltahub serves deltas compressed from fine-tuned models, it does not create trainable adapters; make one with "
+    "deltahub.compress(base, finetuned_model, out) and load it with load_delta(out, name)",
+    "add_weighted_adapter": "deltas are not combined into a new one; serve several side by side with delta_names=[...] in forward/generate "
+    "(one delta per row), or merge the fine-tunes with a merging tool and compress the result",
+    "merge_adapter": "a delta is folded in for good with merge_and_unload(); to switch, keep it unmerged and use set_delta/disable_delta",
+    "unmerge_adapter": "deltas stay unmerged until merge_and_unload(), which cannot be undone; use disable_delta() to run the plain base",
+    "enable_adapters": _INSTEAD_OF_ENABLE,
+    "enable_adapter_layers": _INSTEAD_OF_ENABLE,
+    "disable_adapters": "use disable_delta() (as a context manager for a block: `with model.disable_delta(): ...`)",
+    "disable_adapter_layers": "use disable_delta() (as a context manager for a block: `with model.disable_delta(): ...`)",
+    "get_adapter_state_dict": "a delta is stored compressed, not as adapter weights; save_pretrained(dir, delta_name=NAME) writes its delta repo, "
+    "and deltahub.serving.export_lora(delta, out) makes a PEFT LoRA adapter of it",
+    "peft_config": "deltahub deltas have no PEFT config; loaded_deltas lists them with their method and size",
+    "set_requires_grad": "deltas are served frozen; to train further, merge_and_unload() and fine-tune the merged model",
+    "enable_peft_hotswap": "deltas are swapped with set_delta(name) already, with no recompilation",
+    "resize_token_embeddings": _CHANGES_MODULES,
+    "set_input_embeddings": _CHANGES_MODULES,
+    "set_output_embeddings": _CHANGES_MODULES,
+}
+_REPR_DELTAS = 8  # deltas named in a DeltaModel's repr; the rest are counted
+
+
+class _Names(list):
+    """A list that is also callable, returning itself: PEFT reads ``model.active_adapters``,
+    transformers calls ``model.active_adapters()``."""
+
+    def __call__(self) -> list[str]:
+        return list(self)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """``text``, or its last ``limit`` characters after an ellipsis (a path's informative end)."""
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
+
+
+def _describe(d: LoadedDelta) -> str:
+    return f"{d.method or 'unknown method'}, {len(d.ops)} tensors, {human_bytes(d.nbytes)}"
+
+
+def _refuse_peft_folder(delta: str | os.PathLike) -> None:
+    """A local PEFT adapter folder given as a delta: say what it is rather than 'no delta_config.json'."""
+    folder = Path(delta).expanduser()
+    try:
+        is_adapter = (folder / "adapter_config.json").is_file() and not (folder / CONFIG_NAME).exists()
+    except OSError:
+        return
+    if is_adapter:
+        raise ServingError(
+            f"{delta} is a PEFT adapter (adapter_config.json), not a deltahub delta; load it with "
+            "peft.PeftModel.from_pretrained(model, path) on a model without deltas, or merge it into its base and compress "
+            "the result with deltahub.compress(base, merged, out) to serve it here"
+        )
+
+
+# ---------------------------------------------------------------------------- saving a delta
+
+_JSON_BOUNDS = {CONFIG_NAME: MAX_CONFIG_BYTES, INDEX_NAME: MAX_INDEX_BYTES}
+
+
+def copy_delta_repo(loaded: LoadedDelta, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Copy the repo files of a loaded delta to ``out`` (see ``MultiDeltaModel.save_pretrained``):
+    the files a delta repo consists of (``is_repo_file``; shards only those the loaded index
+    names), each confined to the source folder, JSON files bounded and equal to what was
+    loaded, shards hashed against the loaded index. Written through ``atomic_dir``: nothing at
+    ``out`` unless every file was copied and checked."""
+    reader = loaded.reader
+    src = Path(reader.path)
+    where = f"delta {loaded.name!r} ({_short(loaded.source, 120)})"
+    if not src.is_dir():
+        raise FormatError(f"{where}: its folder {src} is gone, so there are no files to save; load the delta again")
+    shards = set(reader.weight_map.values())
+    names = sorted(e.name for e in os.scandir(src) if is_repo_file(e.name) and (not SHARD_NAME.match(e.name) or e.name in shards))
+    missing = sorted(shards - set(names))
+    if missing:
+        raise FormatError(f"{where}: shard {missing[0]} named in {INDEX_NAME} is missing from {src}; load the delta again")
+    checksums = reader.checksums()
+    with atomic_dir(out, overwrite, inputs=(src,)) as tmp:
+        for name in names:
+            path = confined_file(src, name, f"{where}: {name}")
+            if SHARD_NAME.match(name):
+                _copy_shard(path, tmp / name, checksums.get(name), f"{where}: {name}")
+            else:
+                _copy_small(path, tmp / name, name, reader, f"{where}: {name}")
+    return Path(out)
+
+
+def _copy_shard(path: Path, dest: Path, sha256: str | None, where: str) -> None:
+    """Copy a shard, hashing it on the way; a shard that no longer matches the index loaded is refused."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fin, open(dest, "wb") as fout:
+        while chunk := fin.read(1 << 22):
+            digest.update(chunk)
+            fout.write(chunk)
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise FormatError(f"{where} changed since the delta was loaded (its SHA-256 is not the one {INDEX_NAME} records); load the delta again and save it then")
+
+
+def _copy_small(path: Path, dest: Path, name: str, reader: DeltaReader, where: str) -> None:
+    """Copy a config, index, tokenizer file or card, read within its bound; the config and the
+    index must equal what was loaded (the records this model serves)."""
+    bound = _JSON_BOUNDS.get(name, MAX_SMALL_JSON_BYTES)
+    with open(path, "rb") as f:
+        data = f.read(bound + 1)
+    if len(data) > bound:
+        raise FormatError(f"{where} holds more than the {bound} bytes deltahub reads; the delta is corrupted or hostile")
+    if name in _JSON_BOUNDS and loads_json(data, where, max_bytes=bound) != (reader.config if name == CONFIG_NAME else reader.index):
+        raise FormatError(f"{where} changed since the delta was loaded, so it no longer describes the records this model serves; load the delta again and save it then")
+    dest.write_bytes(data)
 
 
 def _fast_wrapper(module: nn.Module) -> type[DeltaLayer] | None:
@@ -149,12 +295,24 @@ class MultiDeltaModel(nn.Module):
         return cls(model)
 
     def __getattr__(self, name: str) -> Any:
+        """Everything else of the wrapped model (``config``, ``device``, ``can_generate``, ...),
+        except the methods in :data:`REFUSED`, which would misbehave on the wrapper modules."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name in ("base_model", "_routing", "_deltas", "_params"):
                 raise
+            if name in REFUSED:
+                raise UnsupportedMethodError(f"{type(self).__name__}.{name} is not supported: {REFUSED[name]}") from None
             return getattr(self.base_model, name)
+
+    def __repr__(self) -> str:
+        """One line: the base's class, the loaded deltas, the active one (``print(model.base_model)``
+        shows the module tree)."""
+        names = list(self._deltas)
+        shown = ", ".join(f"{n!r}: {_describe(self._deltas[n])}" for n in names[:_REPR_DELTAS])
+        more = f", ... {len(names) - _REPR_DELTAS} more" if len(names) > _REPR_DELTAS else ""
+        return f"{type(self).__name__}(base={type(self.base_model).__name__}, deltas={{{shown}{more}}}, active={self.active_delta!r})"
 
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (its delta-carrying modules are wrappers)."""
@@ -193,6 +351,7 @@ class MultiDeltaModel(nn.Module):
         if isinstance(delta, DeltaReader):
             reader = delta
         else:
+            _refuse_peft_folder(delta)
             reader = open_delta(delta, revision, HubOptions(token, cache_dir, local_files_only))
         source = str(getattr(reader, "source", reader.path))
         changed = {n: r for n, r in reader.records.items() if r["kind"] not in ("unchanged", "removed")}
@@ -218,7 +377,7 @@ class MultiDeltaModel(nn.Module):
                 raise ServingError(f"{source}: {names} are one tied parameter in the wrapped model but separate records in the delta; load this delta merged with DeltaModel.from_pretrained(delta)")
         if verify_base:
             check_model_base(reader, lambda n: self._param(n) if n in self._params else None, f"the wrapped {type(self.base_model).__name__}")
-        loaded = LoadedDelta(name, source, (reader.config.get("method") or {}).get("name"), (reader.config.get("totals") or {}).get("stored_bytes"))
+        loaded = LoadedDelta(name, source, (reader.config.get("method") or {}).get("name"), (reader.config.get("totals") or {}).get("stored_bytes"), reader=reader)
         holders = self._holders()
         placements: list[tuple[nn.Module, type[DeltaLayer], str, Any]] = []
         for n, record in changed.items():
@@ -291,13 +450,26 @@ class MultiDeltaModel(nn.Module):
         if name not in self._deltas:
             raise UnknownDeltaError(f"no delta named {name!r} is loaded (loaded: {sorted(self._deltas) or 'none'}); load it with load_delta(path, name={name!r})")
 
-    def set_delta(self, name: str) -> None:
+    def set_delta(self, name: str | list[str]) -> None:
         """Use delta ``name`` for the following forward passes.
+
+        ``name`` may be a list, as PEFT's ``set_adapter`` takes, of exactly one name: one delta is
+        active at a time. Several deltas in one batch go row by row, with ``delta_names=`` in
+        ``forward``/``generate`` or :meth:`delta_batch`.
 
         Example::
 
             model.set_delta("code")
         """
+        if isinstance(name, (list, tuple)):
+            if len(name) != 1:
+                raise ServingError(
+                    f"set_delta({list(name)!r}): one delta is active at a time, so give one name. To run several deltas at once, give "
+                    "each row of the batch its own: model.generate(input_ids, delta_names=['a', 'b', ...]) or `with model.delta_batch([...]):`"
+                )
+            (name,) = name
+        if not isinstance(name, str):
+            raise ServingError(f"set_delta takes a delta name (a string) or a list of one, not {type(name).__name__}; loaded: {sorted(self._deltas) or 'none'}")
         self._check(name)
         self._routing.active = name
 
@@ -380,10 +552,110 @@ class MultiDeltaModel(nn.Module):
             return self._deltas[name].nbytes
         return sum(d.nbytes for d in self._deltas.values())
 
-    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
-        """Refused: the wrapped modules would be saved under wrapper names. The deltas are
-        their delta repos already; to save a fine-tune as a full checkpoint, fold it in first."""
-        raise ServingError("a DeltaModel with deltas loaded cannot be saved as a checkpoint; call merge_and_unload().save_pretrained(path) for the active fine-tune, or deltahub apply DELTA -o OUT")
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, delta_name: str | None = None, selected_adapters: list[str] | None = None,
+        overwrite: bool = False, is_main_process: bool = True, safe_serialization: bool = True,
+    ) -> Path | None:
+        """Write the active delta (or ``delta_name``) as a delta repo at ``save_directory``, and
+        return its path.
+
+        The repo is the delta's own files as they were loaded (config, index, shards, fine-tune
+        config, generation config, tokenizer files, card), copied, not re-encoded: each file
+        confined to the delta's folder (``limits.confined_file``), the JSON files within their
+        size bounds and equal to what was loaded, each shard checked against the loaded index's
+        SHA-256, so a delta whose files changed since raises :class:`~deltahub.FormatError` and
+        nothing is written. Never the wrapped model's weights (``*.base_layer.*``): for the
+        fine-tune as a full checkpoint, ``merge_and_unload().save_pretrained(dir)``.
+        ``selected_adapters`` (PEFT's name) may name one delta. A non-empty
+        ``save_directory`` is refused unless ``overwrite``; it may not be the delta's own folder.
+
+        Example::
+
+            model.save_pretrained("math-delta", delta_name="math")
+            DeltaModel.from_pretrained("math-delta")
+        """
+        if not safe_serialization:
+            raise ServingError("a delta repo is safetensors only; drop safe_serialization=False")
+        if selected_adapters is not None:
+            if delta_name is not None or len(selected_adapters) != 1:
+                raise ServingError(f"selected_adapters={selected_adapters!r}: a delta repo holds one delta; save each to its own folder with delta_name=NAME")
+            delta_name = selected_adapters[0]
+        loaded = self._delta_to_save(delta_name)
+        if not is_main_process:
+            return None
+        return copy_delta_repo(loaded, save_directory, overwrite)
+
+    def push_to_hub(
+        self, repo_id: str, *, delta_name: str | None = None, commit_message: str | None = None, tag: str | None = None, private: bool | None = None,
+        revision: str | None = None, create_pr: bool = False, token: str | bool | None = None, **push_kwargs: Any,
+    ):
+        """Push the active delta (or ``delta_name``) to the Hub as a new version of ``repo_id``:
+        :meth:`save_pretrained` into a temporary folder, then :func:`deltahub.push` (one commit,
+        tagged ``v1``, ``v2``, ... or ``tag``; ``revision`` is the branch; ``commit_message`` the
+        version's message). Returns the :class:`~deltahub.hub.PushResult`.
+        ``DeltaModel.from_pretrained(repo_id)`` loads it back.
+
+        Example::
+
+            model.push_to_hub("user/smollm2-math", delta_name="math", commit_message="lr 1e-5")
+        """
+        from ..hub import push
+
+        with tempfile.TemporaryDirectory(prefix="deltahub-push-") as tmp:
+            path = self.save_pretrained(Path(tmp) / "delta", delta_name=delta_name)
+            return push(path, repo_id, tag=tag, message=commit_message, private=private, branch=revision, create_pr=create_pr, token=token, **push_kwargs)
+
+    def _delta_to_save(self, name: str | None) -> LoadedDelta:
+        if name is None:
+            name = self._routing.active
+            if name is None:
+                raise ServingError(f"no delta is active (disabled, or none loaded); name the one to save with delta_name=NAME (loaded: {sorted(self._deltas) or 'none'})")
+        self._check(name)
+        loaded = self._deltas[name]
+        if loaded.reader is None:
+            raise ServingError(f"delta {name!r} was not loaded from a delta repo, so there are no files to save; load it with load_delta(path)")
+        return loaded
+
+    # ------------------------------------------------------------------ PEFT's names
+
+    def load_adapter(self, model_id: str | os.PathLike | DeltaReader, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any) -> LoadedDelta:
+        """PEFT's name for :meth:`load_delta` (``revision``, ``token``, ``cache_dir``,
+        ``local_files_only``, ``verify_base`` as there). Deltas are frozen: ``is_trainable=True``
+        and PEFT's loading options are refused."""
+        if is_trainable:
+            raise ServingError("deltas are served frozen (is_trainable=True is not supported); to train further, merge_and_unload() and fine-tune the merged model")
+        own = {"revision", "token", "cache_dir", "local_files_only", "verify_base"}
+        other = sorted(set(kwargs) - own)
+        if other:
+            raise ServingError(f"load_adapter: {', '.join(other)} are PEFT options that deltahub deltas do not take; the delta goes where each weight it changes is (accepted: {', '.join(sorted(own))})")
+        return self.load_delta(model_id, adapter_name, **kwargs)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = True) -> None:
+        """PEFT's name for :meth:`set_delta` (deltas are always in inference mode)."""
+        self.set_delta(adapter_name)
+
+    def delete_adapter(self, adapter_name: str | list[str]) -> None:
+        """PEFT's name for :meth:`delete_delta` (a name, or a list as transformers takes)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:  # all known before any is deleted
+            self._check(n)
+        for n in names:
+            self.delete_delta(n)
+
+    def disable_adapter(self) -> "_Restore":
+        """PEFT's name for :meth:`disable_delta` (``with model.disable_adapter(): ...``)."""
+        return self.disable_delta()
+
+    @property
+    def active_adapter(self) -> str | None:
+        """PEFT's name for :attr:`active_delta`."""
+        return self.active_delta
+
+    @property
+    def active_adapters(self) -> "_Names":
+        """The active delta as a list (``[]`` when disabled), PEFT's property; calling it, as
+        transformers' ``active_adapters()`` is called, gives the same list."""
+        return _Names([] if self.active_delta is None else [self.active_delta])
 
     def unload(self) -> nn.Module:
         """Remove every wrapper and delta; return the plain base model, unchanged."""
