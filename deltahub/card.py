@@ -67,7 +67,8 @@ def human_bytes(n: float) -> str:
 
 
 def render_card(config: Mapping, repo_id: str | None = None) -> str:
-    """Markdown with Hub metadata: ``base_model``, ``base_model_relation: adapter``, ``library_name: deltahub``.
+    """Markdown with Hub metadata: ``base_model`` and ``base_model_relation: adapter`` whenever
+    the base is a Hub repo id, ``library_name: deltahub``.
 
     Every value from ``config`` is escaped (:func:`md_text`, :func:`md_code`), and a field of the
     wrong type is left out rather than failing: the config may come from an untrusted repo."""
@@ -76,8 +77,10 @@ def render_card(config: Mapping, repo_id: str | None = None) -> str:
     name_or_path, revision = base.get("name_or_path"), base.get("revision")
     base_id = name_or_path if isinstance(name_or_path, str) and name_or_path else "BASE"
     revision = revision if isinstance(revision, str) and revision else None
-    # Only a Hub repo id at a pinned revision is a Hub base: it becomes base_model and a link.
-    on_hub = revision is not None and bool(_REPO_ID.match(base_id))
+    # A Hub repo id is a Hub base (a local base is recorded as an absolute path): it becomes
+    # base_model and a link, pinned or not (push refuses an unpinned one unless told otherwise).
+    on_hub = base_id != "BASE" and bool(_REPO_ID.match(base_id))
+    unchecked = base.get("id_checked") is False  # a Hub id recorded for a local base, offline
     method_name = method.get("name") if isinstance(method.get("name"), str) and _CODE_SAFE.match(method.get("name")) else "unknown"
     data = ModelCardData(
         base_model=base_id if on_hub else None,
@@ -104,7 +107,8 @@ def render_card(config: Mapping, repo_id: str | None = None) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| base | {md_code(base_id)}" + (f" at {md_code(revision)}" if revision else "") + " |",
+        f"| base | {md_code(base_id)}" + (f" at {md_code(revision)}" if revision else "")
+        + (" (recorded for a local copy, not checked against the Hub)" if unchecked else "") + " |",
         f"| method | {md_code(method_name)}" + (f" at ratio {method_ratio:g}" if method_ratio is not None else "") + " |",
     ]
     if ratio and stored is not None and dense is not None:

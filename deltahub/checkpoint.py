@@ -110,18 +110,70 @@ def resolve(
     except RepositoryNotFoundError:
         raise CheckpointError(f"{repo_id} is not a local folder and no Hub repo of that name is visible (check the name, or log in for private repos)") from None
     except LocalEntryNotFoundError:
-        # Raised both when downloads are off and when the Hub cannot be reached: say which.
+        # Raised both when downloads are off and when the Hub cannot be reached: say which, and
+        # whether the repo is cached at another revision (then the revision is what is missing).
         from huggingface_hub import constants
 
+        missing = _missing_from_cache(repo_id, revision, cache_dir)
         if local_files_only or constants.HF_HUB_OFFLINE:
             off = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
-            raise CheckpointError(f"{repo_id} is not in the local cache and downloads are off ({off}); allow downloads once to fetch it") from None
-        raise CheckpointError(f"{repo_id} is not in the local cache and {constants.ENDPOINT} cannot be reached; check the network (or HF_ENDPOINT), or pass a local folder") from None
+            raise CheckpointError(f"{missing} and downloads are off ({off}); allow downloads once to fetch it") from None
+        raise CheckpointError(f"{missing} and {constants.ENDPOINT} cannot be reached; check the network (or HF_ENDPOINT), or pass a local folder") from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"downloading {repo_id} failed: {e}") from None
     local_path = Path(local)
     commit = local_path.name if _HEX40.match(local_path.name) else None
     return local_path, commit
+
+
+def _missing_from_cache(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> str:
+    """What is missing from the local cache: the repo, or only the revision of a cached repo
+    (with the revisions the cache holds, so the user can pick one)."""
+    from huggingface_hub import constants
+
+    folder = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    try:
+        snapshots = sorted(p.name for p in (folder / "snapshots").iterdir() if _HEX40.match(p.name))
+        refs = sorted(p.name for p in (folder / "refs").iterdir() if p.is_file()) if (folder / "refs").is_dir() else []
+    except OSError:
+        return f"{repo_id} is not in the local cache"
+    if not snapshots:
+        return f"{repo_id} is not in the local cache"
+    have = ", ".join(refs + [s[:12] for s in snapshots][:5]) or "none"
+    return f"the revision {revision or 'main'} of {repo_id} is not in the local cache (the cache holds {repo_id} at: {have})"
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A Hub repo id and the commit (or other revision) it is pinned to."""
+
+    repo_id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
+
+
+# A repo folder of the Hugging Face cache ("models--org--name"; the cache writes "/" as "--").
+_CACHE_MODEL = re.compile(r"^models--([A-Za-z0-9][\w.-]*?)(?:--([A-Za-z0-9][\w.-]*))?$")
+
+
+def cached_snapshot(path: str | os.PathLike) -> HubRef | None:
+    """The Hub repo and commit of a folder that is a snapshot of a Hugging Face cache
+    (``.../models--ORG--NAME/snapshots/<40 hex>``, what ``snapshot_download`` returns), or
+    ``None`` for any other folder (a subfolder of a snapshot included: its repo id alone would
+    not find it). Links are followed, so a link to a snapshot counts as the snapshot.
+
+    >>> cached_snapshot("/h/hub/models--Qwen--Qwen2.5-0.5B/snapshots/" + "a" * 40)
+    HubRef(repo_id='Qwen/Qwen2.5-0.5B', revision='aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa')
+    >>> cached_snapshot("/data/my-model") is None
+    True
+    """
+    p = Path(os.path.realpath(Path(path).expanduser()))
+    repo = _CACHE_MODEL.match(p.parent.parent.name)
+    if p.parent.name != "snapshots" or not _HEX40.match(p.name) or repo is None:
+        return None
+    return HubRef("/".join(g for g in repo.groups() if g), p.name)
 
 
 class Checkpoint:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +48,31 @@ _TAG_TRIES = 5
 
 class HubError(DeltahubError):
     """A Hub operation failed; the message says why and what to do."""
+
+
+class LocalBaseError(HubError):
+    """A push of a delta whose base is not a Hub id pinned to a revision (only a local path)."""
+
+
+# A Hub repo id ("org/name" or "name"), as base.name_or_path records one.
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def check_hub_base(config: dict, folder: str | os.PathLike) -> None:
+    """Refuse (:class:`LocalBaseError`, with the command that fixes it) a delta config whose
+    ``base`` is not a Hub repo id with a revision, so others could not fetch the base."""
+    base = config.get("base") if isinstance(config.get("base"), dict) else {}
+    name, revision = base.get("name_or_path"), base.get("revision")
+    if isinstance(name, str) and _REPO_ID.match(name) and isinstance(revision, str) and revision:
+        return
+    what = f"the local folder {name}" if isinstance(name, str) and name else "no base at all"
+    if isinstance(name, str) and _REPO_ID.match(name):
+        what = f"{name} without a revision"
+    raise LocalBaseError(
+        f"{folder}: {CONFIG_NAME} records {what} as the base (base.name_or_path, base.revision), which nobody who pulls this "
+        f"delta can fetch. Record the Hub id of that base without recompressing: `deltahub set-base {shlex.quote(str(folder))} ORG/NAME@REVISION` "
+        "(deltahub.set_base_id), checked against the Hub, then push again; or push anyway with --allow-local-base (allow_local_base=True)"
+    )
 
 
 class ConcurrentPushError(HubError):
@@ -451,8 +477,15 @@ def push(
     branch: str | None = None,
     create_pr: bool = False,
     token: str | bool | None = None,
+    allow_local_base: bool = False,
 ) -> PushResult:
     """Upload a delta repo folder as one new version (one commit, one tag).
+
+    A delta whose base is not a Hub repo id pinned to a revision (a local folder, recorded by
+    ``compress`` from a local base) is refused with :class:`LocalBaseError` before the Hub is
+    asked anything: nobody who pulls it could load it. The message gives the fix, a one-line
+    command that records the base's Hub id without recompressing (``deltahub set-base``,
+    :func:`deltahub.set_base_id`); ``allow_local_base=True`` pushes it anyway.
 
     Only the files a delta repo consists of are uploaded (:func:`format.config.is_repo_file`:
     config, index, the shards the index names, the fine-tune's config, generation config,
@@ -477,6 +510,8 @@ def push(
     reader = DeltaReader(folder)  # refuses anything that is not a complete delta repo
     _select_shards(reader, files, skipped)
     _check_config(reader.config, f"{folder}: {CONFIG_NAME}")  # what others' `log` must be able to read
+    if not allow_local_base:
+        check_hub_base(reader.config, folder)
     api = _api(token)
     branch = branch or "main"
     created = _create_repo(api, repo_id, private)

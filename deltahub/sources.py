@@ -13,9 +13,9 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import Checkpoint, borrow_base, resolve
+from .checkpoint import Checkpoint, CheckpointError, borrow_base, resolve
 from .errors import BaseMismatchError, FormatError, InvalidTensorError, ShapeMismatchError
-from .format import FINETUNED_CONFIG_NAME, DeltaReader
+from .format import CONFIG_NAME, FINETUNED_CONFIG_NAME, DeltaReader
 from .format.dtypes import itemsize
 from .format.limits import LAYER_FIELDS, MAX_ADDED_ROWS, MAX_DECODED_FACTOR, MAX_ROW_GROWTH, confined_file, read_json
 from .format.repo import layer_group
@@ -77,17 +77,36 @@ def open_base(
     bounds that keep a hostile delta from allocating or writing without limit."""
     hub = hub or HubOptions()
     recorded = reader.config.get("base", {})
-    if base is None:
-        base = recorded.get("name_or_path")
-        if not base:
-            raise BaseMismatchError("the delta records no base model; pass base=... (a local folder or Hub id)")
-        if base_revision is None:
-            base_revision = recorded.get("revision")
-    ckpt = Checkpoint.open(base, revision=base_revision, **hub.kwargs())
+    if base is not None:
+        ckpt = Checkpoint.open(base, revision=base_revision, **hub.kwargs())
+    else:
+        ckpt = _open_recorded_base(reader, recorded, base_revision, hub)
     if verify:
         check_base(reader, ckpt)
     check_records_against_base(reader, ckpt)
     return ckpt
+
+
+def _open_recorded_base(reader: DeltaReader, recorded: dict, base_revision: str | None, hub: HubOptions) -> Checkpoint:
+    """The base ``delta_config.json`` records, at its pinned revision. When it cannot be found
+    (a local folder that moved or is on another machine, a Hub repo or revision that is not
+    there or not cached offline), :class:`CheckpointError` says which and suggests ``--base``."""
+    src = getattr(reader, "source", reader.path)
+    name = recorded.get("name_or_path")
+    fix = "pass the base with --base PATH_OR_HUB_ID (Python: base=...)"
+    if not name:
+        raise BaseMismatchError(f"{src}: the delta records no base model (base.name_or_path in {CONFIG_NAME}); {fix}")
+    revision = base_revision if base_revision is not None else recorded.get("revision")
+    if os.path.isabs(name) and not os.path.lexists(name):
+        raise CheckpointError(
+            f"{src}: the base recorded in {CONFIG_NAME} is the local folder {name}, which is not on this machine (it moved, or the "
+            f"delta was made elsewhere); {fix}. Give the delta a Hub base for good with `deltahub set-base DELTA ORG/NAME@REVISION`"
+        )
+    try:
+        path, commit = resolve(name, revision=revision, **hub.kwargs())
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: the base recorded in {CONFIG_NAME} cannot be opened: {e}. If you have that base elsewhere, {fix}") from None
+    return Checkpoint(path, commit, name)
 
 
 def _names(names: list[str], limit: int = 3) -> str:

@@ -295,6 +295,28 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iter
         raise
 
 
+def config_text(cfg: dict, fixed: int) -> str:
+    """The text of ``delta_config.json`` for ``cfg``. If ``cfg["totals"]["dense_bytes"]`` is
+    given, ``totals.stored_bytes`` (``fixed``: the bytes of shards and index, plus the config
+    file itself) and ``totals.ratio`` are filled in, in ``cfg`` too, and the text is exactly
+    as long as that count says (encoded as UTF-8, as ``write_text`` writes it)."""
+    text = dumps_config(cfg)
+    totals = cfg.get("totals")
+    if isinstance(totals, dict) and "dense_bytes" in totals:
+        # The config counts its own size. Raise the guess until the text fits in it, then pad
+        # with spaces (valid JSON whitespace) so the file is exactly that long.
+        dense = totals["dense_bytes"]
+        stored = fixed + len(text.encode())
+        while True:
+            cfg["totals"] = {**totals, "stored_bytes": stored, "ratio": round(stored / dense, 6) if dense else None}
+            text = dumps_config(cfg)
+            if fixed + len(text.encode()) <= stored:
+                text = text[:-1] + " " * (stored - fixed - len(text.encode())) + "\n"
+                break
+            stored = fixed + len(text.encode())
+    return text
+
+
 class DeltaWriter:
     """Write a delta repo tensor by tensor with bounded memory.
 
@@ -414,21 +436,7 @@ class DeltaWriter:
         (self._tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **{k: v for k, v in config.items() if k != "tensors"}}
         cfg["tensors"] = self._records
-        text = dumps_config(cfg)
-        totals = cfg.get("totals")
-        if isinstance(totals, dict) and "dense_bytes" in totals:
-            # The config counts its own size. Raise the guess until the text fits in it, then pad
-            # with spaces (valid JSON whitespace) so the file is exactly that long.
-            fixed = total_size + (self._tmp / INDEX_NAME).stat().st_size
-            dense = totals["dense_bytes"]
-            stored = fixed + len(text.encode())
-            while True:
-                cfg["totals"] = {**totals, "stored_bytes": stored, "ratio": round(stored / dense, 6) if dense else None}
-                text = dumps_config(cfg)
-                if fixed + len(text.encode()) <= stored:
-                    text = text[:-1] + " " * (stored - fixed - len(text.encode())) + "\n"
-                    break
-                stored = fixed + len(text.encode())
+        text = config_text(cfg, total_size + (self._tmp / INDEX_NAME).stat().st_size)
         (self._tmp / CONFIG_NAME).write_text(text)
         if card is not None:
             (self._tmp / "README.md").write_text(card(cfg))
