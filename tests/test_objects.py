@@ -127,7 +127,7 @@ def test_save_pretrained_refuses_files_changed_since_loading(setup, tmp_path):
     assert model.save_pretrained(tmp_path / "out").is_dir()  # the records as loaded again: saved
 
 
-def test_push_to_hub_round_trips_through_from_pretrained(hub, setup):
+def test_push_to_hub_round_trips_through_from_pretrained(hub, setup, tmp_path):
     _, _, _, d_auto, d_dense = setup
     repo = f"tester/objects-{uuid.uuid4().hex[:8]}"
     model = DeltaModel.from_pretrained(d_auto, merge=False, delta_name="a")
@@ -150,6 +150,10 @@ def test_push_to_hub_round_trips_through_from_pretrained(hub, setup):
     x = tokens()
     with torch.no_grad():
         assert torch.equal(back(input_ids=x).logits, DeltaModel.from_pretrained(d_auto, merge=False)(input_ids=x).logits)
+    # Loaded from a Hub snapshot (files are links into the cache's blobs), saved again: the same
+    # repo files (the card is the one push wrote).
+    again = _repo_bytes(back.save_pretrained(tmp_path / "again"))
+    assert {k: v for k, v in again.items() if k != "README.md"} == {k: v for k, v in _repo_bytes(d_auto).items() if k != "README.md"}
 
 
 # ------------------------------------------------------------------ PEFT's names

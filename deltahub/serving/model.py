@@ -592,7 +592,8 @@ class MultiDeltaModel(nn.Module):
         """Push the active delta (or ``delta_name``) to the Hub as a new version of ``repo_id``:
         :meth:`save_pretrained` into a temporary folder, then :func:`deltahub.push` (one commit,
         tagged ``v1``, ``v2``, ... or ``tag``; ``revision`` is the branch; ``commit_message`` the
-        version's message). Returns the :class:`~deltahub.hub.PushResult`.
+        version's message); ``push_kwargs`` are further options of :func:`deltahub.push`.
+        Returns the :class:`~deltahub.hub.PushResult`.
         ``DeltaModel.from_pretrained(repo_id)`` loads it back.
 
         Example::
