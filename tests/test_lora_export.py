@@ -66,14 +66,15 @@ def test_svd_delta_exports_exactly_and_loads_in_peft(arch, pairs, tmp_path):
 
 
 def test_other_methods_export_a_truncated_svd_with_its_error(pairs, tmp_path):
+    # (a sparse delta: dqrelo's low-rank factors are now exported as they are stored, see test_fail_loudly.py)
     base, ft, _ = pairs["llama"]
-    deltahub.compress(base, ft, tmp_path / "d", method="dqrelo", ratio=1 / 4, progress=False)
+    deltahub.compress(base, ft, tmp_path / "d", method="magnitude", ratio=1 / 4, progress=False)
     report = deltahub.export_lora(tmp_path / "d", tmp_path / "lora", progress=False)
-    assert not report.exact and 0 < report.rel_error < 1
-    assert all(0 < m.rel_error < 1 and m.rank >= 1 for m in report.modules)
+    assert not report.exact and 0 < report.rel_error < 1 and all(m.source == "truncated SVD" for m in report.modules)
+    assert all(0 <= m.rel_error < 1 and m.rank >= 1 for m in report.modules)
     # norms are not expressible as LoRA: listed with their share of the delta
     assert {s.name for s in report.skipped} == {n for n in deltahub.DeltaReader(tmp_path / "d").records if n.endswith("norm.weight")}
-    assert 0 < report.skipped_share < 0.05 and abs(sum(s.share for s in report.skipped) - report.skipped_share) < 1e-9
+    assert 0 < report.skipped_share < 0.1 and abs(sum(s.share for s in report.skipped) - report.skipped_share) < 1e-9
     # the default rank spends about the record's bytes: the adapter is no bigger than the delta
     assert report.adapter_bytes <= 1.5 * report.delta_bytes
     peft_model = peft.PeftModel.from_pretrained(load(base, "llama").float(), tmp_path / "lora")
