@@ -23,15 +23,17 @@ from model_pairs import build, load, make_pair, save, tokens
 # Tiny tensors: extra threads only add contention on a shared 2-core machine.
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
+# Targets every method meets on these tiny models: the index and config are a large share of
+# their repos, and a target is a whole-repo promise (compress refuses one it cannot keep).
 METHODS = {
-    "auto": 1 / 4,
+    "auto": 1 / 2,
     "bitdelta": None,
-    "dqrelo": 1 / 4,
-    "svd": 1 / 4,
-    "deltacome": 1 / 4,
-    "deltadq": 1 / 4,
-    "dare": 1 / 4,
-    "magnitude": 1 / 4,
+    "dqrelo": 1 / 2,
+    "svd": 1 / 2,
+    "deltacome": 1 / 2,
+    "deltadq": 3 / 4,
+    "dare": 1 / 2,
+    "magnitude": 1 / 2,
     "lossless": None,
 }
 
@@ -130,7 +132,7 @@ def test_architectures(arch, pairs, tmp_path):
     bias, fused MoE experts and routers (generic modules)."""
     base, ft = pairs[arch]
     name = arch.removesuffix("_fused")
-    deltahub.compress(base, ft, tmp_path / "d", method="dqrelo", ratio=1 / 4, progress=False)
+    deltahub.compress(base, ft, tmp_path / "d", method="dqrelo", ratio=1 / 2, progress=False)
     merged = DeltaModel.from_pretrained(tmp_path / "d")
     model = DeltaModel.from_pretrained(tmp_path / "d", merge=False)
     x = tokens()
@@ -353,11 +355,11 @@ def test_delta_for_another_base_is_refused(pairs, llama_deltas, tmp_path):
 
 def test_unplaceable_tensors_are_refused_with_the_fix(pairs, tmp_path):
     base, ft = pairs["qwen3_moe"]  # per-expert checkpoint keys, fused by transformers on load
-    deltahub.compress(base, ft, tmp_path / "moe", method="dqrelo", ratio=1 / 4, progress=False)
+    deltahub.compress(base, ft, tmp_path / "moe", method="dqrelo", ratio=1 / 2, progress=False)
     with pytest.raises(ServingError, match=r"not parameters of the wrapped Qwen3MoeForCausalLM.*DeltaModel.from_pretrained\(delta\)"):
         DeltaModel.from_pretrained(tmp_path / "moe", merge=False)
     grown_base, grown_ft = make_pair("llama", tmp_path / "grown", grow_vocab=8)
-    deltahub.compress(grown_base, grown_ft, tmp_path / "grown-d", method="dqrelo", ratio=1 / 4, progress=False)
+    deltahub.compress(grown_base, grown_ft, tmp_path / "grown-d", method="dqrelo", ratio=1 / 2, progress=False)
     model = DeltaModel.from_base(load(grown_base, "llama"))
     with pytest.raises(ServingError, match=r"changes the shape of '(model.embed_tokens|lm_head).weight'.*resized vocabulary"):
         model.load_delta(tmp_path / "grown-d", verify_base=False)
