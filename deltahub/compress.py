@@ -141,8 +141,9 @@ def compress(
     ``base`` and ``finetuned`` are local folders or Hub repo ids (a PEFT adapter folder is
     refused: merge it into its base first). ``finetuned`` may also be an in-memory model or a
     state dict (:mod:`deltahub.memory`): read tensor by tensor, no copy of the model, giving
-    the delta its ``save_pretrained`` folder would give (``finetuned.name_or_path`` is null). Tensors of one dimension are stored dense; ``rules``
-    (``"PATTERN=METHOD[:k=v,...]"``) override the method by name.
+    the delta its ``save_pretrained`` folder would give (``finetuned.name_or_path`` is null).
+    Tensors of one dimension are stored dense; ``rules`` (``"PATTERN=METHOD[:k=v,...]"``)
+    override the method by name.
 
     ``ratio`` is a target for the whole repo: its stored bytes (shards, index, config) never
     exceed ``ratio`` times the dense delta's bytes. A target the method cannot reach on this
