@@ -4,8 +4,13 @@ A small Llama-style base is trained on the opening of *Sense and Sensibility* an
 the opening of *Pride and Prejudice* (texts shipped in ``deltahub/data``, public domain). The
 fine-tune is compressed with every method; each delta is scored by its honest ratio, the
 relative error of the whole delta, the performance retention PR on held-out Austen text, and
-its compress time. Then the default delta is loaded with ``DeltaModel.from_pretrained`` and
-generates a line.
+its compress time. Then the default delta is loaded with ``DeltaModel.from_pretrained`` and, from
+one line of *Pride and Prejudice*, the base and base + delta each continue it greedily and give
+the probability of the line's next words: the fine-tune's effect, visible against the base's.
+
+``str(result)`` (or :meth:`DemoResult.notes` and :meth:`DemoResult.comparison`) explains what a
+newcomer needs to read the table: PR, its values above 1 or below 0, and the natural-size rows.
+Third-party progress bars are silenced for the whole run (:func:`deltahub.progress.quiet_third_party`).
 """
 
 from __future__ import annotations
@@ -26,9 +31,16 @@ from .errors import InfeasibleRatioError
 from .evaluate import default_text, mean_nll
 from .methods import list_methods
 from .model import DeltaModel
+from .progress import quiet_third_party
 
 DATA = Path(__file__).parent / "data"
 NATURAL_SIZE = ("bitdelta", "lossless", "dense")
+# A line the fine-tune read (its opening lines, in its training text) and the base never did (its
+# text is Sense and Sensibility, with Dashwoods and no Bennets): the base and base + delta
+# continue PROMPT, and the probability each gives CONTINUATION shows what the delta carries.
+PROMPT = '"My dear Mr.'
+CONTINUATION = " Bennet,\" said his lady"
+SAMPLE_TOKENS = 16
 
 
 @dataclass
@@ -49,6 +61,53 @@ class DemoResult:
     sample: str
     work_dir: Path
     sampled_from: str = "auto"  # the method of the delta that generated ``sample``
+    prompt: str = PROMPT
+    sample_base: str = ""  # the base's greedy continuation of ``prompt``
+    sample_delta: str = ""  # base + delta's (``sample`` is ``prompt`` followed by it)
+    continuation: str = CONTINUATION
+    p_base: float = math.nan  # probability of ``continuation`` after ``prompt``, by the base
+    p_delta: float = math.nan  # ... and by base + delta
+
+    @property
+    def gain(self) -> float:
+        """What fine-tuning gained on the held-out text, in nats per token (PR's denominator)."""
+        return self.nll_base - self.nll_finetuned
+
+    def notes(self) -> list[str]:
+        """Footnotes for the table: what PR means, why it can leave [0, 1], the natural-size rows."""
+        gain = self.gain
+        out = [
+            f"PR (performance retention) = (NLL base - NLL base+delta) / (NLL base - NLL fine-tune), on held-out Austen text: "
+            f"the share of the fine-tune's gain ({gain:.3f} nats/token here) that base + delta keeps. 1 keeps all of it, 0 none.",
+        ]
+        if gain > 0:
+            out.append(f"The gain is small, so PR is sensitive: a delta whose error costs 0.01 nats/token moves PR by {0.01 / gain:.2f}. "
+                       "PR above 1: base + delta scores better than the fine-tune itself; below 0: worse than the base, "
+                       "the compression error costing more than fine-tuning gained.")
+        low = [r for r in self.rows if r.retention == r.retention and r.retention < 0]
+        if low:
+            out.append("Below 0 here: " + ", ".join(f"{r.method} ({r.retention:.1f})" for r in low)
+                       + ": at this ratio these methods drop or round too much of this small delta.")
+        natural = [r.method for r in self.rows if r.note == "natural size"]
+        if natural:
+            out.append(f"natural size ({', '.join(natural)}): methods with no target ratio; their row shows the size they reach by "
+                       "construction (bitdelta: one sign bit per weight and a scale; lossless: exact).")
+        return out
+
+    def comparison(self) -> list[str]:
+        """The fine-tune's effect against the base's, on one line of Pride and Prejudice."""
+        return [
+            f"From {self.prompt!r}, greedy, {SAMPLE_TOKENS} tokens (the fine-tune read Pride and Prejudice, the base did not):",
+            f"  base:          {self.prompt}{self.sample_base}",
+            f"  base + delta:  {self.prompt}{self.sample_delta}    (DeltaModel, {self.sampled_from} delta)",
+            f"Probability of {self.continuation!r} next: base {self.p_base:.2e}, base + delta {self.p_delta:.2e}.",
+        ]
+
+    def __str__(self) -> str:
+        head = f"NLL per token on held-out Austen text: base {self.nll_base:.3f}, fine-tune {self.nll_finetuned:.3f}"
+        cols = f"{'method':10s} {'ratio':>7s} {'rel.err':>8s} {'PR':>8s} {'seconds':>8s}  note"
+        rows = [f"{r.method:10s} {r.ratio:7.4f} {r.rel_error:8.4f} {r.retention:8.3f} {r.compress_s:8.2f}  {r.note}" for r in self.rows]
+        return "\n".join([head, cols, *rows, "", *self.notes(), "", *self.comparison()])
 
 
 def _tokenizer(texts: list[str], vocab: int = 512):
@@ -115,9 +174,14 @@ def run_demo(
     """Build the pair, compress with every method, score each, load the default delta and generate.
 
     >>> r = run_demo(base_steps=4, finetune_steps=2, eval_tokens=64, methods=["dqrelo", "bitdelta"], progress=False)
-    >>> [row.method for row in r.rows], r.sample != ""
-    (['dqrelo', 'bitdelta'], True)
+    >>> [row.method for row in r.rows], r.sample != "", 0 < r.p_base < 1
+    (['dqrelo', 'bitdelta'], True, True)
     """
+    with quiet_third_party():  # transformers' "Loading weights" bars for every model load: deltahub's bars only
+        return _demo(ratio, work_dir, base_steps, finetune_steps, eval_tokens, methods, progress)
+
+
+def _demo(ratio, work_dir, base_steps, finetune_steps, eval_tokens, methods, progress) -> DemoResult:
     import transformers
 
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="deltahub-demo-"))
@@ -146,13 +210,33 @@ def run_demo(
         total_err = _total_error(result)
         note = "natural size" if r is None else (f"{len(result.fallbacks)} small tensors dense" if result.fallbacks else "")
         rows.append(DemoRow(method, result.ratio, total_err, pr, seconds, note))
-    default = "auto" if (work / "delta-auto").exists() else rows[0].method
-    model = DeltaModel.from_pretrained(work / f"delta-{default}")
-    prompt = tok("It is a truth universally acknowledged", return_tensors="pt")
-    torch.manual_seed(0)  # sampled (greedy decoding of so small a model repeats itself), but repeatable
-    out = model.generate(**prompt, max_new_tokens=32, do_sample=True, top_k=20, temperature=0.8, repetition_penalty=1.3, pad_token_id=tok.eos_token_id)
-    sample = " ".join(tok.decode(out[0], skip_special_tokens=True).split())
-    return DemoResult(rows, nll["base"], nll["finetuned"], sample, work, default)
+    default = "auto" if (work / "delta-auto").exists() else next((r.method for r in rows if r.ratio == r.ratio), None)
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    delta_model = DeltaModel.from_pretrained(work / f"delta-{default}") if default else base_model
+    said = {label: continue_greedily(m, tok) for label, m in (("base", base_model), ("delta", delta_model))}
+    p = {label: continuation_probability(m, tok) for label, m in (("base", base_model), ("delta", delta_model))}
+    return DemoResult(rows, nll["base"], nll["finetuned"], PROMPT + said["delta"], work, default or "none",
+                      sample_base=said["base"], sample_delta=said["delta"], p_base=p["base"], p_delta=p["delta"])
+
+
+@torch.no_grad()
+def continue_greedily(model, tok, prompt: str = PROMPT, tokens: int = SAMPLE_TOKENS) -> str:
+    """The model's greedy continuation of ``prompt`` (deterministic: no sampling), on one line."""
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+    text = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+    return " ".join(text.split()) if not text[:1].isspace() else " " + " ".join(text.split())
+
+
+@torch.no_grad()
+def continuation_probability(model, tok, prompt: str = PROMPT, continuation: str = CONTINUATION) -> float:
+    """P(continuation | prompt): the product of the model's next-token probabilities over the
+    continuation's tokens (tokenized after the prompt, as the model would read them)."""
+    n = tok(prompt, return_tensors="pt").input_ids.shape[1]
+    ids = tok(prompt + continuation, return_tensors="pt").input_ids
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    targets = ids[0, 1:]
+    return float(torch.exp(logp[n - 1 :].gather(1, targets[n - 1 :, None]).sum()))
 
 
 def _total_error(result) -> float:

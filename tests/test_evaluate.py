@@ -86,3 +86,23 @@ def test_without_the_finetune_the_base_is_still_checked(pair):
         deltahub.evaluate(work / "chk", base=ft, text="a few words " * 20, max_tokens=50, progress=False)
     with pytest.raises(ValueError, match="nothing to measure"):
         deltahub.evaluate(work / "chk", with_text=False, progress=False)
+
+
+def test_eval_cli_without_finetuned(pair, tmp_path):
+    """`deltahub eval DELTA` in a real process, output piped: base against base + delta, no PR."""
+    import subprocess
+    import sys
+
+    base, ft, work = pair
+    deltahub.compress(base, ft, tmp_path / "d", method="svd", ratio=1 / 8, progress=False)
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. " * 4)
+    cmd = [sys.executable, "-m", "deltahub", "eval", str(tmp_path / "d"), "--text", str(text), "--max-tokens", "100"]
+    r = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["finetuned"] is None and data["total_rel_error"] is None and data["text"]["retention"] is None
+    assert data["text"]["nll_finetuned"] is None and data["text"]["nll_base"] > 0 and data["text"]["nll_delta"] > 0
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "not measured" in r.stdout and "base + delta" in r.stdout and "retention PR" not in r.stdout

@@ -152,3 +152,63 @@ def test_methods_plot_marks_points_off_the_scale():
     offsets = sorted(t.xyann[1] for t in ax.texts)
     assert offsets[0] != offsets[1]  # stacked, not written over each other
     plt.close(fig)
+
+
+def _tiny_model_and_tokenizer():
+    """The demo's tokenizer and an untrained small Llama (seeded): real model code, no training."""
+    import torch
+    import transformers
+
+    from deltahub.demo import DATA, _tokenizer
+
+    tok = _tokenizer([(DATA / "austen_finetune_excerpt.txt").read_text()[:20000]])
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=128, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval(), tok
+
+
+def test_demo_continuation_probability_is_the_product_of_next_token_probabilities():
+    import torch
+
+    from deltahub.demo import CONTINUATION, PROMPT, continuation_probability, continue_greedily
+
+    model, tok = _tiny_model_and_tokenizer()
+    prompt_ids = tok(PROMPT).input_ids
+    full = tok(PROMPT + CONTINUATION).input_ids
+    assert full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids) + 1  # the prompt's tokens are a prefix
+    expected = 1.0
+    with torch.no_grad():
+        for k in range(len(prompt_ids), len(full)):  # one forward pass per token, the slow way
+            probs = torch.softmax(model(input_ids=torch.tensor([full[:k]])).logits[0, -1].float(), dim=-1)
+            expected *= float(probs[full[k]])
+    assert continuation_probability(model, tok) == pytest.approx(expected, rel=1e-4)
+
+    said = continue_greedily(model, tok, tokens=4)
+    assert said == continue_greedily(model, tok, tokens=4)  # greedy: the same every time
+    with torch.no_grad():
+        first = int(model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].argmax())
+    assert said.strip().startswith(tok.decode([first]).strip()) and "\n" not in said
+
+
+def test_demo_explains_pr_its_range_and_the_natural_size_rows(tmp_path):
+    """The footnotes a newcomer needs, computed from the result: PR, PR outside [0, 1] (which
+    methods, here), natural-size rows; the comparison shows both models on the same prompt."""
+    from deltahub.demo import DemoResult, DemoRow
+
+    rows = [
+        DemoRow("auto", 0.124, 0.2, 0.99, 1.0), DemoRow("dare", 0.125, 2.6, -6.2, 1.0), DemoRow("deltadq", 0.12, 3.4, -2.2, 1.0),
+        DemoRow("bitdelta", 0.063, 0.6, 0.7, 1.0, "natural size"), DemoRow("lossless", 0.4, 0.0, 1.0, 1.0, "natural size"),
+    ]
+    r = DemoResult(rows, 3.60, 3.55, '"My dear Mr. Bennet,"', tmp_path, "auto", sample_base=" Dashwood was", sample_delta=" Bennet,\" said",
+                   p_base=1e-6, p_delta=0.2)
+    notes = "\n".join(r.notes())
+    assert "share of the fine-tune's gain (0.050 nats/token here)" in notes
+    assert "moves PR by 0.20" in notes and "PR above 1" in notes and "below 0" in notes
+    assert "dare (-6.2), deltadq (-2.2)" in notes and "auto (" not in notes
+    assert "natural size (bitdelta, lossless)" in notes and "no target ratio" in notes
+    comparison = "\n".join(r.comparison())
+    assert '  base:          "My dear Mr. Dashwood was' in comparison
+    assert '  base + delta:  "My dear Mr. Bennet," said' in comparison and "1.00e-06" in comparison and "2.00e-01" in comparison
+    text = str(r)
+    assert text.index("dare") < text.index("PR (performance retention)") < text.index("base + delta:")
