@@ -230,10 +230,14 @@ class SetBaseResult:
     base: BaseId
     stored_bytes: int | None
     ratio: float | None
+    # Set when the longer config takes the repo past its method.ratio target (a few bytes on a
+    # tiny delta): the figures stay honest, the caller is told.
+    note: str = ""
 
     def __str__(self) -> str:
         checked = "checked against the Hub" if self.base.checked else "NOT checked against the Hub"
-        return f"{self.path}: base recorded as {self.base} ({checked}); delta_config.json and README.md rewritten" + (f"; {self.base.note}" if self.base.note else "")
+        notes = "".join(f"; {n}" for n in (self.base.note, self.note) if n)
+        return f"{self.path}: base recorded as {self.base} ({checked}); delta_config.json and README.md rewritten" + notes
 
 
 def set_base_id(
@@ -273,7 +277,17 @@ def set_base_id(
     _replace(path, CONFIG_NAME, text.encode())
     _replace(path, CARD_NAME, render_card(cfg).encode())
     totals = cfg.get("totals") if isinstance(cfg.get("totals"), dict) else {}
-    return SetBaseResult(path, bid, totals.get("stored_bytes"), totals.get("ratio"))
+    return SetBaseResult(path, bid, totals.get("stored_bytes"), totals.get("ratio"), _over_target(cfg))
+
+
+def _over_target(cfg: Mapping) -> str:
+    """A note if ``totals.ratio`` now exceeds the ``method.ratio`` the delta was made for."""
+    method = cfg.get("method") if isinstance(cfg.get("method"), Mapping) else {}
+    totals = cfg.get("totals") if isinstance(cfg.get("totals"), Mapping) else {}
+    target, ratio = method.get("ratio"), totals.get("ratio")
+    if isinstance(target, (int, float)) and isinstance(ratio, (int, float)) and ratio > target:
+        return f"the repo now stores {ratio:.6f} of the dense delta, above its target {target:g} (the config grew by the base id)"
+    return ""
 
 
 def _replace(folder: Path, name: str, data: bytes) -> None:
