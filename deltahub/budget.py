@@ -120,7 +120,11 @@ class ModelBudget:
 
 
 def _water_level(room: int, items: list[tuple[int, int]]) -> float:
-    """The largest r with sum(max(r * dense, floor)) <= room (0 when even the floors do not fit)."""
+    """The largest r with sum(max(r * dense, floor)) <= room (0 when even the floors do not fit).
+
+    >>> _water_level(100, [(100, 10), (100, 60)])  # the second stays at its floor: 40 / 100
+    0.4
+    """
     if not items:
         return 0.0
     # Above a tensor's breakpoint floor/dense it costs r * dense; below, its floor.
@@ -205,13 +209,21 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 def fraction(r: float) -> str:
-    """``1/16 = 0.0625`` for a ratio that is one over an integer, else ``0.07``."""
+    """``1/16 = 0.0625`` for a ratio that is one over an integer, else the ratio.
+
+    >>> fraction(1 / 16), fraction(0.07)
+    ('1/16 = 0.0625', '0.07')
+    """
     inv = 1 / r if r else math.inf
     return f"1/{round(inv)} = {r:.4g}" if math.isfinite(inv) and abs(inv - round(inv)) < 1e-9 * inv else f"{r:.4g}"
 
 
 def round_up(r: float) -> str:
-    """A ratio rounded up to 4 significant digits, as one would type it after ``--ratio``."""
+    """A ratio rounded up to 4 significant digits, as one would type it after ``--ratio``.
+
+    >>> round_up(0.063412), round_up(0.0634)
+    ('0.06342', '0.06340')
+    """
     digits = 4 - 1 - math.floor(math.log10(r)) if r > 0 else 4
     return f"{math.ceil(r * 10 ** digits - 1e-9) / 10 ** digits:.{max(digits, 0)}f}"
 
