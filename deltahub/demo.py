@@ -35,12 +35,14 @@ from .progress import quiet_third_party
 
 DATA = Path(__file__).parent / "data"
 NATURAL_SIZE = ("bitdelta", "lossless", "dense")
-# A line the fine-tune read (its opening lines, in its training text) and the base never did (its
-# text is Sense and Sensibility, with Dashwoods and no Bennets): the base and base + delta
-# continue PROMPT, and the probability each gives CONTINUATION shows what the delta carries.
+# Words the fine-tune read many times (Pride and Prejudice's "My dear Mr. Bennet") and the base
+# never did (its text is Sense and Sensibility: Dashwoods, no Bennets). The base and base + delta
+# continue PROMPT, and the probability each gives CONTINUATION next shows what the delta carries:
+# on the default run about 1e-7 against 0.06. Whole sentences are beyond models this small.
 PROMPT = '"My dear Mr.'
-CONTINUATION = " Bennet,\" said his lady"
-SAMPLE_TOKENS = 16
+CONTINUATION = " Bennet"
+SAMPLE_TOKENS = 8
+REPETITION_PENALTY = 1.3  # greedy decoding of so small a model otherwise repeats one word
 
 
 @dataclass
@@ -97,10 +99,11 @@ class DemoResult:
     def comparison(self) -> list[str]:
         """The fine-tune's effect against the base's, on one line of Pride and Prejudice."""
         return [
-            f"From {self.prompt!r}, greedy, {SAMPLE_TOKENS} tokens (the fine-tune read Pride and Prejudice, the base did not):",
+            f"The fine-tune read Pride and Prejudice, the base did not. From {self.prompt!r}, greedy, {SAMPLE_TOKENS} tokens:",
             f"  base:          {self.prompt}{self.sample_base}",
             f"  base + delta:  {self.prompt}{self.sample_delta}    (DeltaModel, {self.sampled_from} delta)",
-            f"Probability of {self.continuation!r} next: base {self.p_base:.2e}, base + delta {self.p_delta:.2e}.",
+            f"Probability of {self.continuation!r} next: base {self.p_base:.1e}, base + delta {self.p_delta:.1e}"
+            + (f" ({self.p_delta / self.p_base:,.0f} times the base's)." if self.p_base > 0 and self.p_delta >= self.p_base else "."),
         ]
 
     def __str__(self) -> str:
@@ -221,9 +224,10 @@ def _demo(ratio, work_dir, base_steps, finetune_steps, eval_tokens, methods, pro
 
 @torch.no_grad()
 def continue_greedily(model, tok, prompt: str = PROMPT, tokens: int = SAMPLE_TOKENS) -> str:
-    """The model's greedy continuation of ``prompt`` (deterministic: no sampling), on one line."""
+    """The model's greedy continuation of ``prompt`` (deterministic: no sampling; the logits of
+    tokens already seen are damped by ``REPETITION_PENALTY``), on one line."""
     ids = tok(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+    out = model.generate(**ids, max_new_tokens=tokens, do_sample=False, repetition_penalty=REPETITION_PENALTY, pad_token_id=tok.eos_token_id)
     text = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
     return " ".join(text.split()) if not text[:1].isspace() else " " + " ".join(text.split())
 

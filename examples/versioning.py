@@ -5,6 +5,7 @@ Against the real Hub (after `hf auth login`):
 
 Offline, against the local Hub test double that deltahub's tests use:
     python examples/versioning.py --local-hub
+(or start it yourself with `python -m tests.hub_server`, export what it prints, and pass --repo user/NAME)
 """
 
 from __future__ import annotations
@@ -53,18 +54,20 @@ def main() -> None:
             opt.step()
             opt.zero_grad()
 
+    # The base here is made on the spot, so it has no Hub id: push says so and refuses unless
+    # allow_local_base=True. With a base from the Hub (or compress(..., base_id="org/name")), drop it.
     # v1: a first fine-tune
     train(10)
     model.to(torch.bfloat16).save_pretrained(work / "ft-v1")
     model.float()
     deltahub.compress(work / "base", work / "ft-v1", work / "delta-v1", ratio=1 / 8, progress=False)
-    print(deltahub.push(work / "delta-v1", args.repo, message="v1: 10 steps"))
+    print(deltahub.push(work / "delta-v1", args.repo, message="v1: 10 steps", allow_local_base=True))
 
     # v2: the same run, trained further
     train(10)
     model.to(torch.bfloat16).save_pretrained(work / "ft-v2")
     deltahub.compress(work / "base", work / "ft-v2", work / "delta-v2", ratio=1 / 8, progress=False)
-    print(deltahub.push(work / "delta-v2", args.repo, message="v2: 20 steps"))
+    print(deltahub.push(work / "delta-v2", args.repo, message="v2: 20 steps", allow_local_base=True))
 
     hist = deltahub.history(args.repo)
     for v in hist.versions:

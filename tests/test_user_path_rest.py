@@ -171,12 +171,12 @@ def _tiny_model_and_tokenizer():
 def test_demo_continuation_probability_is_the_product_of_next_token_probabilities():
     import torch
 
-    from deltahub.demo import CONTINUATION, PROMPT, continuation_probability, continue_greedily
+    from deltahub.demo import CONTINUATION, PROMPT, REPETITION_PENALTY, continuation_probability, continue_greedily
 
     model, tok = _tiny_model_and_tokenizer()
     prompt_ids = tok(PROMPT).input_ids
     full = tok(PROMPT + CONTINUATION).input_ids
-    assert full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids) + 1  # the prompt's tokens are a prefix
+    assert full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids)  # the prompt's tokens are a prefix
     expected = 1.0
     with torch.no_grad():
         for k in range(len(prompt_ids), len(full)):  # one forward pass per token, the slow way
@@ -187,7 +187,10 @@ def test_demo_continuation_probability_is_the_product_of_next_token_probabilitie
     said = continue_greedily(model, tok, tokens=4)
     assert said == continue_greedily(model, tok, tokens=4)  # greedy: the same every time
     with torch.no_grad():
-        first = int(model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].argmax())
+        logits = model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].float()
+    seen = torch.tensor(sorted(set(prompt_ids)))
+    logits[seen] = torch.where(logits[seen] > 0, logits[seen] / REPETITION_PENALTY, logits[seen] * REPETITION_PENALTY)
+    first = int(logits.argmax())
     assert said.strip().startswith(tok.decode([first]).strip()) and "\n" not in said
 
 
@@ -209,6 +212,6 @@ def test_demo_explains_pr_its_range_and_the_natural_size_rows(tmp_path):
     assert "natural size (bitdelta, lossless)" in notes and "no target ratio" in notes
     comparison = "\n".join(r.comparison())
     assert '  base:          "My dear Mr. Dashwood was' in comparison
-    assert '  base + delta:  "My dear Mr. Bennet," said' in comparison and "1.00e-06" in comparison and "2.00e-01" in comparison
+    assert '  base + delta:  "My dear Mr. Bennet," said' in comparison and "base 1.0e-06, base + delta 2.0e-01 (200,000 times the base's)" in comparison
     text = str(r)
     assert text.index("dare") < text.index("PR (performance retention)") < text.index("base + delta:")
