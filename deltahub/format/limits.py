@@ -31,6 +31,9 @@ MAX_CONFIG_BYTES = 256 << 20
 MAX_INDEX_BYTES = 256 << 20
 # finetuned_config.json, generation_config.json and other small JSON files deltahub parses.
 MAX_SMALL_JSON_BYTES = 16 << 20
+# Other files a delta repo carries and deltahub copies without parsing (tokenizer files, the
+# card): a tokenizer.json of a 262k-token vocabulary is about 33 MB.
+MAX_REPO_FILE_BYTES = 256 << 20
 # Nesting of any JSON deltahub parses: records are 5 levels deep, model configs rarely 6.
 MAX_JSON_DEPTH = 64
 # Dimensions of a tensor, and elements of one tensor (2^36 = 64G elements: 8x the largest
@@ -65,12 +68,19 @@ def loads_json(data: bytes | str, where: str, *, max_bytes: int = MAX_SMALL_JSON
     raw = data.encode() if isinstance(data, str) else bytes(data)
     if len(raw) > max_bytes:
         raise FormatError(f"{where} holds {len(raw)} bytes, more than the {max_bytes} deltahub reads; the file is corrupted or hostile")
+    # UTF-8 only (the spec's encoding). json.loads(bytes) would also take UTF-16 and UTF-32, whose
+    # code units may hold a 0x22 byte that the scan below would read as a quote; in UTF-8 no byte
+    # of a multi-byte character is ASCII, so the byte scan sees exactly the JSON's structure.
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}); the file is corrupted or hostile") from None
     depth = json_depth(raw)
     if depth > max_depth:
         raise FormatError(f"{where}: JSON nested {depth} deep, deeper than the {max_depth} levels deltahub reads; the file is corrupted or hostile")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
         raise FormatError(f"{where} is not valid JSON ({e}); the file is truncated or corrupted") from None
 
 
@@ -92,14 +102,20 @@ def read_json(path: str | os.PathLike, where: str | None = None, *, max_bytes: i
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 
+_CACHE_REPO = re.compile(r"^(models|datasets|spaces)--.+")
+
+
 def roots_of(folder: str | os.PathLike) -> list[Path]:
     """The folders a repo's files may resolve into: the folder itself and, for a snapshot in a
-    Hugging Face cache (``.../snapshots/<commit>``), whose files are links into the cached repo's
-    ``blobs/``, that folder too."""
-    folder = Path(folder)
-    roots = [Path(os.path.realpath(folder))]
-    if folder.parent.name == "snapshots":
-        roots.append(Path(os.path.realpath(folder.parent.parent / "blobs")))
+    Hugging Face cache (``.../models--ORG--NAME/snapshots/<commit>``), whose files are links into
+    the cached repo's ``blobs/``, that folder too. ``blobs`` counts only as the real folder beside
+    the real ``snapshots`` folder of a cache repo, never through a link: a folder laid out like a
+    snapshot whose ``blobs`` is a link to ``/`` would otherwise open the whole disk."""
+    real = Path(os.path.realpath(folder))
+    roots = [real]
+    blobs = real.parent.parent / "blobs"
+    if real.parent.name == "snapshots" and _CACHE_REPO.match(real.parent.parent.name) and blobs.is_dir() and not blobs.is_symlink():
+        roots.append(blobs)
     return roots
 
 

@@ -46,7 +46,8 @@ from ..card import human_bytes
 from ..errors import FormatError, InvalidTensorError
 from ..format import DeltaReader
 from ..format.config import CONFIG_NAME, INDEX_NAME, SHARD_NAME, is_repo_file
-from ..format.limits import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, MAX_SMALL_JSON_BYTES, confined_file, loads_json
+from ..format.config import FINETUNED_CONFIG_NAME, GENERATION_CONFIG_NAME
+from ..format.limits import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, MAX_REPO_FILE_BYTES, MAX_SMALL_JSON_BYTES, confined_file, loads_json
 from ..format.repo import atomic_dir
 from ..sources import HubOptions, all_finite, check_finite, check_layer_counts, count_blocks, open_delta, open_pair
 from .base_check import check_model_base
@@ -155,7 +156,9 @@ def _refuse_peft_folder(delta: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------------------- saving a delta
 
-_JSON_BOUNDS = {CONFIG_NAME: MAX_CONFIG_BYTES, INDEX_NAME: MAX_INDEX_BYTES}
+# The files whose content must equal what was loaded, and the bound of each file read.
+_LOADED = {CONFIG_NAME: MAX_CONFIG_BYTES, INDEX_NAME: MAX_INDEX_BYTES}
+_BOUNDS = {**_LOADED, FINETUNED_CONFIG_NAME: MAX_SMALL_JSON_BYTES, GENERATION_CONFIG_NAME: MAX_SMALL_JSON_BYTES}
 
 
 def copy_delta_repo(loaded: LoadedDelta, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -178,33 +181,36 @@ def copy_delta_repo(loaded: LoadedDelta, out: str | os.PathLike, overwrite: bool
     with atomic_dir(out, overwrite, inputs=(src,)) as tmp:
         for name in names:
             path = confined_file(src, name, f"{where}: {name}")
-            if SHARD_NAME.match(name):
-                _copy_shard(path, tmp / name, checksums.get(name), f"{where}: {name}")
+            if name in _LOADED:
+                _copy_as_loaded(path, tmp / name, name, reader, f"{where}: {name}")
             else:
-                _copy_small(path, tmp / name, name, reader, f"{where}: {name}")
+                bound = None if SHARD_NAME.match(name) else _BOUNDS.get(name, MAX_REPO_FILE_BYTES)
+                _copy_checked(path, tmp / name, bound, checksums.get(name), f"{where}: {name}")
     return Path(out)
 
 
-def _copy_shard(path: Path, dest: Path, sha256: str | None, where: str) -> None:
-    """Copy a shard, hashing it on the way; a shard that no longer matches the index loaded is refused."""
-    digest = hashlib.sha256()
+def _copy_checked(path: Path, dest: Path, bound: int | None, sha256: str | None, where: str) -> None:
+    """Copy a file in chunks: at most ``bound`` bytes (a shard's bound is its hash), and a shard
+    that no longer has the SHA-256 of the index loaded is refused."""
+    digest, size = hashlib.sha256(), 0
     with open(path, "rb") as fin, open(dest, "wb") as fout:
         while chunk := fin.read(1 << 22):
+            size += len(chunk)
+            if bound is not None and size > bound:
+                raise FormatError(f"{where} holds more than the {bound} bytes deltahub copies; the delta is corrupted or hostile")
             digest.update(chunk)
             fout.write(chunk)
     if sha256 is not None and digest.hexdigest() != sha256:
         raise FormatError(f"{where} changed since the delta was loaded (its SHA-256 is not the one {INDEX_NAME} records); load the delta again and save it then")
 
 
-def _copy_small(path: Path, dest: Path, name: str, reader: DeltaReader, where: str) -> None:
-    """Copy a config, index, tokenizer file or card, read within its bound; the config and the
-    index must equal what was loaded (the records this model serves)."""
-    bound = _JSON_BOUNDS.get(name, MAX_SMALL_JSON_BYTES)
+def _copy_as_loaded(path: Path, dest: Path, name: str, reader: DeltaReader, where: str) -> None:
+    """Copy the config or the index, read within its bound, after checking that it equals what
+    was loaded (the records this model serves)."""
+    bound = _LOADED[name]
     with open(path, "rb") as f:
         data = f.read(bound + 1)
-    if len(data) > bound:
-        raise FormatError(f"{where} holds more than the {bound} bytes deltahub reads; the delta is corrupted or hostile")
-    if name in _JSON_BOUNDS and loads_json(data, where, max_bytes=bound) != (reader.config if name == CONFIG_NAME else reader.index):
+    if loads_json(data, where, max_bytes=bound) != (reader.config if name == CONFIG_NAME else reader.index):
         raise FormatError(f"{where} changed since the delta was loaded, so it no longer describes the records this model serves; load the delta again and save it then")
     dest.write_bytes(data)
 
