@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from conftest import model_pair, write_delta
 from deltahub import DeltaReader, DeltahubError, FormatError, encode_tensor, info, verify
 from deltahub.format import CONFIG_NAME, INDEX_NAME
+from deltahub.format.limits import confined_file
 from deltahub.format.records import validate_record
 from deltahub.format.safetensors_stream import MappedSafetensors
 
@@ -177,6 +178,47 @@ def test_a_link_inside_the_repo_is_followed(repo):
     (path / shard).unlink()
     (path / shard).symlink_to(path / "blob")
     assert verify(path).ok
+
+
+def test_a_snapshot_whose_blobs_is_a_link_opens_nothing_outside(repo, tmp_path):
+    """A folder laid out like a Hugging Face cache snapshot (as a tarball or a git repo can carry
+    it) with ``blobs`` a link to ``/``: its files are links like a real snapshot's, but ``blobs``
+    is not the cache's folder, so a link through it leads outside."""
+    path, _ = repo
+    secret = tmp_path / "secret.txt"
+    secret.write_text("token")
+    for cache_repo in ("looks-like-a-cache", "models--org--name"):
+        snapshot = tmp_path / cache_repo / "snapshots" / "0123"
+        snapshot.parent.mkdir(parents=True)
+        os.system(f"cp -r '{path}' '{snapshot}'")
+        (tmp_path / cache_repo / "blobs").symlink_to("/")
+        (snapshot / "tokenizer.json").symlink_to(secret)
+        with pytest.raises(FormatError, match="leads outside the delta repo"):
+            confined_file(snapshot, "tokenizer.json", "the delta")
+    # A real cache layout (blobs a folder beside snapshots) still reads its blobs.
+    real = tmp_path / "models--org--real"
+    (real / "blobs").mkdir(parents=True)
+    (real / "blobs" / "abc").write_text("{}")
+    (real / "snapshots" / "0123").mkdir(parents=True)
+    (real / "snapshots" / "0123" / "tokenizer.json").symlink_to("../../blobs/abc")
+    assert confined_file(real / "snapshots" / "0123", "tokenizer.json", "the delta").read_text() == "{}"
+
+
+def test_json_other_than_utf8_is_refused_before_parsing(repo):
+    """UTF-16 code units can hold a 0x22 byte that a byte scan would read as a quote, hiding
+    brackets from the nesting check; only UTF-8 is read."""
+    path, _ = repo
+    # The key "\u2200" is the bytes 00 22 in UTF-16-LE: a stray quote for a byte scan, after which
+    # the 900 levels look like the inside of a string.
+    text = '{"\u2200": 1, "deep": ' + '{"a":' * 900 + "1" + "}" * 900 + "}"
+    (path / CONFIG_NAME).write_bytes(text.encode("utf-16-le"))
+    with pytest.raises(FormatError) as e:
+        DeltaReader(path)
+    # Refused as text, before any parse could see the 900 levels (not later, as a config without 'format').
+    assert CONFIG_NAME in str(e.value) and any(w in str(e.value) for w in ("nested", "not valid JSON", "not UTF-8"))
+    (path / CONFIG_NAME).write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
+    with pytest.raises(FormatError, match="not UTF-8"):
+        DeltaReader(path)
 
 
 # ------------------------------------------------------------------------------ shard headers
