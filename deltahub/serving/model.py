@@ -45,8 +45,7 @@ from torch import nn
 from ..card import human_bytes
 from ..errors import FormatError, InvalidTensorError
 from ..format import DeltaReader
-from ..format.config import CONFIG_NAME, INDEX_NAME, SHARD_NAME, is_repo_file
-from ..format.config import FINETUNED_CONFIG_NAME, GENERATION_CONFIG_NAME
+from ..format.config import CONFIG_NAME, FINETUNED_CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME, SHARD_NAME, is_repo_file
 from ..format.limits import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, MAX_REPO_FILE_BYTES, MAX_SMALL_JSON_BYTES, confined_file, loads_json
 from ..format.repo import atomic_dir
 from ..sources import HubOptions, all_finite, check_finite, check_layer_counts, count_blocks, open_delta, open_pair
