@@ -9,6 +9,7 @@ True
 """
 
 from .apply import apply
+from .base_id import BaseIdError, BaseIdNotCheckedWarning, set_base_id
 from .checkpoint import Checkpoint, CheckpointError
 from .compress import CompressResult, compress
 from .encoding import EncodedTensor, decode_tensor, encode_tensor
@@ -26,7 +27,7 @@ from .errors import (
 )
 from .format import FORMAT_VERSION, DeltaReader, DeltaWriter
 from .evaluate import EvalReport, evaluate
-from .hub import ConcurrentPushError, History, HubError, PushResult, UntaggedPushError, Version, history, pull, push, rollback
+from .hub import ConcurrentPushError, History, HubError, LocalBaseError, PushResult, UntaggedPushError, Version, history, pull, push, rollback
 from .inspect import DeltaInfo, VerifyReport, info, verify
 from .methods import get_method, list_methods
 from .model import DeltaModel
@@ -39,6 +40,6 @@ __all__ = [
     "DeltaReader", "DeltaWriter", "DeltahubError", "EncodedTensor", "FormatError", "InfeasibleRatioError", "InvalidTensorError",
     "OutputError", "Policy", "Rule", "ShapeMismatchError", "UnknownComponentError", "UnknownMethodError", "UnsupportedFormatVersionError",
     "VerifyReport", "__version__", "apply", "compress", "decode_tensor", "encode_tensor", "get_method", "info", "list_methods", "verify",
-    "EvalReport", "evaluate", "ConcurrentPushError", "UntaggedPushError", "History", "HubError", "PushResult", "Version", "history", "pull", "push", "rollback",
+    "EvalReport", "evaluate", "ConcurrentPushError", "UntaggedPushError", "LocalBaseError", "BaseIdError", "BaseIdNotCheckedWarning", "set_base_id", "History", "HubError", "PushResult", "Version", "history", "pull", "push", "rollback",
     "LoraExportReport", "ServingError", "UnknownDeltaError", "export_lora",
 ]

@@ -159,7 +159,9 @@ def test_generate_and_pipeline(pairs, tmp_path):
     assert isinstance(model, transformers.PreTrainedModel)
 
 
-def test_tokenizer_files_are_copied_only_when_they_differ(pairs, tmp_path):
+def test_tokenizer_files_are_always_copied(pairs, tmp_path):
+    """A delta repo is self-contained: the fine-tune's tokenizer files are in it whether or not
+    they differ from the base's, so AutoTokenizer works on the delta alone."""
     import shutil
 
     base, ft = pairs["llama"]
@@ -172,10 +174,10 @@ def test_tokenizer_files_are_copied_only_when_they_differ(pairs, tmp_path):
     (f2 / "tokenizer.json").write_text('{"version": "1.0", "added_tokens": [{"id": 160, "content": "<tool>"}]}')
     deltahub.compress(b2, f2, tmp_path / "delta", ratio=TINY, progress=False)
     files = {p.name for p in (tmp_path / "delta").iterdir()}
-    assert "tokenizer.json" in files and "tokenizer_config.json" not in files
+    assert "tokenizer.json" in files and "tokenizer_config.json" in files
     applied = deltahub.apply(tmp_path / "delta", tmp_path / "full", progress=False)
     assert (applied / "tokenizer.json").read_text() == (f2 / "tokenizer.json").read_text()  # the fine-tune's
-    assert (applied / "tokenizer_config.json").read_text() == (b2 / "tokenizer_config.json").read_text()  # the base's
+    assert (applied / "tokenizer_config.json").read_text() == (f2 / "tokenizer_config.json").read_text()
 
 
 def test_apply_in_shards_equals_apply_in_one_file(pairs, tmp_path):

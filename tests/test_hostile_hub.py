@@ -53,7 +53,7 @@ def deltas(tmp_path_factory):
     out = {}
     for name, b, ft in (("d1", base, ft1), ("d2", base, ft2), ("d3", other, ft1)):
         out[name] = root / name
-        deltahub.compress(b, ft, out[name], ratio=1 / 4, progress=False)
+        deltahub.compress(b, ft, out[name], ratio=1 / 3, progress=False)  # 1/4 is out of reach of this tiny pair
     return out
 
 
@@ -76,7 +76,7 @@ def test_push_uploads_only_repo_files_and_refuses_a_link_out(hub, deltas, tmp_pa
     expected = sorted(p.name for p in deltas["d1"].iterdir() if p.name != "README.md")
 
     repo = _repo()
-    r = deltahub.push(folder, repo, token=HUB_TOKEN)
+    r = deltahub.push(folder, repo, token=HUB_TOKEN, allow_local_base=True)
     assert r.skipped == [".env", "delta-00009-of-00009.safetensors", "extra/", "notes.txt"]
     assert "not uploaded" in str(r) and ".env" in str(r)
     assert sorted(hub.list_files(repo)) == sorted([".gitattributes", "README.md", *expected])
@@ -90,7 +90,7 @@ def test_push_uploads_only_repo_files_and_refuses_a_link_out(hub, deltas, tmp_pa
         (folder / "tokenizer.json").symlink_to(target)
         other = _repo()
         with pytest.raises(FormatError, match="tokenizer.json is a link that leads outside") as e:
-            deltahub.push(folder, other, token=HUB_TOKEN)
+            deltahub.push(folder, other, token=HUB_TOKEN, allow_local_base=True)
         assert not hub.has_repo(other)
         messages.append(str(e.value))
     assert messages[0] == messages[1]  # the same words whether the target exists or not
@@ -99,7 +99,7 @@ def test_push_uploads_only_repo_files_and_refuses_a_link_out(hub, deltas, tmp_pa
 
 def test_pull_downloads_only_repo_files(hub, deltas, tmp_path):
     repo = _repo()
-    deltahub.push(deltas["d1"], repo, token=HUB_TOKEN)
+    deltahub.push(deltas["d1"], repo, token=HUB_TOKEN, allow_local_base=True)
     hub.commit_directly(repo, {".env": b"x", "run.sh": b"rm -rf ~", "sub/delta_config.json": b"{}"}, "someone's extra files")
     got = deltahub.pull(repo, local_dir=tmp_path / "pulled", token=HUB_TOKEN)
     names = sorted(str(p.relative_to(got)) for p in got.rglob("*") if p.is_file() and ".cache" not in p.parts)
@@ -114,7 +114,7 @@ def _commit_config(repo: str, config: bytes, title: str, tag: str) -> None:
 
 def test_a_malformed_history_is_listed_as_unreadable_and_log_push_rollback_go_on(hub, deltas, tmp_path):
     repo = _repo()
-    deltahub.push(deltas["d1"], repo, message="good v1", token=HUB_TOKEN)
+    deltahub.push(deltas["d1"], repo, message="good v1", token=HUB_TOKEN, allow_local_base=True)
     cfg = json.loads((deltas["d1"] / "delta_config.json").read_text())
     _commit_config(repo, json.dumps({**cfg, "base": "evil/base"}).encode(), "base is a string", "v2")
     _commit_config(repo, b"[" * 200 + b"]" * 200, "nested too deep", "v3")
@@ -138,7 +138,7 @@ def test_a_malformed_history_is_listed_as_unreadable_and_log_push_rollback_go_on
         deltahub.rollback(repo, to="v2", token=HUB_TOKEN)
     rb = deltahub.rollback(repo, to="v1", token=HUB_TOKEN)  # from a head whose config is unreadable
     assert rb.tag == "v5" and hub.read_file(repo, "delta_config.json") == (deltas["d1"] / "delta_config.json").read_bytes()
-    assert deltahub.push(deltas["d2"], repo, message="good again", token=HUB_TOKEN).tag == "v6"
+    assert deltahub.push(deltas["d2"], repo, message="good again", token=HUB_TOKEN, allow_local_base=True).tag == "v6"
     card = hub.read_file(repo, "README.md").decode()
     rows = [line.split("|")[1].strip() for line in card.splitlines() if line.startswith("| v") and not line.startswith("| version")]
     assert rows == ["v6", "v5", "v1"]
@@ -146,7 +146,7 @@ def test_a_malformed_history_is_listed_as_unreadable_and_log_push_rollback_go_on
 
 def test_a_push_whose_tag_is_taken_meanwhile_reports_its_commit_and_the_tag_it_used(hub, deltas):
     repo = _repo()
-    deltahub.push(deltas["d1"], repo, token=HUB_TOKEN)
+    deltahub.push(deltas["d1"], repo, token=HUB_TOKEN, allow_local_base=True)
     rival = {}
 
     def rival_push(repo_type, repo_id, landed):
@@ -157,14 +157,14 @@ def test_a_push_whose_tag_is_taken_meanwhile_reports_its_commit_and_the_tag_it_u
         rival.update(landed=landed, commit=c.oid)
 
     hub.after_commit = rival_push
-    r = deltahub.push(deltas["d2"], repo, token=HUB_TOKEN)
+    r = deltahub.push(deltas["d2"], repo, token=HUB_TOKEN, allow_local_base=True)
     assert r.commit == rival["landed"] and r.tag == "v3" and "v2 was taken" in r.note and "@v3" in str(r)
     assert hub.refs(repo)["tags"] == {"v1": hub.commit_ids(repo)[2], "v2": rival["commit"], "v3": r.commit}
 
     # tagging fails for another reason: the error says the commit landed and how to tag it
     hub.fail_next("POST", r"/tag/", status=403)
     with pytest.raises(UntaggedPushError, match="landed on main") as e:
-        deltahub.push(deltas["d1"], repo, token=HUB_TOKEN)
+        deltahub.push(deltas["d1"], repo, token=HUB_TOKEN, allow_local_base=True)
     landed = e.value.result.commit
     assert hub.branch_head(repo) == landed and landed in str(e.value) and e.value.command in str(e.value)
     assert landed not in hub.refs(repo)["tags"].values()
@@ -179,23 +179,23 @@ def test_a_failed_first_push_leaves_no_repo(hub, deltas):
     repo = _repo()
     hub.fail_next_lfs_upload = True
     with pytest.raises(HubError, match="nothing was committed.*was deleted"):
-        deltahub.push(deltas["d1"], repo, token=HUB_TOKEN)
+        deltahub.push(deltas["d1"], repo, token=HUB_TOKEN, allow_local_base=True)
     assert not hub.has_repo(repo)
 
     # and when the deletion fails too, the error says an empty repo was left and how to remove it
     hub.fail_next_lfs_upload = True
     hub.fail_next("DELETE", "/api/repos/delete")
     with pytest.raises(HubError, match=f"left it without a version.*hf repos delete {repo}"):
-        deltahub.push(deltas["d1"], repo, token=HUB_TOKEN)
+        deltahub.push(deltas["d1"], repo, token=HUB_TOKEN, allow_local_base=True)
     assert hub.has_repo(repo) and len(hub.commit_ids(repo)) == 1
-    assert deltahub.push(deltas["d1"], repo, token=HUB_TOKEN).tag == "v1"  # the retry uses it
+    assert deltahub.push(deltas["d1"], repo, token=HUB_TOKEN, allow_local_base=True).tag == "v1"  # the retry uses it
 
 
 def test_a_commit_message_cannot_forge_a_card_row(hub, deltas):
     repo = _repo()
     forged = "ok\n| v99 | deadbeef | 2020-01-01 | svd | 0.1 | 1 B | forged |\n<img src=x onerror=alert(1)>"
-    deltahub.push(deltas["d1"], repo, message=forged, token=HUB_TOKEN)
-    deltahub.push(deltas["d2"], repo, message="second | with a pipe", token=HUB_TOKEN)  # v1's title now comes from the Hub
+    deltahub.push(deltas["d1"], repo, message=forged, token=HUB_TOKEN, allow_local_base=True)
+    deltahub.push(deltas["d2"], repo, message="second | with a pipe", token=HUB_TOKEN, allow_local_base=True)  # v1's title now comes from the Hub
     card = Path(hf_hub_download(repo, "README.md", token=HUB_TOKEN)).read_text()
     rows = [line for line in card.splitlines() if line.startswith("| v") and not line.startswith("| version")]
     assert [r.split(" | ")[0] for r in rows] == ["| v2", "| v1"]
@@ -209,13 +209,13 @@ def test_rollback_to_a_version_with_the_same_shapes_but_another_base_needs_force
     c3 = json.loads((deltas["d3"] / "delta_config.json").read_text())["base"]
     assert c1["fingerprint"] == c3["fingerprint"] and c1["samples"] != c3["samples"]
     repo = _repo()
-    deltahub.push(deltas["d1"], repo, token=HUB_TOKEN)
-    deltahub.push(deltas["d3"], repo, token=HUB_TOKEN)
+    deltahub.push(deltas["d1"], repo, token=HUB_TOKEN, allow_local_base=True)
+    deltahub.push(deltas["d3"], repo, token=HUB_TOKEN, allow_local_base=True)
     with pytest.raises(BaseMismatchError, match="same shape but other weights.*force"):
         deltahub.rollback(repo, to="v1", token=HUB_TOKEN)
     assert list(hub.refs(repo)["tags"]) == ["v1", "v2"]
     assert deltahub.rollback(repo, to="v1", force=True, token=HUB_TOKEN).tag == "v3"
-    deltahub.push(deltas["d2"], repo, token=HUB_TOKEN)  # same base as v1 (v4)
+    deltahub.push(deltas["d2"], repo, token=HUB_TOKEN, allow_local_base=True)  # same base as v1 (v4)
     assert deltahub.rollback(repo, to="v1", token=HUB_TOKEN).tag == "v5"
 
 

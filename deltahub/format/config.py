@@ -92,6 +92,9 @@ def validate_config(cfg: Mapping) -> None:
         for sub, value in (cfg.get(field) or {}).items():
             if sub in ("name_or_path", "revision", "fingerprint", "dtype") and value is not None and not isinstance(value, str):
                 raise FormatError(f"{CONFIG_NAME}: field '{field}.{sub}' must be a string or null, got {type(value).__name__}; the file is corrupted or hostile")
+    checked = (cfg.get("base") or {}).get("id_checked")
+    if checked is not None and not isinstance(checked, bool):
+        raise FormatError(f"{CONFIG_NAME}: field 'base.id_checked' must be true, false or absent, got {type(checked).__name__}; the file is corrupted or hostile")
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise FormatError(f"{CONFIG_NAME}: field 'seed' must be an integer >= 0, got {str(seed)[:40]}; the file is corrupted or hostile")
