@@ -89,7 +89,7 @@ class DemoResult:
         low = [r for r in self.rows if r.retention == r.retention and r.retention < 0]
         if low:
             out.append("Below 0 here: " + ", ".join(f"{r.method} ({r.retention:.1f})" for r in low)
-                       + ": at this ratio these methods drop or round too much of this small delta.")
+                       + ": their compression error costs more held-out loss than this small fine-tune gained.")
         natural = [r.method for r in self.rows if r.note == "natural size"]
         if natural:
             out.append(f"natural size ({', '.join(natural)}): methods with no target ratio; their row shows the size they reach by "
