@@ -38,7 +38,8 @@ NATURAL_SIZE = ("bitdelta", "lossless", "dense")
 # Words the fine-tune read many times (Pride and Prejudice's "My dear Mr. Bennet") and the base
 # never did (its text is Sense and Sensibility: Dashwoods, no Bennets). The base and base + delta
 # continue PROMPT, and the probability each gives CONTINUATION next shows what the delta carries:
-# on the default run about 1e-7 against 0.06. Whole sentences are beyond models this small.
+# on the default pair, base 1.7e-7 against the fine-tune's 6.0e-2 (measured on the fine-tune itself,
+# not a delta). Whole sentences are beyond models this small.
 PROMPT = '"My dear Mr.'
 CONTINUATION = " Bennet"
 SAMPLE_TOKENS = 8
