@@ -121,7 +121,6 @@ def test_methods_plot_only_redraws_from_the_json(tmp_path):
     table it writes the PNG and leaves the inputs as they were."""
     import shutil
 
-    pytest.importorskip("matplotlib", reason="the plot needs the 'bench' extra (matplotlib)")
     src = ROOT / "benchmarks" / "results"
     for name in ("methods-smollm2-heavy.json", "peers-smollm2-heavy.md"):
         shutil.copy(src / name, tmp_path / name)
@@ -136,7 +135,6 @@ def test_methods_plot_only_redraws_from_the_json(tmp_path):
 
 def test_methods_plot_marks_points_off_the_scale():
     """A PR of -92 (deltadq at 1/32 on the heavy pair) is drawn on the top edge, labelled, not dropped."""
-    pytest.importorskip("matplotlib", reason="the plot needs the 'bench' extra (matplotlib)")
     import matplotlib
 
     matplotlib.use("Agg")
