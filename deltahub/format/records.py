@@ -184,7 +184,10 @@ def decode_record(name: str, record: Mapping, get: Callable[[str], torch.Tensor]
         ctype, meta, fetched = tensors_by_comp[0]
         if base_shape != shape or tuple(base.shape) != shape:
             raise FormatError(f"tensor {name!r}: lossless needs a base of shape {list(shape)}, got {list(base.shape)}")
-        return ctype.decode_exact(meta, fetched, base, dtype)
+        try:
+            return ctype.decode_exact(meta, fetched, base, dtype)
+        except FormatError as e:
+            raise type(e)(f"{CONFIG_NAME}: tensor {name!r} component 0 ({meta['type']}): {e}") from None
     if tuple(base.shape) != base_shape:
         raise FormatError(f"tensor {name!r}: the base tensor has shape {list(base.shape)}, the delta was made against {list(base_shape)}")
     if base_shape[1:] != shape[1:]:
@@ -239,7 +242,8 @@ def sum_components(base: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtyp
 
 
 def check_components(name: str, record: Mapping, get: Callable[[str], torch.Tensor]) -> None:
-    """Decode every component of a validated record that does not need the base, a stretch of
+    """Decode every component of a validated record (one that needs the base, ``lossless``, to
+    its stored bytes only, which must be the record's size, ``check_exact``), a stretch of
     matrix-view rows at a time into one reused buffer of about 2^18 elements, and refuse a
     component whose decoded values are not all finite. Nothing of the record's full size is
     allocated (a 37 KB file declaring 10^9 rows costs CPU, not memory); ``get`` as for
@@ -253,6 +257,11 @@ def check_components(name: str, record: Mapping, get: Callable[[str], torch.Tens
         fetched = {f: get(stored_key(name, i, f)) for f in layout}
         check_fields(where, layout, fetched)
         if ctype.needs_base:
+            # Decoding needs the base, but the stored data's size does not: checked, bounded.
+            try:
+                ctype.check_exact(meta, fetched, math.prod(shape) * itemsize(record["dtype"]))
+            except FormatError as e:
+                raise type(e)(f"{CONFIG_NAME}: {where}: {e}") from None
             continue
         if meta["type"] == "sparse" and meta["nnz"] == 0 and (meta["index"] == "csr" or meta["mask"]["kind"] == "group"):
             continue  # P is +0.0 everywhere; no mask to count

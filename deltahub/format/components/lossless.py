@@ -38,15 +38,11 @@ class Lossless(ComponentType):
 
     @classmethod
     def decode_exact(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The fine-tuned tensor, exactly, given the base already shaped like it."""
+        """The fine-tuned tensor, exactly, given the base already shaped like it. The zstd data is
+        bounded before and while it is decompressed (:func:`decompress_planes`)."""
         w = dtype.itemsize
         numel = base.numel()
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(tensors["data"].numpy().tobytes(), max_output_size=numel * w)
-        except zstandard.ZstdError as e:
-            raise FormatError(f"lossless data does not decompress ({e}); the file is corrupted") from None
-        if len(raw) != numel * w:
-            raise FormatError(f"lossless data holds {len(raw)} bytes, {numel * w} expected")
+        raw = decompress_planes(tensors["data"].numpy().tobytes(), numel * w)
         planes = np.frombuffer(raw, dtype=np.uint8).reshape(w, numel)
         xor = np.ascontiguousarray(planes.T).view(f"<u{w}").reshape(-1)
         base_bits = base.to(dtype).contiguous().view(-1).view(_torch_uint(w)).numpy().astype(f"<u{w}")
@@ -54,8 +50,64 @@ class Lossless(ComponentType):
         return torch.from_numpy(out).view(dtype).reshape(base.shape)
 
     @classmethod
+    def check_exact(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], nbytes: int) -> None:
+        """``verify``'s check without the base: the zstd data decompresses to exactly ``nbytes``
+        (the record's elements x its dtype's width), a stretch at a time, never holding more
+        than 1 MiB of output (:func:`decompress_planes` with ``keep=False``)."""
+        decompress_planes(tensors["data"].numpy().tobytes(), nbytes, keep=False)
+
+    @classmethod
     def row_adder(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor], block: tuple[int, ...]) -> RowAdder:
         raise FormatError("lossless decodes against the base; use records.decode_record")
+
+
+# What verify decompresses at a time: output is counted, not kept.
+_CHECK_CHUNK = 1 << 20
+
+
+def decompress_planes(data: bytes, expected: int, keep: bool = True) -> bytearray:
+    """The byte planes a lossless component's ``data`` holds, which must be exactly ``expected``
+    bytes; :class:`FormatError` naming the field ``data`` otherwise.
+
+    A zstd frame may declare its content size, and a one-shot decompress allocates that size
+    whatever it is told (python-zstandard ignores ``max_output_size`` then): a 17-byte frame can
+    ask for a terabyte. So the declared size is compared first (it must be absent or at most
+    ``expected``), and the data is decompressed as a stream of at most ``expected + 1`` output
+    bytes. The writer stores one frame; frames concatenated after it are decoded as their
+    concatenation (as ``zstd -d`` does), within the same bound, and anything else after the
+    frame is an error. With ``keep=False`` the output is counted in 1 MiB pieces and dropped
+    (for ``verify``, which has no base)."""
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError:
+        raise FormatError(f"field 'data' is not a zstd frame ({len(data)} bytes, no valid frame header); the file is corrupted") from None
+    if declared > expected:  # -1: the frame does not say
+        raise FormatError(
+            f"field 'data': its zstd frame declares {declared} bytes, but the tensor's byte planes are {expected} bytes (shape x dtype); "
+            "the delta is corrupted or hostile"
+        )
+    reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+    try:
+        if keep:
+            out = bytearray(expected)
+            view = memoryview(out)
+            got = 0
+            while got < expected and (n := reader.readinto(view[got:])):
+                got += n
+            extra = len(reader.read(1))
+        else:
+            out, got, extra = bytearray(), 0, 0
+            while chunk := reader.read(min(_CHECK_CHUNK, expected + 1 - got)):
+                got += len(chunk)
+                if got > expected:
+                    extra, got = got - expected, expected
+                    break
+    except zstandard.ZstdError as e:
+        raise FormatError(f"field 'data' does not decompress ({e}); the file is corrupted") from None
+    if got != expected or extra:
+        held = f"more than {expected}" if extra else str(got)
+        raise FormatError(f"field 'data' decompresses to {held} bytes, {expected} expected (the tensor's shape x dtype); the file is corrupted")
+    return out
 
 
 def _torch_uint(w: int) -> torch.dtype:
