@@ -17,10 +17,9 @@ from .progress import progress as progress_bar
 from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .format import FINETUNED_CONFIG_NAME
 from .format.dtypes import to_torch
-from .format.limits import confined_file
 from .format.repo import atomic_dir, check_out_dir, parse_size
 from .format.safetensors_stream import SafetensorsStreamWriter
-from .sources import HubOptions, decode_checked, open_pair, read_finetuned_config
+from .sources import HubOptions, decode_checked, open_pair, read_finetuned_config, repo_file
 
 
 def apply(
@@ -141,10 +140,11 @@ def _finish_shards(tmp: Path, shards: list[tuple[Path, list[str]]]) -> None:
 
 
 def _delta_file(delta_dir: Path, name: str) -> Path | None:
-    """``delta_dir/name`` if it is a file inside the delta repo; a link out of it is refused
-    (``limits.confined_file``), so nothing outside the repo is ever copied into the output."""
-    p = confined_file(delta_dir, name, "the delta repo")
-    return p if p.is_file() else None
+    """``delta_dir/name`` if the delta repo has it (else ``None``); a link out of it is refused
+    (``limits.confined_file``), so nothing outside the repo is ever copied into the output, and
+    so is an entry that is not a regular file (a FIFO would block the copy, and skipping it
+    would put the base's file in the delta's place): ``sources.repo_file``."""
+    return repo_file(delta_dir, name, "the delta repo")
 
 
 def _config_files(delta_dir: Path, base: Checkpoint) -> dict[str, Path]:

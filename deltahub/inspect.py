@@ -9,10 +9,10 @@ from pathlib import Path
 
 from .errors import DeltahubError, FormatError
 from .format import CONFIG_NAME, INDEX_NAME
-from .format.config import fingerprint, read_config
+from .format.config import SHARD_NAME, is_repo_file, read_config
 from .format.limits import confined_file
 from .format.records import check_components, dense_nbytes, describe_record, record_layout, record_nbytes, validate_record
-from .sources import HubOptions, base_differences, open_base, open_delta, sha256_file
+from .sources import HubOptions, base_differences, completeness_problems, open_base, open_delta, repo_file, sha256_file
 
 
 @dataclass
@@ -127,6 +127,7 @@ def verify(
         reader = open_delta(delta, revision, hub)
     except DeltahubError as e:
         return VerifyReport(False, 0, [str(e)])
+    _check_repo_files(reader, report)
     _check_shards(reader, report)
     expected_keys: set[str] = set()
     for name, rec in reader.records.items():
@@ -158,30 +159,53 @@ def verify(
     return report
 
 
+def _check_repo_files(reader, report: VerifyReport) -> None:
+    """Every file of the repo's (FORMAT.md §3.1) at its top level is a regular file inside it:
+    a FIFO or a folder named ``tokenizer.json`` would be skipped by a reader, or block it."""
+    try:
+        entries = sorted(os.listdir(reader.path))
+    except OSError as e:
+        report.problems.append(f"{reader.path} cannot be listed ({e.strerror or e})")
+        return
+    for name in entries:
+        if is_repo_file(name) and not SHARD_NAME.match(name):  # shards: _check_shards
+            try:
+                repo_file(reader.path, name, "the delta repo")
+            except DeltahubError as e:
+                report.problems.append(str(e))
+
+
 def _check_shards(reader, report: VerifyReport) -> None:
-    """Every shard the index names exists inside the repo and has its recorded SHA-256."""
+    """Every shard the index names exists inside the repo as a regular file, and has its
+    recorded SHA-256. The cheap checks come first, so that a hostile file costs no hashing: each
+    shard's header is read and its tensors must tile the file to its last byte
+    (``MappedSafetensors``, which fails at once on a shard extended to 100 GB), and the shards'
+    sizes must add up to the index's ``metadata.total_size`` (FORMAT.md §3.2) when it has one. A
+    shard that fails them is not hashed (none is, when the total differs). Hashing then costs
+    what the headers declare, which the records' layouts check next."""
     checksums = reader.checksums()
+    sizes: dict[str, int] = {}
     for shard in sorted(set(reader.weight_map.values())):
         try:
-            path = reader.shard_path(shard)
+            path = repo_file(reader.path, shard, f"{INDEX_NAME} entry")
+            if path is None:
+                report.problems.append(f"shard {shard} is missing")
+                continue
+            reader._handle(shard)  # the header, typed, its tensors tiling the file to its end
         except DeltahubError as e:
             report.problems.append(str(e))
             continue
-        if not path.is_file():
-            report.problems.append(f"shard {shard} is missing")
-            continue
-        if shard in checksums and sha256_file(path) != checksums[shard]:
+        sizes[shard] = os.stat(path).st_size
+    total = (reader.index.get("metadata") or {}).get("total_size")
+    if isinstance(total, int) and not isinstance(total, bool) and sizes and len(sizes) == len(set(reader.weight_map.values())) and sum(sizes.values()) != total:
+        report.problems.append(f"the shards hold {sum(sizes.values())} bytes, but {INDEX_NAME} says metadata.total_size {total}; the delta is corrupted, download it again")
+        return
+    for shard in sizes:
+        if shard in checksums and sha256_file(reader.shard_path(shard)) != checksums[shard]:
             report.problems.append(f"shard {shard} does not match its SHA-256 in {INDEX_NAME}: it is corrupted")
 
 
 def _completeness(reader) -> list[str]:
-    """The decoded model holds at least one tensor, and the records match the fine-tune's
-    recorded fingerprint (``finetuned.fingerprint``, over the non-removed records' name, dtype
-    and shape, spec §4.1) when the config has one: a truncated or edited tensors map is caught."""
-    kept = [(n, r["dtype"], tuple(r["shape"])) for n, r in reader.records.items() if r["kind"] != "removed"]
-    if not kept:
-        return [f"{CONFIG_NAME} lists no tensor of the fine-tune ({len(reader.records)} record(s), none decodes to a tensor); the delta is empty or truncated"]
-    recorded = (reader.config.get("finetuned") or {}).get("fingerprint")
-    if recorded is not None and recorded != fingerprint(kept):
-        return [f"{CONFIG_NAME}: the records' names, dtypes and shapes do not match finetuned.fingerprint {recorded[:20]}...; the tensors map was truncated or edited"]
-    return []
+    """:func:`sources.completeness_problems`: at least one tensor, and the fine-tune's
+    fingerprint when recorded (``apply`` and the loaders refuse what this reports)."""
+    return completeness_problems(reader)

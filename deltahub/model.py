@@ -22,7 +22,7 @@ from .errors import DeltahubError, FormatError
 from .format import FINETUNED_CONFIG_NAME, DeltaReader
 from .format.dtypes import to_torch
 from .format.limits import confined_file, read_json
-from .sources import HubOptions, decode_checked, open_pair, read_finetuned_config
+from .sources import HubOptions, check_model_size, check_model_type, decode_checked, ignore_remote_code, one_line, open_pair, own_model_classes, read_finetuned_config
 from .serving.model import MultiDeltaModel, load_unmerged
 
 
@@ -89,34 +89,63 @@ def finetuned_config(reader: DeltaReader):
     return config_from_dict(data, f"{getattr(reader, 'source', reader.path)}/{FINETUNED_CONFIG_NAME}")
 
 
+# Config fields that point transformers at code in other Hub repos (``auto_map``:
+# "org/repo--module.Class"); deltahub builds transformers' own classes only, so they are dropped.
+_REMOTE_CODE_FIELDS = ("auto_map", "custom_pipelines")
+
+
 def config_from_dict(data: dict, where: str):
-    """A transformers config from a (checked) config dict; what transformers refuses in it
-    (an unknown ``model_type``, a field of the wrong type) is a :class:`FormatError` naming
-    ``where``."""
+    """A transformers config from a (checked) config dict, without its remote-code fields
+    (``auto_map``, ``custom_pipelines``: never followed). What transformers refuses in it (an
+    unknown ``model_type``, a field of the wrong type, huggingface_hub's strict-dataclass
+    validation) is a :class:`FormatError` naming ``where``, with transformers' words on one
+    line (``sources.one_line``)."""
     from transformers import AutoConfig
 
-    data = dict(data)
+    data = {k: v for k, v in data.items() if k not in _REMOTE_CODE_FIELDS}
     model_type = data.pop("model_type", None)
     if not isinstance(model_type, str) or not model_type:
         raise FormatError(f"{where} has no 'model_type' (a string naming the architecture, e.g. \"llama\"); the config is corrupted")
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
-        raise FormatError(f"{where}: transformers cannot build a config from it (field 'model_type' = {model_type!r}, or another field): {e}") from None
+    except Exception as e:  # noqa: BLE001 - ValueError, TypeError, StrictDataclassFieldValidationError, ...: all mean the same
+        raise FormatError(
+            f"{where}: transformers cannot build a config from it (field 'model_type' = {one_line(model_type, 60)!r}, or another field): "
+            f"{type(e).__name__}: {one_line(e)}"
+        ) from None
 
 
-def model_class(config) -> type:
-    """The class named in ``architectures``; else the causal-LM class of the config, else the bare model."""
+def model_class(config, where: str = FINETUNED_CONFIG_NAME) -> type:
+    """The model class to build for ``config``: the first name in its ``architectures`` that is
+    one of transformers' own model classes for ``type(config)`` (a ``PreTrainedModel`` subclass
+    registered in one of transformers' auto mappings, ``MODEL_FOR_CAUSAL_LM_MAPPING``,
+    ``MODEL_MAPPING``, the classification mappings..., for this config class); else, when
+    ``architectures`` is absent or names only classes transformers does not have (a
+    remote-code model's), the causal-LM class of the config, else its bare model.
+
+    A name that transformers has but that is no model class of this config (``"pipeline"``,
+    ``"AutoModelForCausalLM"``, which would follow the config's ``auto_map`` to another repo's
+    code, ``"BertModel"`` for a llama config) is refused with :class:`FormatError` naming
+    ``where``'s field ``architectures``."""
     import transformers
 
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
+    names = getattr(config, "architectures", None) or []
+    if not isinstance(names, (list, tuple)):
+        raise FormatError(f"{where}: field 'architectures' must be a list of class names, got {type(names).__name__}; the config is corrupted or hostile")
+    own = own_model_classes(type(config))
+    for arch in names:
+        if isinstance(arch, str) and arch in own:
+            return own[arch]
+    foreign = [a for a in names if not isinstance(a, str) or hasattr(transformers, a)]
+    if foreign:
+        raise FormatError(
+            f"{where}: field 'architectures' names {one_line(foreign[0], 80)!r}, which is not one of transformers' model classes for "
+            f"{type(config).__name__} ({', '.join(sorted(own)) or 'none'}); the config is corrupted or hostile"
+        )
     for mapping in (transformers.MODEL_FOR_CAUSAL_LM_MAPPING, transformers.MODEL_MAPPING):
         if type(config) in mapping:
             return mapping[type(config)]
-    raise FormatError(f"transformers has no model class for {type(config).__name__}; set 'architectures' in {FINETUNED_CONFIG_NAME}")
+    raise FormatError(f"transformers has no model class for {type(config).__name__}; set 'architectures' in {where}")
 
 
 def resolve_dtype(dtype: str | torch.dtype, reader: DeltaReader, config) -> str | torch.dtype:
@@ -220,6 +249,17 @@ class DeltaModel(MultiDeltaModel):
 
         ``merge=False`` returns a ``DeltaModel`` instead: the base loaded with transformers and
         the delta served unmerged under ``delta_name``, ready for more ``load_delta`` calls.
+
+        The fine-tune's ``finetuned_config.json`` comes with the delta and is untrusted: the model
+        is always one of transformers' own classes for that config (``architectures`` naming
+        anything else is refused; ``auto_map`` and ``custom_pipelines`` are dropped), and no code
+        from a Hub repo is ever run: ``trust_remote_code`` is ignored with a warning (merged, the
+        model is built from the delta's config, not the base's code; unmerged, it reaches only
+        the base's own files, see ``load_unmerged``). Before anything is allocated, its
+        ``model_type`` must be the base's (when the base has a ``config.json``; not checked with
+        ``verify_base=False``) and the model it describes, built on the meta device, must fit
+        the delta's weights (``sources.check_model_size``). Whatever transformers raises while
+        building or loading it becomes a :class:`FormatError` naming the file.
         """
         dtype = _dtype_argument(dtype, model_kwargs.pop("torch_dtype", None))
         if not merge:
@@ -230,6 +270,17 @@ class DeltaModel(MultiDeltaModel):
         hub = HubOptions(token, cache_dir, local_files_only)
         reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=hub, verify_base=verify_base)
         config = finetuned_config(reader)
+        # The fine-tune's config is the delta's, hence untrusted: the class must be one of
+        # transformers' own for it (model_class), no remote code is run whatever the caller's
+        # trust_remote_code (meant for their base), the architecture must be the base's, and the
+        # model it describes must fit the delta's weights, all before anything is allocated.
+        where = f"{getattr(reader, 'source', reader.path)}/{FINETUNED_CONFIG_NAME}"
+        ignore_remote_code(model_kwargs)
+        if verify_base:
+            check_model_type(config.model_type, base_ckpt, where)
+        arch = model_class(config, where)
+        load_dtype = resolve_dtype(dtype, reader, config)
+        check_model_size(arch, config, load_dtype, reader, where)
         errors: list[BaseException] = []
         caller = threading.current_thread()
         threads = torch.get_num_threads()
@@ -237,11 +288,11 @@ class DeltaModel(MultiDeltaModel):
         state = {n: _LazyDecoded(n, reader, base_ckpt, errors, caller, share) for n, r in reader.records.items() if r["kind"] != "removed"}
         want_info = model_kwargs.pop("output_loading_info", False)
         try:
-            model, info = model_class(config).from_pretrained(
+            model, info = arch.from_pretrained(
                 None,
                 config=config,
                 state_dict=state,
-                dtype=resolve_dtype(dtype, reader, config),
+                dtype=load_dtype,
                 device_map=device_map,
                 max_memory=max_memory,
                 offload_folder=offload_folder,
@@ -254,8 +305,12 @@ class DeltaModel(MultiDeltaModel):
             # transformers re-raises a decode error from its threads as is, or wrapped.
             if errors:
                 err = errors[0]
-                raise (err if isinstance(err, DeltahubError) else FormatError(f"decoding the delta failed: {err}")) from None
-            raise
+                raise (err if isinstance(err, DeltahubError) else FormatError(f"decoding the delta failed: {type(err).__name__}: {one_line(err)}")) from None
+            # Anything else comes from the config (a field transformers chokes on), or from an argument.
+            raise FormatError(
+                f"{where}: transformers cannot build or load the model it describes ({type(e).__name__}: {one_line(e)}); the config is "
+                "corrupted or hostile, or an argument given to from_pretrained is wrong"
+            ) from None
         finally:
             torch.set_num_threads(threads)  # see _LazyDecoded: the pool threads changed torch's default
         if errors:

@@ -5,9 +5,13 @@ before anything is decoded (:func:`check_records_against_base`) or used
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
+import re
+import stat
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,7 +21,8 @@ from .checkpoint import Checkpoint, CheckpointError, borrow_base, resolve
 from .errors import BaseMismatchError, FormatError, InvalidTensorError, ShapeMismatchError
 from .format import CONFIG_NAME, FINETUNED_CONFIG_NAME, DeltaReader
 from .format.dtypes import itemsize
-from .format.limits import LAYER_FIELDS, MAX_ADDED_ROWS, MAX_DECODED_FACTOR, MAX_ROW_GROWTH, confined_file, read_json
+from .format.config import fingerprint
+from .format.limits import LAYER_FIELDS, MAX_ADDED_ROWS, MAX_DECODED_FACTOR, MAX_MODEL_SLACK_BYTES, MAX_ROW_GROWTH, confined_file, read_json
 from .format.repo import layer_group
 
 DELTA_FILE_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "README.md"]
@@ -138,7 +143,10 @@ def check_records_against_base(reader: DeltaReader, base: Checkpoint) -> None:
       ``limits.MAX_ADDED_ROWS`` (:class:`FormatError`);
     - the decoded model (every record not ``removed``) holds at most ``limits.MAX_DECODED_FACTOR``
       x the base's bytes + the delta's shard bytes (added tensors are stored whole), else
-      :class:`FormatError`.
+      :class:`FormatError`;
+    - some record decodes to a tensor, and the records match ``finetuned.fingerprint`` when the
+      config has one (:func:`completeness_problems`), else :class:`FormatError`: a delta whose
+      records are all ``removed`` would otherwise write a checkpoint with no tensor.
 
     Costs one pass over the records: microseconds per tensor.
     """
@@ -181,6 +189,139 @@ def check_records_against_base(reader: DeltaReader, base: Checkpoint) -> None:
         raise FormatError(
             f"{src}: the records of delta_config.json decode to {decoded} bytes, more than the {bound} deltahub accepts "
             f"({MAX_DECODED_FACTOR}x the base's {base.total_bytes()} bytes + the delta's shard bytes); the delta is corrupted or hostile"
+        )
+    problems = completeness_problems(reader)
+    if problems:
+        raise FormatError(f"{src}: {problems[0]}")
+
+
+def completeness_problems(reader: DeltaReader) -> list[str]:
+    """What makes the records no fine-tune (empty when none): no record decodes to a tensor
+    (every one ``removed``, or none at all), or the records' names, dtypes and shapes differ
+    from ``finetuned.fingerprint`` (spec §4.1) when the config has one, so that a truncated or
+    edited tensors map is caught. ``verify`` reports these; ``apply`` and the loaders refuse
+    them (:func:`check_records_against_base`)."""
+    kept = [(n, r["dtype"], tuple(r["shape"])) for n, r in reader.records.items() if r["kind"] != "removed"]
+    if not kept:
+        return [f"{CONFIG_NAME} lists no tensor of the fine-tune ({len(reader.records)} record(s), none decodes to a tensor); the delta is empty or truncated"]
+    recorded = (reader.config.get("finetuned") or {}).get("fingerprint")
+    if recorded is not None and recorded != fingerprint(kept):
+        return [f"{CONFIG_NAME}: the records' names, dtypes and shapes do not match finetuned.fingerprint {one_line(recorded, 20)}...; the tensors map was truncated or edited"]
+    return []
+
+
+# Characters that would move the cursor, recolour the terminal or reorder the text around them.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """Text deltahub did not write (an exception of transformers that quotes a config value, a
+    field of a hostile file) made safe to put in a message: one line (line breaks become
+    `` | ``), other control characters ``?``, at most ``limit`` characters.
+
+    >>> one_line("a\\nb\\x1b[2J" + "x" * 400, 12)
+    'a | b?[2J...'
+    """
+    flat = _CONTROL.sub("?", " | ".join(str(text).splitlines()))
+    return flat if len(flat) <= limit else flat[: max(0, limit - 3)] + "..."
+
+
+def repo_file(folder: str | os.PathLike, name: str, where: str) -> "os.PathLike | None":
+    """``folder/name`` when the repo has it, ``None`` when it does not; confined to the repo
+    (``limits.confined_file``). An entry that is there but is not a regular file (a FIFO, a
+    device, a folder, a link to nothing) is refused with :class:`FormatError`: opening a FIFO
+    blocks forever, and skipping it would let another file (the base's tokenizer) stand in for
+    the delta's without a word."""
+    path = confined_file(folder, name, where)
+    if not os.path.lexists(path):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is None or not stat.S_ISREG(mode):
+        what = "a link to nothing" if mode is None else "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise FormatError(f"{where}: {name} is {what}, not a regular file; the repo is corrupted or hostile: remove it or replace it with the file")
+    return path
+
+
+def check_model_size(cls: type, config, dtype, reader: DeltaReader, where: str) -> None:
+    """Refuse (:class:`FormatError` naming ``where``) a config that describes a model larger
+    than the delta's weights, before anything is allocated: ``cls`` is built from ``config`` on
+    the meta device (transformers' own initialization, no memory), and its parameters and
+    buffers, at the load ``dtype``, may take at most ``limits.MAX_DECODED_FACTOR`` x the bytes
+    the records decode to (each at the wider of its dtype and ``dtype``) +
+    ``limits.MAX_MODEL_SLACK_BYTES`` (buffers no record stores: rotary tables, causal masks).
+    A config field that sizes a buffer (GPT-Neo's ``max_position_embeddings`` makes a P x P
+    mask per layer) or a weight no record holds would otherwise allocate before the missing
+    weights are noticed. Costs one build on the meta device (milliseconds to a second)."""
+    load = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    load = load if isinstance(load, torch.dtype) else None
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(copy.deepcopy(config), **({"dtype": load} if load is not None else {}))
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises on a hostile config
+        raise FormatError(f"{where}: transformers cannot build the model it describes ({type(e).__name__}: {one_line(e)}); the config is corrupted or hostile") from None
+    sizes = {n: t.numel() * t.element_size() for n, t in (*model.named_parameters(), *model.named_buffers())}
+    width = load.itemsize if load is not None and load.is_floating_point else 0
+    kept = [r for r in reader.records.values() if r["kind"] != "removed"]
+    decoded = sum(math.prod(r["shape"]) * max(itemsize(r["dtype"]), width) for r in kept)
+    bound = MAX_DECODED_FACTOR * decoded + MAX_MODEL_SLACK_BYTES
+    total = sum(sizes.values())
+    if total > bound:
+        largest = sorted(sizes, key=sizes.get, reverse=True)[:3]
+        raise FormatError(
+            f"{where}: the model it describes holds {total} bytes of parameters and buffers ({', '.join(f'{n} {sizes[n]}' for n in largest)}), "
+            f"more than the {bound} deltahub accepts for the delta's weights ({MAX_DECODED_FACTOR}x their {decoded} bytes + {MAX_MODEL_SLACK_BYTES}); "
+            "the config does not describe these weights (corrupted or hostile)"
+        )
+
+
+def own_model_classes(config_class: type) -> dict[str, type]:
+    """Name -> class of every model class transformers' auto mappings register for
+    ``config_class`` (``MODEL_*MAPPING`` of ``transformers.models.auto.modeling_auto``), each a
+    ``PreTrainedModel`` whose ``config_class`` is ``config_class``."""
+    from transformers import PreTrainedModel
+    from transformers.models.auto import modeling_auto
+
+    out: dict[str, type] = {}
+    for attr in dir(modeling_auto):
+        mapping = getattr(modeling_auto, attr)
+        if not (attr.startswith("MODEL_") and attr.endswith("MAPPING") and isinstance(mapping, modeling_auto._LazyAutoMapping)):
+            continue
+        try:
+            found = mapping[config_class]
+        except (KeyError, AttributeError, ImportError, ValueError):
+            continue
+        for cls in found if isinstance(found, (list, tuple)) else (found,):
+            if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and issubclass(config_class, getattr(cls, "config_class", None) or type(None)):
+                out[cls.__name__] = cls
+    return out
+
+
+def ignore_remote_code(model_kwargs: dict) -> None:
+    """Drop ``trust_remote_code`` from the arguments for a model whose class and config the delta
+    chose: deltahub builds transformers' own classes only, so the flag could only ever let the
+    delta's config fetch and run another repo's code. Warns when it was set."""
+    if model_kwargs.pop("trust_remote_code", None):
+        warnings.warn(
+            "trust_remote_code is ignored: deltahub builds the fine-tune with transformers' own model classes and never runs code "
+            "from a Hub repo (the fine-tune's config comes with the delta and is not trusted)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_model_type(model_type: str, base: Checkpoint, where: str) -> None:
+    """Refuse (:class:`FormatError`) a fine-tune whose ``model_type`` is not its base's, when the
+    base has a ``config.json``: a fine-tune of a llama is a llama, and a delta that names another
+    architecture would have transformers build code paths its weights were never made for."""
+    base_cfg = base.config()
+    theirs = base_cfg.get("model_type") if base_cfg else None
+    if isinstance(theirs, str) and theirs != model_type:
+        raise FormatError(
+            f"{where}: field 'model_type' is {one_line(model_type, 60)!r}, but the base {base.source} is a {one_line(theirs, 60)!r} (its config.json); "
+            "a fine-tune keeps its base's architecture. Pass the base the delta was made against, or verify_base=False (--no-verify-base) if this is intended"
         )
 
 
@@ -294,8 +435,8 @@ def read_finetuned_config(reader: DeltaReader) -> dict | None:
     of transformer blocks the records name. A config declaring 10^6 layers would otherwise make
     transformers build them all. Errors are :class:`FormatError` naming the file and field."""
     where = f"{getattr(reader, 'source', reader.path)}/{FINETUNED_CONFIG_NAME}"
-    path = confined_file(reader.path, FINETUNED_CONFIG_NAME, where)
-    if not path.is_file():
+    path = repo_file(reader.path, FINETUNED_CONFIG_NAME, where)
+    if path is None:
         return None
     data = read_json(path, where)
     if not isinstance(data, dict):

@@ -66,10 +66,12 @@ def _write_json(file: Path, obj) -> None:
 
 
 def _reseal(path: Path) -> None:
-    """Recompute every shard's SHA-256 in the index, as an attacker editing a shard would."""
+    """Recompute every shard's SHA-256 and the shards' total size in the index, as an attacker
+    editing a shard would."""
     index = _index(path)
     for shard in index["metadata"]["sha256"]:
         index["metadata"]["sha256"][shard] = hashlib.sha256((path / shard).read_bytes()).hexdigest()
+    index["metadata"]["total_size"] = sum((path / shard).stat().st_size for shard in index["metadata"]["sha256"])
     _write_json(path / INDEX_NAME, index)
 
 

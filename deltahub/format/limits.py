@@ -47,6 +47,11 @@ MAX_ADDED_ROWS = 1 << 16
 # The decoded model may hold at most this multiple of the base's bytes (a float32 fine-tune of a
 # bfloat16 base doubles them), plus the bytes the delta stores itself (added tensors).
 MAX_DECODED_FACTOR = 2
+# A model built from a fine-tune's config may hold at most MAX_DECODED_FACTOR x the records'
+# decoded bytes plus this much more, in parameters and buffers, checked on the meta device before
+# anything is allocated: room for buffers no record stores (rotary tables, causal masks: a
+# 2048-position GPT-Neo-2.7B's masks are 134 MB), not for a config that asks for 30000^2 masks.
+MAX_MODEL_SLACK_BYTES = 256 << 20
 # Layers a fine-tune's config may declare beyond the blocks its records name.
 LAYER_FIELDS = re.compile(r"^(num_hidden_layers|num_layers|n_layer|n_layers|num_decoder_layers|num_encoder_layers)$")
 

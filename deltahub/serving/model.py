@@ -740,8 +740,18 @@ def load_unmerged(
     its blocks, and a base that leaves any weight of the model uninitialized is refused. Once
     loaded, the delta's records are placed as in :meth:`MultiDeltaModel.load_delta`, where a
     tensor without a record would stay the base's (unchanged), which is why completeness is
-    checked on the checkpoint, not there."""
+    checked on the checkpoint, not there.
+
+    The model is built from the base's ``config.json`` (trusted: the user chose the base), as
+    the class its ``architectures`` names among transformers' own (``model.model_class``);
+    ``trust_remote_code`` then reaches only the base's own files. A base without a
+    ``config.json`` is built from the delta's ``finetuned_config.json`` instead, which is
+    untrusted: then ``trust_remote_code`` is ignored and the model must fit the delta's weights
+    on the meta device first (``sources.check_model_size``), as for the merged loader. Whatever
+    transformers raises while building or loading is a :class:`FormatError` naming the config."""
     from ..model import check_loading_info, config_from_dict, finetuned_config, model_class, resolve_dtype, set_generation_config  # deltahub.model imports this module
+    from ..errors import DeltahubError
+    from ..sources import check_model_size, ignore_remote_code, one_line
 
     hub = HubOptions(token, cache_dir, local_files_only)
     reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=hub, verify_base=verify_base)
@@ -751,15 +761,27 @@ def load_unmerged(
     # a generation_config.json linking out of the folder is refused by base_ckpt.file).
     base_cfg = base_ckpt.config()
     base_ckpt.file("generation_config.json")
+    load_dtype = resolve_dtype(dtype, reader, config)
     if base_cfg is not None:
         where = f"{base_ckpt.source}/config.json"
         check_layer_counts(base_cfg, count_blocks(base_ckpt.names()), where)
         base_config = config_from_dict(base_cfg, where)
-    else:
+        arch = model_class(base_config, where)
+    else:  # the delta's config: untrusted (see the docstring)
+        where = f"{getattr(reader, 'source', reader.path)}/{FINETUNED_CONFIG_NAME}"
         base_config = config
-    model, info = model_class(config).from_pretrained(
-        base_ckpt.path, config=base_config, dtype=resolve_dtype(dtype, reader, config), output_loading_info=True, **model_kwargs
-    )
+        ignore_remote_code(model_kwargs)
+        arch = model_class(config, where)
+        check_model_size(arch, config, load_dtype, reader, where)
+    try:
+        model, info = arch.from_pretrained(base_ckpt.path, config=base_config, dtype=load_dtype, output_loading_info=True, **model_kwargs)
+    except DeltahubError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config field transformers chokes on, or an argument
+        raise FormatError(
+            f"{where}: transformers cannot build or load the model it describes ({type(e).__name__}: {one_line(e)}); the config is "
+            "corrupted or hostile, or an argument given to from_pretrained is wrong"
+        ) from None
     check_loading_info(info, f"the base {base_ckpt.source}", "config.json")
     set_generation_config(model, reader)
     out = cls.from_base(model)
