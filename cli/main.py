@@ -613,8 +613,11 @@ def demo(
     ]
     title = f"deltahub on a small Austen fine-tune, target ratio {ratio} (NLL base {result.nll_base:.3f}, fine-tune {result.nll_finetuned:.3f})"
     _table(["method", "honest ratio", "rel. error", "PR", "compress s", "note"], rows, title=title, right=("honest ratio", "rel. error", "PR", "compress s"))
-    _echo(f"DeltaModel.from_pretrained({str(result.work_dir / ('delta-' + result.sampled_from))!r}) says:")
-    _echo(f"  {_clean(result.sample)}")
+    # What a newcomer needs to read the table (PR, natural-size rows), then the fine-tune's effect
+    # against the base's on one line of the fine-tune's text.
+    for line in ["", *result.notes(), "", *result.comparison()]:
+        _echo(_clean(line))
+    _echo(f"models and deltas: {result.work_dir}")
 
 
 @app.command("export-lora")
