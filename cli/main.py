@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import warnings
 import signal
 import sys
 from pathlib import Path
@@ -153,7 +154,25 @@ def _say(message: str) -> None:
     """One line on stderr: ``Error: message`` (newlines in the message folded, no markup parsed)."""
     _close_progress_bars()
     text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    # Messages may quote text from files or other libraries (a model_type with a NUL, a list of
+    # every architecture): control characters become spaces, and the line stops at a length a
+    # terminal shows.
+    text = re.sub(r"[\x00-\x1f\x7f]", " ", text)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 1] + "…"
     err_console.print(Text.assemble(("Error:", "red"), " ", text), highlight=False, soft_wrap=True)
+
+
+MAX_ERROR_CHARS = 2000
+
+
+def _warn(caught: list) -> list[str]:
+    """deltahub's warnings (e.g. a base id recorded without the Hub's check) as one
+    ``Warning: ...`` line each on stderr; returned for --json."""
+    lines = [str(w.message) for w in caught if issubclass(w.category, deltahub.BaseIdNotCheckedWarning)]
+    for line in lines:
+        err_console.print(Text.assemble(("Warning:", "yellow"), " ", re.sub(r"[\x00-\x1f\x7f]", " ", line)), highlight=False, soft_wrap=True)
+    return lines
 
 
 def _report(e: BaseException) -> int:
@@ -268,8 +287,8 @@ JSON_HELP = "Print one JSON document on stdout (and nothing else)."
 
 
 def _ratio(text: str | None) -> float | None:
-    """Accept ``1/8``, ``0.125`` or ``none``."""
-    if text is None or text.lower() == "none":
+    """Accept ``1/8``, ``0.125``, or ``none``/``natural`` (the method's natural size)."""
+    if text is None or text.lower() in ("none", "natural"):
         return None
     try:
         if "/" in text:
@@ -305,7 +324,7 @@ def compress(
     finetuned: str = typer.Argument(..., help="Fine-tuned model: local folder or Hub id."),
     out: Path = typer.Argument(..., help="Folder to write the delta repo to."),
     method: str = typer.Option("auto", "--method", "-m", help=f"One of: {', '.join(deltahub.list_methods())}."),
-    ratio: str = typer.Option("1/8", "--ratio", "-r", help="Target stored bytes / dense delta bytes, e.g. 1/8; 'none' for methods without one."),
+    ratio: str = typer.Option("1/8", "--ratio", "-r", help="Target stored bytes / dense delta bytes of the whole repo, e.g. 1/8 (an unreachable target is an error naming the smallest reachable one); 'natural' (or 'none') for the method's natural size."),
     param: List[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable), e.g. rank=64."),
     rule: List[str] = typer.Option([], "--rule", help="PATTERN=METHOD[:k=v,...] for matching tensor names (repeatable), e.g. '*.mlp.*=svd:rank=64'."),
     device: str = typer.Option("cpu", help="Where SVDs run: cpu or cuda."),
@@ -318,24 +337,28 @@ def compress(
     cache_dir: Optional[Path] = typer.Option(None, help="Hugging Face cache folder."),
     calibration: Optional[Path] = typer.Option(None, help="Plain-text file: auto measures errors on the base's activations over it (loads the base model once)."),
     calibration_tokens: int = typer.Option(2048, help="Tokens of the calibration text to use."),
+    base_id: Optional[str] = typer.Option(None, "--base-id", help="Record this Hub id (ORG/NAME or ORG/NAME@REV) as the base of a local base folder. Checked against the Hub's safetensors headers (no weights downloaded) where it answers; offline it is recorded unchecked (base.id_checked false). A base given as a Hugging Face cache snapshot is recorded as its repo id and commit without this."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Compress FINETUNED - BASE into a delta repo at OUT.
 
     Example: deltahub compress Qwen/Qwen2.5-0.5B Qwen/Qwen2.5-0.5B-Instruct qwen-delta --ratio 1/8
     """
-    result = _run(
-        deltahub.compress, base, finetuned, out, method, _ratio(ratio), params=_params(param), rules=rule, seed=seed, device=device,
-        revision=revision, base_revision=base_revision, token=token, cache_dir=cache_dir, max_shard_size=max_shard_size, overwrite=overwrite,
-        calibration=calibration, calibration_tokens=calibration_tokens, progress=_progress(),
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", deltahub.BaseIdNotCheckedWarning)
+        result = _run(
+            deltahub.compress, base, finetuned, out, method, _ratio(ratio), params=_params(param), rules=rule, seed=seed, device=device,
+            revision=revision, base_revision=base_revision, token=token, cache_dir=cache_dir, max_shard_size=max_shard_size, overwrite=overwrite,
+            calibration=calibration, calibration_tokens=calibration_tokens, progress=_progress(), base_id=base_id,
+        )
+    warned = _warn(caught)
     if as_json:
-        _print_json(result)
+        _print_json({**_jsonable(result), "warnings": warned})
         return
     _echo(str(result))
     if result.fallbacks:
         more = f" and {len(result.fallbacks) - 5} more" if len(result.fallbacks) > 5 else ""
-        _echo(f"{len(result.fallbacks)} tensor(s) too small for the ratio were stored dense: {', '.join(result.fallbacks[:5])}{more}")
+        _echo(f"{len(result.fallbacks)} tensor(s) stored dense, where dense is smaller than the method's smallest record: {', '.join(result.fallbacks[:5])}{more}")
 
 
 @app.command()
@@ -430,6 +453,7 @@ def push(
     private: bool = typer.Option(False, help="Create the repo private."),
     branch: Optional[str] = typer.Option(None, help="Branch to push to (default main)."),
     create_pr: bool = typer.Option(False, help="Open a pull request instead of committing to the branch."),
+    allow_local_base: bool = typer.Option(False, "--allow-local-base", help="Push even though the delta's base is only a local folder (nobody who pulls it can load it). Better: record its Hub id with `deltahub set-base`."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -439,7 +463,7 @@ def push(
     """
     from deltahub.hub import push as _push
 
-    result = _run(_push, delta, repo, tag=tag, message=message, private=private or None, branch=branch, create_pr=create_pr, token=token)
+    result = _run(_push, delta, repo, tag=tag, message=message, private=private or None, branch=branch, create_pr=create_pr, token=token, allow_local_base=allow_local_base)
     if as_json:
         _print_json(result)
         return
@@ -531,6 +555,29 @@ def rollback(
     _echo(_clean(f"rolled back {repo} to {to}: new head {result.commit[:12]} tagged {result.tag}"))
 
 
+@app.command("set-base")
+def set_base(
+    delta: Path = typer.Argument(..., help="Local delta repo folder."),
+    base_id: str = typer.Argument(..., help="The base's Hub id: ORG/NAME or ORG/NAME@REV."),
+    no_check: bool = typer.Option(False, "--no-check", help="Record the id without comparing it with the Hub."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Record the Hub id of a delta's base without recompressing: rewrites delta_config.json
+    (byte totals recounted) and README.md. Checked against the Hub's safetensors headers where it answers.
+
+    Example: deltahub set-base qwen-delta Qwen/Qwen2.5-0.5B@main
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", deltahub.BaseIdNotCheckedWarning)
+        result = _run(deltahub.set_base_id, delta, base_id, check=not no_check, token=token)
+    warned = _warn(caught)
+    if as_json:
+        _print_json({"path": result.path, "base": result.base.entries(), "stored_bytes": result.stored_bytes, "ratio": result.ratio, "note": result.note, "warnings": warned})
+        return
+    _echo(_clean(str(result)))
+
+
 @app.command("eval")
 def eval_(
     delta: str = typer.Argument(..., help="Delta repo: local folder or Hub id."),
@@ -552,6 +599,8 @@ def eval_(
     """
     from deltahub.evaluate import evaluate
 
+    if tensors_only and finetuned is None:
+        raise typer.BadParameter("--tensors-only compares each tensor with the true fine-tune: pass --finetuned", param_hint="--tensors-only")
     body = text.read_text() if text else None
     # finetuned is passed only when given: evaluate() without it scores base against base + delta.
     compare = {} if finetuned is None else {"finetuned": finetuned}

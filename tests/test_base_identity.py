@@ -248,3 +248,49 @@ def test_tokenizer_files_are_always_in_the_delta(world, tmp_path):
     repo = f"tester/delta-{uuid.uuid4().hex[:8]}"
     deltahub.push(delta, repo, token=HUB_TOKEN)
     assert AutoTokenizer.from_pretrained(repo, token=HUB_TOKEN)("hello delta hub")["input_ids"] == want
+
+
+def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_TOKEN": HUB_TOKEN, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "deltahub", *args], capture_output=True, text=True, env=env)
+
+
+def test_the_cli_records_checks_and_pushes_a_hub_base(world, hub, tmp_path):
+    """--base-id on compress, set-base on an existing delta, --allow-local-base on push, and the
+    unchecked warning, through the real command line with piped output."""
+    out = tmp_path / "delta"
+    p = _cli("compress", str(world["base"]), str(world["ft"]), str(out), "-m", "dense", "-r", "natural", "--base-id", world["base_repo"], "--json")
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
+    assert result["warnings"] == [] and _config(out)["base"]["id_checked"] is True
+    # another model's id: refused before any work, one line, exit 1
+    p = _cli("compress", str(world["base"]), str(world["ft"]), str(tmp_path / "x"), "-m", "dense", "-r", "none", "--base-id", world["other_repo"])
+    assert p.returncode == 1 and p.stderr.startswith("Error:") and len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+    local = tmp_path / "local"
+    shutil.copytree(world["local"], local)
+    repo = f"tester/cli-{uuid.uuid4().hex[:8]}"
+    p = _cli("push", str(local), repo)
+    assert p.returncode == 1 and "deltahub set-base" in p.stderr
+    p = _cli("set-base", str(local), world["base_repo"], "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["base"]["name_or_path"] == world["base_repo"] and _config(local)["base"]["id_checked"] is True
+    p = _cli("push", str(local), repo, "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["tag"] == "v1", p.stderr
+
+    # offline: recorded unchecked, one Warning line on stderr, and the warning in --json
+    other = tmp_path / "offline"
+    shutil.copytree(world["local"], other)
+    p = _cli("set-base", str(other), f"{world['base_repo']}@{world['base_commit']}", "--json", env_extra={"HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr
+    assert [line for line in p.stderr.splitlines() if line.startswith("Warning:")] and json.loads(p.stdout)["warnings"]
+    assert _config(other)["base"]["id_checked"] is False
+
+    # a local base pushed on purpose
+    p = _cli("push", str(world["local"]), f"tester/local-{uuid.uuid4().hex[:8]}", "--allow-local-base")
+    assert p.returncode == 0, p.stderr
+
+
+def test_eval_tensors_only_needs_the_finetune(world):
+    p = _cli("eval", str(world["local"]), "--tensors-only")
+    assert p.returncode == 2 and "--finetuned" in p.stderr
