@@ -32,7 +32,7 @@ from .inspect import DeltaInfo, VerifyReport, info, verify
 from .methods import get_method, list_methods
 from .model import DeltaModel
 from .policy import Policy, Rule
-from .serving import LoraExportReport, ServingError, UnknownDeltaError, export_lora
+from .serving import LoraExportReport, ServingError, UnknownDeltaError, UnsupportedMethodError, export_lora
 from .version import __version__
 
 __all__ = [
@@ -41,5 +41,5 @@ __all__ = [
     "OutputError", "Policy", "Rule", "ShapeMismatchError", "UnknownComponentError", "UnknownMethodError", "UnsupportedFormatVersionError",
     "VerifyReport", "__version__", "apply", "compress", "decode_tensor", "encode_tensor", "get_method", "info", "list_methods", "verify",
     "EvalReport", "evaluate", "ConcurrentPushError", "UntaggedPushError", "LocalBaseError", "BaseIdError", "BaseIdNotCheckedWarning", "set_base_id", "History", "HubError", "PushResult", "Version", "history", "pull", "push", "rollback",
-    "LoraExportReport", "ServingError", "UnknownDeltaError", "export_lora",
+    "LoraExportReport", "ServingError", "UnsupportedMethodError", "UnknownDeltaError", "export_lora",
 ]
