@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -332,3 +333,268 @@ def test_a_base_config_that_is_not_json_names_the_file(llama, tmp_path):
         Checkpoint.open(odd).config()
     with pytest.raises(FormatError, match=r"config.json is not valid JSON"):
         DeltaModel.from_pretrained(delta, base=odd, merge=False)
+
+
+# ----------------------------------------------- the attacker review of #15's hardening
+
+
+def _rewrite_record(repo: Path, name: str, record: dict, stored: dict[str, torch.Tensor]) -> Path:
+    """Replace tensor ``name``'s record and stored tensors, as an attacker who rewrites the shard
+    does: one shard, index and checksums resealed, total size recounted."""
+    index = json.loads((repo / "delta.safetensors.index.json").read_text())
+    state: dict[str, torch.Tensor] = {}
+    for shard in set(index["weight_map"].values()):
+        state.update(load_file(str(repo / shard)))
+        (repo / shard).unlink()
+    state = {k: v for k, v in state.items() if not k.startswith(name + "::")}
+    state.update({f"{name}::{k}": v for k, v in stored.items()})
+    shard = "delta-00001-of-00001.safetensors"
+    save_file(state, str(repo / shard), metadata={"format": "pt"})
+    index["weight_map"] = {k: shard for k in state}
+    index["metadata"]["sha256"] = {shard: hashlib.sha256((repo / shard).read_bytes()).hexdigest()}
+    index["metadata"]["total_size"] = (repo / shard).stat().st_size
+    (repo / "delta.safetensors.index.json").write_text(json.dumps(index))
+    return _edit_config(repo, lambda cfg: cfg["tensors"].__setitem__(name, record))
+
+
+def _zstd_frame(size: int, declared: int | None) -> bytes:
+    """A zstd frame of ``size`` zero bytes as RLE blocks of 128 KiB (4 bytes each), declaring
+    ``declared`` bytes of content (``None``: no content size in the header)."""
+    head = b"\x28\xb5\x2f\xfd" + (b"\xc0\x58" + struct.pack("<Q", declared) if declared is not None else b"\x00\x58")
+    blocks = []
+    while size > 0 or not blocks:
+        n = min(size, 128 << 10)
+        size -= n
+        blocks.append(struct.pack("<I", n << 3 | 1 << 1 | (size <= 0))[:3] + b"\x00")
+    return head + b"".join(blocks)
+
+
+@pytest.mark.parametrize(
+    "bomb, declared, holds",
+    [("claim", 1 << 40, 0), ("real", 1 << 32, 1 << 32), ("undeclared", None, 1 << 32)],
+)
+def test_a_lossless_zstd_bomb_is_refused_before_it_is_decompressed(llama, tmp_path, bomb, declared, holds):
+    """A lossless record whose frame declares (claim: 17 bytes asking for 1 TiB), holds (131 KB
+    of RLE blocks making 4 GiB) or holds without declaring 4 GiB, for a 9 KB tensor. A one-shot
+    zstd decompress allocates what the frame declares: under a 4 GiB address space that is a
+    MemoryError. Every path that decodes it (apply, both loaders, load_delta, export-lora)
+    refuses it with a FormatError naming the tensor and the field, and verify (no base) too."""
+    base, delta = llama
+    rec = json.loads((delta / "delta_config.json").read_text())["tensors"][LOWRANK]
+    frame = _zstd_frame(holds, declared)
+    bad = _rewrite_record(
+        _copy(delta, tmp_path / "bomb"), LOWRANK,
+        {"kind": "compressed", "shape": rec["shape"], "dtype": rec["dtype"], "method": "lossless",
+         "components": [{"type": "lossless", "codec": "xor-byteplanes-zstd", "nbytes": len(frame)}]},
+        {"0.data": torch.frombuffer(bytearray(frame), dtype=torch.uint8)},
+    )
+    out = tmp_path / "out"
+    code = f"""
+import resource, sys, warnings
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+warnings.simplefilter("ignore")
+import deltahub, transformers
+from deltahub import DeltaModel
+from deltahub.errors import FormatError
+report = deltahub.verify({str(bad)!r})
+print("verify", "OK" if report.ok else "REFUSED", " ".join(report.problems))
+base = transformers.LlamaForCausalLM.from_pretrained({str(base)!r})
+for what, call in (("apply", lambda: deltahub.apply({str(bad)!r}, {str(out)!r}, progress=False)),
+                   ("load", lambda: DeltaModel.from_pretrained({str(bad)!r})),
+                   ("unmerged", lambda: DeltaModel.from_pretrained({str(bad)!r}, merge=False)),
+                   ("load_delta", lambda: DeltaModel.from_base(base).load_delta({str(bad)!r})),
+                   ("export-lora", lambda: deltahub.export_lora({str(bad)!r}, {str(tmp_path / "lora")!r}, progress=False))):
+    try:
+        call()
+    except FormatError as e:
+        print(what, "REFUSED", e)
+    else:
+        sys.exit(what + " accepted a zstd bomb")
+print("peak RSS MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 7, run.stdout
+    for line in lines[:6]:
+        assert "REFUSED" in line and LOWRANK in line and "field 'data'" in line and "lossless" in line, line
+        assert ("declares 1099511627776 bytes" if bomb == "claim" else "declares 4294967296 bytes" if bomb == "real" else "decompresses to more than 9216 bytes") in line, line
+    assert int(lines[-1].split()[-1]) < 2048, lines[-1]  # nothing of the declared size was allocated
+    _no_output(out)
+    _no_output(tmp_path / "lora")
+
+
+_EVIL_MODULE = '''
+from pathlib import Path
+Path({marker!r}).write_text("remote code from attacker/evil ran")
+from transformers import LlamaForCausalLM
+class EvilForCausalLM(LlamaForCausalLM):
+    pass
+'''
+
+
+def _set_finetuned_config(repo: Path, replace: bool = False, **fields) -> Path:
+    path = repo / "finetuned_config.json"
+    cfg = {} if replace else json.loads(path.read_text())
+    cfg.update(fields)
+    path.write_text(json.dumps(cfg))
+    return repo
+
+
+def test_a_finetuned_config_cannot_run_code_from_another_hub_repo(llama, hub, tmp_path):
+    """A real remote-code repo on the test Hub whose module writes a marker file when imported;
+    the delta's config points at it through ``auto_map``. Users pass trust_remote_code=True for
+    their base: the delta must not turn that into running a stranger's code."""
+    from huggingface_hub import HfApi
+
+    from conftest import HUB_TOKEN
+
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "modeling_evil.py").write_text(_EVIL_MODULE.format(marker=str(marker)))
+    api = HfApi(token=HUB_TOKEN)
+    api.create_repo("attacker/evil")
+    api.upload_folder(folder_path=str(evil), repo_id="attacker/evil")
+    _, delta = llama
+    auto_map = {"AutoModelForCausalLM": "attacker/evil--modeling_evil.EvilForCausalLM", "AutoConfig": "attacker/evil--modeling_evil.EvilConfig"}
+    bad = _set_finetuned_config(_copy(delta, tmp_path / "auto"), architectures=["AutoModelForCausalLM"], auto_map=auto_map)
+    for kwargs in ({}, {"trust_remote_code": True}):
+        for merge in (True, False):
+            if merge:
+                with pytest.raises(FormatError, match="finetuned_config.json: field 'architectures' names 'AutoModelForCausalLM', which is not one of transformers' model classes"):
+                    DeltaModel.from_pretrained(bad, merge=merge, **kwargs)
+            else:  # unmerged, the base's config.json (the user's choice) picks the class
+                assert type(DeltaModel.from_pretrained(bad, merge=merge, **kwargs).get_base_model()).__name__ == "LlamaForCausalLM"
+            assert not marker.exists(), kwargs
+    # An honest class name beside the auto_map: transformers' own class, the auto_map dropped.
+    own = _set_finetuned_config(_copy(delta, tmp_path / "own"), architectures=["LlamaForCausalLM"], auto_map=auto_map, custom_pipelines={"x": {"impl": "attacker/evil--p.P"}})
+    with pytest.warns(UserWarning, match="trust_remote_code is ignored"):
+        model = DeltaModel.from_pretrained(own, trust_remote_code=True)
+    assert type(model).__name__ == "LlamaForCausalLM" and type(model).__module__.startswith("transformers.")
+    assert "auto_map" not in model.config.to_dict() and "custom_pipelines" not in model.config.to_dict()
+    # A base without config.json: unmerged builds from the delta's config, untrusted there too.
+    base, _ = llama
+    bare = _copy(base, tmp_path / "bare-base")
+    (bare / "config.json").unlink()
+    with pytest.raises(FormatError, match="field 'architectures' names 'AutoModelForCausalLM'"):
+        DeltaModel.from_pretrained(bad, base=bare, merge=False, trust_remote_code=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"architectures": ["pipeline"]}, "field 'architectures' names 'pipeline'"),
+        ({"architectures": ["BertModel"]}, "field 'architectures' names 'BertModel', which is not one of transformers' model classes for LlamaConfig"),
+        ({"architectures": ["AutoTokenizer"]}, "field 'architectures' names 'AutoTokenizer'"),
+        ({"architectures": "LlamaForCausalLM"}, "architectures"),
+        ({"hidden_size": "48"}, "StrictDataclassFieldValidationError: Validation error for field 'hidden_size'"),
+        ({"num_attention_heads": -4}, "cannot build the model it describes \\(RuntimeError: .*negative dimension"),
+        ({"model_type": "llama\u0000\u001b[2J"}, "'model_type' = 'llama\\?\\?\\[2J'"),
+    ],
+)
+def test_hostile_finetuned_config_fields_are_format_errors(llama, tmp_path, fields, message):
+    """Fields transformers chokes on, or that name no model class of the config: one-line
+    FormatErrors naming finetuned_config.json, transformers' error type kept in the message."""
+    _, delta = llama
+    bad = _set_finetuned_config(_copy(delta, tmp_path / "cfg"), **fields)
+    with pytest.raises(FormatError, match="finetuned_config.json") as e:
+        DeltaModel.from_pretrained(bad)
+    assert re.search(message, str(e.value)), str(e.value)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and len(str(e.value)) < 1000
+
+
+def test_a_finetuned_config_describing_a_larger_model_is_refused_before_allocating(llama, tmp_path):
+    """Fields that size memory no record holds: a 300M-token vocabulary (29 GB in bf16), a 3e7-wide MLP,
+    and a GPT-Neo config (over a llama delta) whose max_position_embeddings makes a 60000^2
+    causal mask per layer (7.2 GB). Refused on the meta device, under a 6 GiB address space,
+    naming the largest parameters or buffers; another model_type than the base's is refused
+    first unless verify_base=False."""
+    _, delta = llama
+    neo = {"model_type": "gpt_neo", "architectures": ["GPTNeoForCausalLM"], "num_layers": 2, "attention_types": [[["global"], 2]],
+           "max_position_embeddings": 60000, "hidden_size": 48, "num_heads": 4, "vocab_size": 256}
+    cases = {
+        "vocab": _set_finetuned_config(_copy(delta, tmp_path / "vocab"), vocab_size=300_000_000),
+        "mlp": _set_finetuned_config(_copy(delta, tmp_path / "mlp"), intermediate_size=30_000_000),
+        "neo": _set_finetuned_config(_copy(delta, tmp_path / "neo"), replace=True, **neo),
+    }
+    code = f"""
+import resource, sys, warnings
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+warnings.simplefilter("ignore")
+from deltahub import DeltaModel
+from deltahub.errors import FormatError
+cases = {{k: str(v) for k, v in {cases!r}.items()}}
+for what, call in (("vocab", lambda: DeltaModel.from_pretrained(cases["vocab"])),
+                   ("mlp", lambda: DeltaModel.from_pretrained(cases["mlp"])),
+                   ("neo", lambda: DeltaModel.from_pretrained(cases["neo"])),
+                   ("neo unverified", lambda: DeltaModel.from_pretrained(cases["neo"], verify_base=False)),
+                   ("neo unmerged", lambda: DeltaModel.from_pretrained(cases["neo"], merge=False))):
+    try:
+        call()
+    except FormatError as e:
+        print(what, "|REFUSED", e)
+    else:
+        print(what, "|LOADED")
+print("peak RSS MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+""".replace("PosixPath", "str")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    got = dict(line.split(" |", 1) for line in run.stdout.strip().splitlines() if not line.startswith("peak"))
+    bound = "more than the .* deltahub accepts for the delta's weights"
+    assert re.search(f"finetuned_config.json: the model it describes holds .*model.embed_tokens.weight 28800000000.*{bound}", got["vocab"]), got["vocab"]
+    assert re.search(f"holds .*mlp.* 2880000000.*{bound}", got["mlp"]), got["mlp"]
+    assert re.search("field 'model_type' is 'gpt_neo', but the base .* is a 'llama'.*verify_base=False", got["neo"]), got["neo"]
+    assert re.search(f"transformer.h.0.attn.attention.bias 3600000000.*{bound}", got["neo unverified"]), got["neo unverified"]
+    # Unmerged, the model is the base's (its config.json, trusted): the delta's config sizes nothing.
+    assert got["neo unmerged"] == "LOADED", got["neo unmerged"]
+    assert int(run.stdout.strip().splitlines()[-1].split()[-1]) < 2048
+
+
+def _all_removed(cfg):
+    for name, rec in cfg["tensors"].items():
+        cfg["tensors"][name] = {"kind": "removed", "shape": rec["shape"], "dtype": rec["dtype"]}
+    cfg["finetuned"].pop("fingerprint", None)
+
+
+def test_a_delta_whose_records_decode_to_no_tensor_is_refused(llama, tmp_path):
+    """Every record ``removed``: each base tensor "has a record", and apply wrote a checkpoint of
+    no tensor. Then one record removed but the fine-tune's fingerprint kept: the map was edited."""
+    _, delta = llama
+    empty = _copy(delta, tmp_path / "removed")
+    for shard in empty.glob("delta-*.safetensors"):
+        shard.unlink()
+    (empty / "delta.safetensors.index.json").write_text(json.dumps({"metadata": {"format_version": "1.0", "sha256": {}, "total_size": 0}, "weight_map": {}}))
+    _edit_config(empty, _all_removed)
+    (empty / "finetuned_config.json").unlink()
+    with pytest.raises(FormatError, match="none decodes to a tensor"):
+        deltahub.apply(empty, tmp_path / "out", progress=False)
+    _no_output(tmp_path / "out")
+    with pytest.raises(FormatError, match="none decodes to a tensor"):
+        DeltaModel.from_pretrained(empty, verify_base=False)
+    edited = _edit_config(_copy(delta, tmp_path / "edited"), lambda cfg: cfg["tensors"].__setitem__(SAME, {**cfg["tensors"][SAME], "kind": "removed"}))
+    with pytest.raises(FormatError, match="do not match finetuned.fingerprint"):
+        deltahub.apply(edited, tmp_path / "out", progress=False)
+    _no_output(tmp_path / "out")
+    with pytest.raises(FormatError, match="do not match finetuned.fingerprint"):
+        DeltaModel.from_pretrained(edited, merge=False)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "finetuned_config.json", "chat_template.jinja"])
+def test_a_repo_file_that_is_a_fifo_is_refused_not_skipped(llama, tmp_path, name):
+    """A FIFO named like a repo file: reading it would block, skipping it put the base's file in
+    its place. apply (through the CLI) and verify name it; nothing is written."""
+    _, delta = llama
+    bad = _copy(delta, tmp_path / "fifo")
+    if (bad / name).exists():
+        (bad / name).unlink()
+    os.mkfifo(bad / name)
+    env = {**os.environ, "COLUMNS": "1000"}
+    done = subprocess.run([sys.executable, "-m", "deltahub", "-q", "apply", str(bad), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out
+    assert f"{name} is a FIFO, not a regular file" in out and len(out.strip().splitlines()) == 1, out
+    _no_output(tmp_path / "out")
+    report = deltahub.verify(bad)
+    assert not report.ok and any(f"{name} is a FIFO" in p for p in report.problems), str(report)

@@ -535,3 +535,38 @@ def test_cli_verify_on_a_hostile_repo_prints_one_line(repo, attack):
         else:  # one error line
             assert len(lines) == 1, out
         assert (INDEX_NAME if attack == "weight_map_list" else "nested" if attack == "deep_header" else "'base'") in out
+
+
+# ------------------------------------------------------------ cheap checks before hashing
+
+
+def test_a_shard_extended_to_100_gb_fails_verify_without_hashing_it(repo):
+    """A sparse 100 GB shard (its tensors no longer tile the file): verify answers from the header
+    at once instead of hashing 100 GB for minutes (the subprocess's timeout fails a regression)."""
+    path, _ = repo
+    shard = next(iter(_index(path)["metadata"]["sha256"]))
+    os.truncate(path / shard, 100 << 30)
+    done = subprocess.run(
+        [sys.executable, "-c", f"import deltahub; r = deltahub.verify({str(path)!r}); print(r.ok); print(r)"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("False") and f"shard {shard}" in done.stdout and "SHA-256" not in done.stdout, done.stdout
+    # The header's tiling check refuses it; where the kernel will not map 100 GB, the map does first.
+    assert "bytes after the last tensor's data" in done.stdout or "Cannot allocate memory" in done.stdout, done.stdout
+
+
+def test_shards_must_add_up_to_the_index_total_size(repo):
+    path, _ = repo
+    index = _index(path)
+    index["metadata"]["total_size"] += 1
+    _write_json(path / INDEX_NAME, index)
+    report = verify(path)
+    assert not report.ok and "metadata.total_size" in str(report), str(report)
+
+
+def test_a_folder_named_like_a_repo_file_fails_verify(repo):
+    path, _ = repo
+    (path / "tokenizer_config.json").mkdir()
+    report = verify(path)
+    assert not report.ok and "tokenizer_config.json is a folder, not a regular file" in str(report), str(report)
