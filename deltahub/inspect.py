@@ -154,7 +154,8 @@ def verify(
                 report.problems.append(f"base: {len(missing)} base tensor(s) have no record in {CONFIG_NAME}, e.g. {missing[0]!r} (spec §4: every base tensor has one); the delta is incomplete or was edited")
             report.base_checked = True
         except DeltahubError as e:
-            report.problems.append(f"base: {e}")
+            if not any(p in str(e) for p in report.problems):  # the completeness check speaks once
+                report.problems.append(f"base: {e}")
     report.ok = not report.problems
     return report
 
