@@ -21,8 +21,8 @@ from .checkpoint import Checkpoint
 from .errors import DeltahubError, FormatError
 from .format import FINETUNED_CONFIG_NAME, DeltaReader
 from .format.dtypes import to_torch
-from .format.limits import confined_file, read_json
-from .sources import HubOptions, check_model_size, check_model_type, decode_checked, ignore_remote_code, one_line, open_pair, own_model_classes, read_finetuned_config
+from .format.limits import read_json
+from .sources import HubOptions, check_model_size, check_model_type, decode_checked, ignore_remote_code, one_line, open_pair, own_model_classes, read_finetuned_config, repo_file
 from .serving.model import MultiDeltaModel, load_unmerged
 
 
@@ -161,8 +161,8 @@ def set_generation_config(model, reader: DeltaReader) -> None:
     """Give a model that generates the delta's ``generation_config.json``, when it has one
     (read through ``limits.confined_file`` and ``limits.read_json``)."""
     where = f"{getattr(reader, 'source', reader.path)}/generation_config.json"
-    path = confined_file(reader.path, "generation_config.json", where)
-    if path.is_file() and getattr(model, "can_generate", lambda: False)():
+    path = repo_file(reader.path, "generation_config.json", where)  # a FIFO or folder there is an error, not skipped
+    if path is not None and getattr(model, "can_generate", lambda: False)():
         from transformers import GenerationConfig
 
         data = read_json(path, where)

@@ -523,14 +523,16 @@ def test_a_finetuned_config_describing_a_larger_model_is_refused_before_allocati
 import resource, sys, warnings
 resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
 warnings.simplefilter("ignore")
-from deltahub import DeltaModel
+from deltahub import DeltaModel, export_lora
 from deltahub.errors import FormatError
 cases = {{k: str(v) for k, v in {cases!r}.items()}}
 for what, call in (("vocab", lambda: DeltaModel.from_pretrained(cases["vocab"])),
                    ("mlp", lambda: DeltaModel.from_pretrained(cases["mlp"])),
                    ("neo", lambda: DeltaModel.from_pretrained(cases["neo"])),
                    ("neo unverified", lambda: DeltaModel.from_pretrained(cases["neo"], verify_base=False)),
-                   ("neo unmerged", lambda: DeltaModel.from_pretrained(cases["neo"], merge=False))):
+                   ("neo unmerged", lambda: DeltaModel.from_pretrained(cases["neo"], merge=False)),
+                   ("vocab export", lambda: export_lora(cases["vocab"], cases["vocab"] + "-lora")),
+                   ("neo export", lambda: export_lora(cases["neo"], cases["neo"] + "-lora"))):
     try:
         call()
     except FormatError as e:
@@ -547,6 +549,9 @@ print("peak RSS MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     assert re.search(f"holds .*mlp.* 2880000000.*{bound}", got["mlp"]), got["mlp"]
     assert re.search("field 'model_type' is 'gpt_neo', but the base .* is a 'llama'.*verify_base=False", got["neo"]), got["neo"]
     assert re.search(f"transformer.h.0.attn.attention.bias 3600000000.*{bound}", got["neo unverified"]), got["neo unverified"]
+    # export-lora builds the fine-tune's architecture too (on the meta device, after the same bound)
+    assert re.search(f"model.embed_tokens.weight 28800000000.*{bound}", got["vocab export"]), got["vocab export"]
+    assert re.search(f"transformer.h.0.attn.attention.bias 3600000000.*{bound}", got["neo export"]), got["neo export"]
     # Unmerged, the model is the base's (its config.json, trusted): the delta's config sizes nothing.
     assert got["neo unmerged"] == "LOADED", got["neo unmerged"]
     assert int(run.stdout.strip().splitlines()[-1].split()[-1]) < 2048
@@ -598,3 +603,21 @@ def test_a_repo_file_that_is_a_fifo_is_refused_not_skipped(llama, tmp_path, name
     _no_output(tmp_path / "out")
     report = deltahub.verify(bad)
     assert not report.ok and any(f"{name} is a FIFO" in p for p in report.problems), str(report)
+
+
+def test_a_fifo_generation_config_is_refused_by_the_loaders(llama, tmp_path):
+    """The loaders read generation_config.json after the weights, and a serving model copies the
+    repo's files when it saves: a FIFO there blocked or was skipped; now it is named."""
+    _, delta = llama
+    bad = _copy(delta, tmp_path / "fifo")
+    (bad / "generation_config.json").unlink(missing_ok=True)
+    os.mkfifo(bad / "generation_config.json")
+    with pytest.raises(FormatError, match="generation_config.json is a FIFO, not a regular file"):
+        DeltaModel.from_pretrained(bad)
+    served = _copy(delta, tmp_path / "served")
+    model = DeltaModel.from_pretrained(served, merge=False)
+    (served / "generation_config.json").unlink(missing_ok=True)  # replaced after loading, before saving
+    os.mkfifo(served / "generation_config.json")
+    with pytest.raises(FormatError, match="generation_config.json is a FIFO, not a regular file"):
+        model.save_pretrained(tmp_path / "saved")
+    _no_output(tmp_path / "saved")

@@ -66,8 +66,14 @@ class MappedSafetensors:
             # Size and nesting are checked before json parses (a header nested 200,000 deep
             # would otherwise end in a RecursionError).
             header = loads_json(fh.read(n), f"{name} (malformed safetensors header)", max_bytes=MAX_HEADER_BYTES)
-            # An empty map cannot be made; a file of no data needs none.
+            self._check_header(name, header, n, size)
+            # Mapped only once the header is known to tile the file: a shard padded to 100 GB is
+            # refused for its trailing bytes, not by the kernel's answer to mapping it. An empty
+            # map cannot be made; a file of no data needs none.
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+
+    def _check_header(self, name: str, header: object, n: int, size: int) -> None:
+        """Type-check every entry, each inside the file, and the entries tiling its data."""
         if not isinstance(header, dict):
             raise FormatError(f"{name}: the safetensors header is not a JSON object; the file is corrupted")
         self.metadata: dict[str, str] = _header_metadata(name, header.pop("__metadata__", None))

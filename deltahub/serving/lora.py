@@ -45,7 +45,8 @@ from ..format.dtypes import parse_user_dtype
 from ..format.records import delta_from_components, record_nbytes, validate_record
 from ..format.repo import atomic_dir, check_out_dir
 from ..methods.linalg import truncated_svd
-from ..sources import HubOptions, open_base, open_delta
+from ..sources import HubOptions, check_model_size, one_line, open_base, open_delta
+from ..errors import FormatError
 from .errors import ServingError
 from .layers import DeltaConv1D, DeltaEmbedding, DeltaLinear
 from .model import _fast_wrapper, _users
@@ -149,13 +150,21 @@ class LoraExportReport:
 
 def _meta_model(reader: DeltaReader):
     """The fine-tune's architecture on the meta device (no memory): which module each tensor is in."""
-    import accelerate
-
+    from ..format import FINETUNED_CONFIG_NAME
     from ..model import finetuned_config, model_class  # deltahub.model imports this package
 
     config = finetuned_config(reader)
-    with accelerate.init_empty_weights():
-        model = model_class(config)(config)
+    where = f"{getattr(reader, 'source', reader.path)}/{FINETUNED_CONFIG_NAME}"
+    arch = model_class(config, where)
+    # The config comes with the delta: the model it describes must fit the delta's weights before
+    # anything is built (check_model_size builds it on the meta device, buffers included, which
+    # accelerate's init_empty_weights would still allocate on the CPU).
+    check_model_size(arch, config, None, reader, where)
+    try:
+        with torch.device("meta"):
+            model = arch._from_config(config)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises on a hostile config
+        raise FormatError(f"{where}: transformers cannot build the model it describes ({type(e).__name__}: {one_line(e)}); the config is corrupted or hostile") from None
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model, config

@@ -46,9 +46,9 @@ from ..card import human_bytes
 from ..errors import FormatError, InvalidTensorError
 from ..format import DeltaReader
 from ..format.config import CONFIG_NAME, FINETUNED_CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME, SHARD_NAME, is_repo_file
-from ..format.limits import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, MAX_REPO_FILE_BYTES, MAX_SMALL_JSON_BYTES, confined_file, loads_json
+from ..format.limits import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, MAX_REPO_FILE_BYTES, MAX_SMALL_JSON_BYTES, loads_json
 from ..format.repo import atomic_dir
-from ..sources import HubOptions, all_finite, check_finite, check_layer_counts, count_blocks, open_delta, open_pair
+from ..sources import HubOptions, all_finite, check_finite, check_layer_counts, count_blocks, open_delta, open_pair, repo_file
 from .base_check import check_model_base
 from .errors import ServingError, UnknownDeltaError
 from .layers import DeltaConv1D, DeltaEmbedding, DeltaLayer, DeltaLinear, DeltaParams, Routing
@@ -179,7 +179,7 @@ def copy_delta_repo(loaded: LoadedDelta, out: str | os.PathLike, overwrite: bool
     checksums = reader.checksums()
     with atomic_dir(out, overwrite, inputs=(src,)) as tmp:
         for name in names:
-            path = confined_file(src, name, f"{where}: {name}")
+            path = repo_file(src, name, f"{where}: {name}")  # regular files only: a FIFO would block the copy
             if name in _LOADED:
                 _copy_as_loaded(path, tmp / name, name, reader, f"{where}: {name}")
             else:
