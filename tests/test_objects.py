@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from huggingface_hub import HfApi
 from safetensors.torch import save_file
 
@@ -330,3 +331,21 @@ def test_in_memory_sources_that_are_not_fine_tunes_are_refused(setup, tmp_path):
     with pytest.raises(CheckpointError, match="drop revision"):
         deltahub.compress(base, load(base, "llama"), tmp_path / "out", revision="v1", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_serving_model_runs_without_no_grad(setup, tmp_path):
+    """Called as one calls any transformers model (autograd on, base weights requiring grad),
+    the serving model answers instead of failing inside a delta operator's in-place product
+    (the sign planes' ``torch.mm(..., out=...)``)."""
+    base, ft, _, _, _ = setup
+    signs = deltahub.compress(base, ft, tmp_path / "signs", method="bitdelta", ratio=None, progress=False).path
+    model = DeltaModel.from_base(AutoModelForCausalLM.from_pretrained(base))
+    model.load_adapter(signs, "b")
+    model.set_adapter("b")
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in model.base_model.parameters())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = model(ids).logits
+    with torch.no_grad():
+        want = model(ids).logits
+    assert not out.requires_grad and torch.equal(out, want)
+    assert torch.equal(model(ids, delta_names=["b"]).logits, want)

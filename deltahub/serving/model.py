@@ -535,11 +535,16 @@ class MultiDeltaModel(nn.Module):
     # ------------------------------------------------------------------ running
 
     def forward(self, *args: Any, delta_names: list[str | None] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward with the active delta, or with ``delta_names[i]`` for row ``i``."""
-        if delta_names is None:
-            return self.base_model(*args, **kwargs)
-        with self.delta_batch(delta_names):
-            return self.base_model(*args, **kwargs)
+        """The base model's forward with the active delta, or with ``delta_names[i]`` for row ``i``.
+
+        Serving is inference: the forward runs without autograd (the delta operators write into
+        buffers in place), so ``model(ids)`` works without ``torch.no_grad()`` and its outputs
+        carry no graph. To train, merge first (``merge_and_unload()``)."""
+        with torch.no_grad():
+            if delta_names is None:
+                return self.base_model(*args, **kwargs)
+            with self.delta_batch(delta_names):
+                return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, delta_names: list[str | None] | None = None, **kwargs: Any) -> Any:
         """``base_model.generate`` with the active delta, or with ``delta_names[i]`` for row ``i``."""
