@@ -273,7 +273,7 @@ def _fill(v: Version, cfg: dict) -> Version:
     base, totals = cfg["base"], cfg.get("totals") or {}
     v.method = cfg["method"]["name"]
     v.ratio, v.stored_bytes, v.dense_bytes = totals.get("ratio"), totals.get("stored_bytes"), totals.get("dense_bytes")
-    v.base = (base.get("name_or_path") or "") + (f"@{base['revision'][:12]}" if base.get("revision") else "")
+    v.base = (base.get("name_or_path") or "") + (f"@{base['revision']}" if base.get("revision") else "")
     v.base_fingerprint = base.get("fingerprint")
     return v
 

@@ -118,6 +118,7 @@ def test_log_piped_has_full_commits_dates_and_bases(world):
     v = logged["versions"][0]
     head = HfApi(token=HUB_TOKEN).list_repo_commits(world.repo)[0].commit_id
     assert v["commit"] == head and v["tags"] == ["v1"] and v["base"].startswith(world.base_repo) and v["date"].startswith("20")
+    assert len(v["base"].rsplit("@", 1)[1]) == 40  # the base's whole commit, as recorded
     p = cli("log", world.repo)
     row = next(line for line in p.stdout.splitlines() if line.startswith("v1 ")).split()
     assert row[1] == head and row[2] == v["date"] and row[-1] == v["base"], p.stdout  # whole: no cut commit, date or base
