@@ -56,14 +56,27 @@ def _load_config(delta: str | os.PathLike, revision: str | None, hub: HubOptions
             raise FormatError(f"{path} has no {CONFIG_NAME}: it is not a deltahub delta repo")
         return read_config(cfg_path, str(cfg_path))
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    text = str(delta)
+    if path.exists() or text.count("/") > 1 or text.startswith((".", "/", "~")):
+        # A path, not a Hub id: say so instead of passing it to the Hub's id validation.
+        raise FormatError(f"{delta} is not a folder (and not a Hub repo id like 'user/my-delta'); check the path")
     try:
-        local = hf_hub_download(str(delta), CONFIG_NAME, revision=revision, **hub.kwargs())
+        local = hf_hub_download(text, CONFIG_NAME, revision=revision, **hub.kwargs())
+    except LocalEntryNotFoundError:  # before EntryNotFoundError, its base class: nothing was answered
+        from huggingface_hub import constants
+
+        why = "downloads are off" if hub.local_files_only or constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
+        raise DeltahubError(f"{delta} is not a local folder, and as a Hub id it is not in the cache and {why}; check the path or name, or the network") from None
     except EntryNotFoundError:
         raise FormatError(f"{delta} has no {CONFIG_NAME}: it is not a deltahub delta repo") from None
+    except HFValidationError:
+        raise FormatError(f"{delta} is neither a folder nor a Hub repo id like 'user/my-delta'") from None
+    except RepositoryNotFoundError:
+        raise DeltahubError(f"{delta} is not a local folder and no Hub repo of that name is visible (check the name, or log in for private repos)") from None
     except HfHubHTTPError as e:
-        raise DeltahubError(f"cannot read {CONFIG_NAME} of {delta}: {e}") from None
+        raise DeltahubError(f"cannot read {CONFIG_NAME} of {delta}: {str(e).splitlines()[0]}") from None
     return read_config(local, f"{delta}/{CONFIG_NAME}")
 
 

@@ -122,3 +122,16 @@ def test_an_interrupted_compress_exits_cleanly_and_leaves_nothing(pair, tmp_path
     errors = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and word in errors[0] and stderr.rstrip().endswith(errors[0]), stderr
     assert list(tmp_path.iterdir()) == [], stderr  # no output, no partial folder
+
+
+def test_info_on_a_missing_path_or_id_says_which(tmp_path, hub):
+    """A path that does not exist is named as a path, not passed to the Hub's id validation; an id
+    the Hub does not have is named as such; offline, the message says downloads are off."""
+    env = {**os.environ, "COLUMNS": "1000"}
+    for arg in ("./no-such-delta", str(tmp_path / "no-such-delta"), "a/b/c"):
+        p = subprocess.run([sys.executable, "-m", "deltahub", "info", arg], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert p.returncode == 1 and p.stderr.startswith(f"Error: {arg} is not a folder"), p.stderr
+    p = subprocess.run([sys.executable, "-m", "deltahub", "info", "tester/no-such-delta"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert p.returncode == 1 and "no Hub repo of that name is visible" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = subprocess.run([sys.executable, "-m", "deltahub", "info", "tester/no-such-delta"], capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    assert p.returncode == 1 and "downloads are off" in p.stderr, p.stderr
