@@ -26,6 +26,7 @@ import torch
 from .progress import progress as progress_bar
 
 from .checkpoint import Checkpoint, borrow_base
+from .errors import DeltahubError
 from .format.records import describe_record
 from .sources import HubOptions, open_pair
 
@@ -235,11 +236,13 @@ def evaluate(
 
 
 def _tokenizer(finetuned: Path | None, delta: Path, base: Path):
-    """The fine-tune's tokenizer: from the fine-tune if given, else the delta repo's copy (written
-    when it differs from the base's), else the base's."""
+    """The fine-tune's tokenizer: from the fine-tune if given and it has one, else the delta repo's
+    copy, else the base's."""
     from transformers import AutoTokenizer
 
-    if finetuned is not None:
-        return AutoTokenizer.from_pretrained(str(finetuned))
-    has_own = any((Path(delta) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    return AutoTokenizer.from_pretrained(str(delta if has_own else base))
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    folder = next((Path(f) for f in (finetuned, delta, base) if f is not None and any((Path(f) / n).is_file() for n in names)), None)
+    if folder is None:
+        # transformers would answer with advice about sentencepiece; the cause is simpler.
+        raise DeltahubError("scoring a text needs a tokenizer, and neither the fine-tune, the delta nor the base has tokenizer files; add them to the base or the delta, or measure the tensors only (with_text=False; CLI: --tensors-only --finetuned ...)")
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -106,3 +106,16 @@ def test_eval_cli_without_finetuned(pair, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "not measured" in r.stdout and "base + delta" in r.stdout and "retention PR" not in r.stdout
+
+
+def test_without_any_tokenizer_the_error_says_so(tmp_path):
+    """A pair whose folders hold no tokenizer files: scoring a text is refused with the cause, not
+    transformers' advice to install sentencepiece; the tensors alone still measure."""
+    from model_pairs import make_pair
+
+    base, ft = make_pair("llama", tmp_path)
+    assert not list(base.glob("tokenizer*")) and not list(ft.glob("tokenizer*"))
+    delta = deltahub.compress(base, ft, tmp_path / "d", method="dense", ratio=None, progress=False).path
+    with pytest.raises(deltahub.DeltahubError, match="neither the fine-tune, the delta nor the base has tokenizer files"):
+        deltahub.evaluate(delta, ft, text="a few words " * 20, max_tokens=50, progress=False)
+    assert deltahub.evaluate(delta, ft, with_text=False, progress=False).text is None
