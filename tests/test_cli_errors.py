@@ -104,7 +104,18 @@ def test_internal_errors_give_one_line_and_status_3():
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    return make_pair("llama", tmp_path_factory.mktemp("cli-signals"))
+    """A pair with 300 matrices: compressing it takes seconds after the partial folder appears,
+    so the signal lands mid-run (a tiny model's run could end before the signal is sent)."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("cli-signals")
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.w": torch.randn(256, 256, generator=g).bfloat16() for i in range(300)}
+    ft = {n: (t.float() + 0.01 * torch.randn(256, 256, generator=g)).bfloat16() for n, t in base.items()}
+    for name, tensors in (("base", base), ("ft", ft)):
+        (root / name).mkdir()
+        save_file(tensors, root / name / "model.safetensors")
+    return root / "base", root / "ft"
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
