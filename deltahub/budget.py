@@ -155,7 +155,9 @@ def plan(policy: Policy, base, finetuned, fallback_dense: bool, max_shard_size: 
     groups: set[str] = set()
     fixed = _CONFIG_FIXED + sum(len(json.dumps(str(n), ensure_ascii=False).encode()) + 64 for n in names_given)
     # (+ 32: the recorded ratio's digits, so that a target typed from a message is not refused by them)
-    fixed += len(json.dumps(policy.to_dict(), ensure_ascii=False).encode()) + 32
+    # The ratio counted at its widest repr (24 characters), not its own: the floor must not move
+    # with the digits of the target, or a target typed from the message could miss by a byte.
+    fixed += len(json.dumps({**policy.to_dict(), "ratio": 0}, ensure_ascii=False).encode()) - 1 + 24 + 32
     budget = ModelBudget(target, 0, 0)
     longest = 0
     for name in names:
