@@ -36,8 +36,9 @@ _WORST = 5  # the summary lists the worst tensors by name
 
 
 def samples_line(name: str) -> int:
-    """The tensor's base sample digest line in ``delta_config.json``."""
-    return len(json.dumps(name, ensure_ascii=False).encode()) + 28
+    """The tensor's base sample digest line in ``delta_config.json``, and the decoded tensor's
+    digest in its record (``,"sha256":"<64 hex>"``: 76 bytes)."""
+    return len(json.dumps(name, ensure_ascii=False).encode()) + 28 + 76
 
 
 def fallback_line(name: str) -> int:
@@ -172,7 +173,7 @@ def plan(policy: Policy, base, finetuned, fallback_dense: bool, max_shard_size: 
             budget.items[name] = Item(name, "unchanged", dense, unchanged_cost(name, shape, dtype) + samples_line(name), False)
             continue
         if not in_base:
-            budget.items[name] = Item(name, "added", dense, dense_cost(name, shape, dtype, "added"), False)
+            budget.items[name] = Item(name, "added", dense, dense_cost(name, shape, dtype, "added") + 76, False)  # + its sha256
             continue
         method, params, ratio = policy.resolve(name, shape)
         m = get_method(method, **params)

@@ -16,6 +16,7 @@ from .progress import progress as progress_bar
 
 from .calibration import Calibration, CalibrationError, read_text
 from .card import human_bytes, render_card
+from .chain import tensor_sha256, weights_digest
 from .checkpoint import TOKENIZER_FILES, Checkpoint, CheckpointError, borrow_base, cached_snapshot, sample_digest
 from . import budget as budgets
 from .encoding import EncodedTensor, encode_tensor, same_bits
@@ -113,7 +114,7 @@ def _check_architectures(base: Checkpoint, ft: Checkpoint) -> None:
 
 
 def compress(
-    base: str | os.PathLike,
+    base: str | os.PathLike | None,
     finetuned: str | os.PathLike | torch.nn.Module | Mapping[str, torch.Tensor],
     out_dir: str | os.PathLike,
     method: str = "auto",
@@ -134,6 +135,9 @@ def compress(
     fallback_dense: bool = True,
     calibration: str | os.PathLike | None = None,
     calibration_tokens: int = 2048,
+    parent: str | os.PathLike | None = None,
+    parent_revision: str | None = None,
+    parent_weights: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> CompressResult:
     """Compress ``finetuned - base`` into a delta repo at ``out_dir``, one tensor at a time.
@@ -161,6 +165,15 @@ def compress(
     ``calibration``: a text file for ``auto``'s activation-aware mode (the base model runs over
     its first ``calibration_tokens`` tokens once; see :mod:`deltahub.calibration`).
 
+    ``parent`` (a delta folder, or a Hub repo id at ``parent_revision``) stores the fine-tune
+    against that version's decoded weights instead of the base (a chain member, spec §4.4:
+    ``method="lossless"``, bit-exact, and far smaller than a delta against the base when the
+    two versions are a few training steps apart). ``base`` may then be ``None`` (the chain's
+    keyframe's base is used to decode the parent). ``parent_weights``: the parent's decoded
+    weights if you hold them (a training loop does), checked tensor by tensor against the
+    parent's recorded digests instead of decoding the parent; a Hub parent is then read for its
+    config only.
+
     Example::
 
         result = deltahub.compress("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct", "qwen-instruct-delta", ratio=1/8)
@@ -172,23 +185,45 @@ def compress(
         if revision is not None:
             raise CheckpointError(f"the fine-tune is {ft_memory.source}, not a Hub repo: drop revision={revision!r}")
         finetuned = None  # nothing on disk to check, refuse or record by name
-    for given, role in ((finetuned, "fine-tune"), (base, "base")):
+    if parent is None and base is None:
+        raise CheckpointError("compress needs a base (a folder or Hub id), or a parent version to store the fine-tune against (parent=...)")
+    if parent is None and (parent_revision is not None or parent_weights is not None):
+        raise ValueError("parent_revision and parent_weights describe a parent version: pass parent=... too")
+    if parent is not None and method != "lossless":
+        raise ValueError(
+            f"a version stored against its parent is bit-exact: use method='lossless' (CLI: --method lossless --ratio none), not {method!r}; "
+            "a lossy delta goes against the base (drop parent)"
+        )
+    for given, role in ((finetuned, "fine-tune"), (base, "base"), (parent, "parent")):
         _refuse_adapter(given, role)
     # The output may not be, hold or lie inside an input: checked on the names given before any
     # download, and again on the folders they resolve to (Hub ids -> cache snapshots).
-    check_out_dir(out_dir, overwrite, inputs=(base, finetuned, calibration))
+    check_out_dir(out_dir, overwrite, inputs=(base, finetuned, calibration, parent))
     params = dict(params or {})
     get_method(method, **params)  # unknown methods and parameters fail before any download
     policy = Policy(method, ratio, params, [r if isinstance(r, Rule) else Rule.parse(r) for r in rules])
     hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-    base_ckpt = Checkpoint.open(base, revision=base_revision, **hub)
-    base_record = _recorded_base(base, base_ckpt, base_id, hub)  # a base_id is checked here, before any work
+    chain: dict | None = None
+    if parent is not None:
+        from .chain import parent_reference
+        from .sources import HubOptions
+
+        if base_id is not None:
+            raise ValueError("base_id names the base of a keyframe; a version stored against its parent carries its keyframe's base: drop base_id")
+        base_ckpt, chain, base_record = parent_reference(parent, parent_revision, parent_weights, base, base_revision, HubOptions(**hub))
+    else:
+        base_ckpt = Checkpoint.open(base, revision=base_revision, **hub)
+        base_record = _recorded_base(base, base_ckpt, base_id, hub)  # a base_id is checked here, before any work
     ft_ckpt = ft_memory if ft_memory is not None else Checkpoint.open(finetuned, revision=revision, **hub)
     for ckpt, role in ((ft_ckpt, "fine-tune"), (base_ckpt, "base")):
         _refuse_adapter(ckpt.path, role, ckpt.source)  # a Hub repo id resolved to its snapshot
-    inputs = (base, finetuned, calibration, base_ckpt.path, ft_ckpt.path)
+    inputs = (base, finetuned, calibration, parent, base_ckpt.path, ft_ckpt.path)
     check_out_dir(out_dir, overwrite, inputs=inputs)
     _check_architectures(base_ckpt, ft_ckpt)
+    if chain is not None:
+        from .chain import check_same_names
+
+        check_same_names(base_ckpt, ft_ckpt.names(), f"{ft_ckpt.source} against its parent {chain['name_or_path']}")
     _check_ratios(policy, {to_torch(ft_ckpt.info(n).dtype) for n in ft_ckpt.names()})
     budget = _model_budget(policy, base_ckpt, ft_ckpt, fallback_dense, max_shard_size, (base, finetuned))
     result = CompressResult(Path(out_dir), target=budget.target if budget else None)
@@ -222,16 +257,20 @@ def compress(
                 enc, used = _encode(name, b, ft, policy, seed, fallback_dense, planned.get(name), cal.hessian(name) if cal and name in planned else None, budget)
                 if used != policy.resolve(name, tuple(ft.shape))[0]:
                     result.fallbacks.append(name)
+                decoded = enc.decode(b)
+                # The decoded tensor's digest (spec §5.1): what a child version checks its parent
+                # with, and what verify compares a decode with.
+                enc.record["sha256"] = tensor_sha256(decoded)
                 if budget is not None:
                     budget.spend(name, _spent(enc, b is not None, name in result.fallbacks))
                 writer.add(name, enc.record, enc.tensors)
                 kind = enc.record["kind"]
                 report_method = None if kind == "unchanged" else enc.record.get("method", used)
                 stored = 0 if kind == "unchanged" else enc.nbytes
-                result.tensors.append(TensorReport(name, kind, report_method, tuple(ft.shape), enc.dense_nbytes, stored, relative_error(b, ft, enc.decode(b))))
+                result.tensors.append(TensorReport(name, kind, report_method, tuple(ft.shape), enc.dense_nbytes, stored, relative_error(b, ft, decoded)))
                 bar.update(enc.dense_nbytes)
                 bar.set_postfix_str(name[-40:], refresh=False)
-                del enc  # before the next tensor is read
+                del enc, decoded  # before the next tensor is read
         bar.close()
         for name in removed:
             info = base_ckpt.info(name)
@@ -242,9 +281,12 @@ def compress(
         result.dense_bytes = sum(t.dense_bytes for t in result.tensors)
         ft_dtype = max(dtypes, key=dtypes.get) if dtypes else None
         config = {
+            **({"requires": ["parent"], "parent": chain} if chain is not None else {}),
             "deltahub_version": __version__,
             "base": {**base_record, "fingerprint": base_ckpt.fingerprint(), "samples": samples},
-            "finetuned": {**_recorded_name(finetuned, ft_ckpt), "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None, "fingerprint": ft_ckpt.fingerprint()},
+            "finetuned": {**_recorded_name(finetuned, ft_ckpt), "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None, "fingerprint": ft_ckpt.fingerprint(), "weights": weights_digest(
+                (n, r["dtype"], tuple(r["shape"]), r["sha256"]) for n, r in writer.records.items() if r["kind"] != "removed"
+            )},
             "method": {"name": method, "ratio": ratio, "params": get_method(method, **params).params(), **({"calibration": cal_record} if cal else {})},
             "rules": [r.to_dict() for r in policy.rules],
             "seed": seed,

@@ -115,6 +115,7 @@ def verify(
     base: str | os.PathLike | None = None,
     *,
     check_base: bool = False,
+    decode: bool = False,
     revision: str | None = None,
     base_revision: str | None = None,
     token: str | bool | None = None,
@@ -127,7 +128,11 @@ def verify(
     the record's full size) to finite values, at least one tensor in the decoded model, and the
     fine-tune's recorded fingerprint (when present) matching the records. With ``base`` (or
     ``check_base=True`` for the recorded one), also check that the base matches and that every
-    base tensor has a record (spec §4).
+    base tensor has a record (spec §4). For a version stored against its parent (spec §4.4),
+    checking the base opens the chain down to its keyframe and checks each parent's weights
+    digest. ``decode=True`` (CLI: ``--decode``) also decodes every tensor against the base (or
+    parent) and compares its bits with the record's ``sha256``: the full check that the repo
+    rebuilds exactly the weights it was made from.
 
     Example::
 
@@ -158,19 +163,39 @@ def verify(
         report.problems.append(f"{INDEX_NAME} lists {len(stray)} tensor(s) no record uses, e.g. {stray[0]!r}")
     if not report.problems:
         report.problems += _completeness(reader)
-    if base is not None or check_base:
+    if base is not None or check_base or decode:
         try:
             base_ckpt = open_base(reader, base, base_revision, hub)
-            report.problems += [f"base: {d}" for d in base_differences(reader, base_ckpt, limit=20)]
+            if reader.config.get("parent") is None:  # a parent is checked by its weights digest as it opens
+                report.problems += [f"base: {d}" for d in base_differences(reader, base_ckpt, limit=20)]
             missing = [n for n in base_ckpt.names() if n not in reader.records]
             if missing:
                 report.problems.append(f"base: {len(missing)} base tensor(s) have no record in {CONFIG_NAME}, e.g. {missing[0]!r} (spec §4: every base tensor has one); the delta is incomplete or was edited")
             report.base_checked = True
+            if decode and not report.problems:
+                report.problems += _decode_problems(reader, base_ckpt)
         except DeltahubError as e:
             if not any(p in str(e) for p in report.problems):  # the completeness check speaks once
                 report.problems.append(f"base: {e}")
     report.ok = not report.problems
     return report
+
+
+def _decode_problems(reader, base_ckpt) -> list[str]:
+    """Decode every tensor and compare its bits with its record's ``sha256`` (records without
+    one, written before format 1.1, are decoded only)."""
+    from .chain import tensor_sha256
+    from .sources import decode_checked
+
+    problems = []
+    for name, rec in reader.records.items():
+        if rec["kind"] == "removed":
+            continue
+        t = decode_checked(reader, base_ckpt, name)
+        if "sha256" in rec and tensor_sha256(t) != rec["sha256"]:
+            problems.append(f"{name}: decodes to other bits than its record's sha256; the delta or its base is corrupted")
+        del t
+    return problems
 
 
 def _check_repo_files(reader, report: VerifyReport) -> None:

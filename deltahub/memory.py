@@ -48,6 +48,8 @@ SAVE_SHARD_SIZE = "50GB"
 def memory_source(finetuned: object) -> "MemoryCheckpoint | None":
     """A :class:`MemoryCheckpoint` for an in-memory model or state dict, ``None`` for anything
     else (a folder or Hub id, opened as a checkpoint)."""
+    if isinstance(finetuned, MemoryCheckpoint):
+        return finetuned
     if isinstance(finetuned, nn.Module):
         return MemoryCheckpoint.from_model(finetuned)
     if isinstance(finetuned, Mapping):
@@ -162,6 +164,29 @@ class MemoryCheckpoint:
         """A state dict, as ``safetensors.torch.save_file`` would store it (no config: the delta
         then has no ``finetuned_config.json``; pass the model to keep it)."""
         return cls(dict(state), "the in-memory state dict", max_shard_size)
+
+    def cast(self, dtype: torch.dtype) -> "MemoryCheckpoint":
+        """A copy whose floating-point tensors are ``dtype`` (what ``save_pretrained`` of the model
+        in that dtype writes), its config recording that dtype. The tensors are new memory: the
+        copy does not change when the model trains on."""
+        out = MemoryCheckpoint.__new__(MemoryCheckpoint)
+        out.source = self.source
+        tensors = {n: (t.detach().to("cpu", dtype=dtype) if t.is_floating_point() else t.detach().to("cpu")).clone() for n, t in self._tensors.items()}
+        out._tensors = {n: tensors[n] for n in _file_order(tensors, SAVE_SHARD_SIZE)}
+        out._info = {n: TensorInfo(to_name(t.dtype), tuple(t.shape)) for n, t in out._tensors.items()}
+        out._folder = None
+        if self._folder is not None:
+            tmp = tempfile.TemporaryDirectory(prefix="deltahub-finetune-")
+            weakref.finalize(out, tmp.cleanup)
+            out._folder = Path(tmp.name)
+            for f in self._folder.iterdir():
+                data = f.read_bytes()
+                if f.name == "config.json":
+                    cfg = json.loads(data)
+                    cfg["dtype"] = str(dtype).removeprefix("torch.")
+                    data = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+                (out._folder / f.name).write_bytes(data)
+        return out
 
     def _write_configs(self, model: nn.Module) -> None:
         """``config.json`` and ``generation_config.json`` as ``save_pretrained`` writes them (the

@@ -72,15 +72,27 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def open_base(
-    reader: DeltaReader, base: str | os.PathLike | None = None, base_revision: str | None = None, hub: HubOptions | None = None, *, verify: bool = False
+    reader: DeltaReader, base: str | os.PathLike | None = None, base_revision: str | None = None, hub: HubOptions | None = None, *, verify: bool = False,
+    _seen: int = 0,
 ) -> Checkpoint:
     """The base checkpoint: the one given, or the one recorded in ``delta_config.json`` at its
     pinned revision; with ``verify``, checked to be the delta's base (:func:`check_base`).
+
+    For a version stored against its parent (spec §4.4), the checkpoint its records decode
+    against is the parent's decoded weights (:class:`deltahub.chain.ParentWeights`), found where
+    ``parent`` says and checked by its weights digest whatever ``verify`` says; ``base`` and
+    ``base_revision`` then apply to the chain's keyframe.
 
     Whatever ``verify`` says, every record is then checked against the base's header
     (:func:`check_records_against_base`): ``verify=False`` skips the identity check, not the
     bounds that keep a hostile delta from allocating or writing without limit."""
     hub = hub or HubOptions()
+    if reader.config.get("parent") is not None:
+        from .chain import open_parent
+
+        parent = open_parent(reader, base, base_revision, hub, verify=verify, seen=_seen)
+        check_records_against_base(reader, parent)  # type: ignore[arg-type]
+        return parent  # type: ignore[return-value]
     recorded = reader.config.get("base", {})
     if base is not None:
         ckpt = Checkpoint.open(base, revision=base_revision, **hub.kwargs())
@@ -207,6 +219,12 @@ def completeness_problems(reader: DeltaReader) -> list[str]:
     recorded = (reader.config.get("finetuned") or {}).get("fingerprint")
     if recorded is not None and recorded != fingerprint(kept):
         return [f"{CONFIG_NAME}: the records' names, dtypes and shapes do not match finetuned.fingerprint {one_line(recorded, 20)}...; the tensors map was truncated or edited"]
+    weights = (reader.config.get("finetuned") or {}).get("weights")
+    if weights is not None:
+        from .chain import recorded_weights
+
+        if weights != recorded_weights(reader):
+            return [f"{CONFIG_NAME}: the records' sha256 digests do not give finetuned.weights {weights[:19]}...; the tensors map was edited"]
     return []
 
 

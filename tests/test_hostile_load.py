@@ -52,8 +52,19 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _edit_config(repo: Path, edit) -> Path:
+    """Edit the config as an attacker would: the weights digest (format 1.1, optional) that the
+    edited records no longer give is dropped, so the checks after it are what is tested."""
+    from deltahub.chain import recorded_weights
+
     cfg = json.loads((repo / "delta_config.json").read_text())
     edit(cfg)
+    if isinstance(cfg.get("finetuned"), dict) and isinstance(cfg.get("tensors"), dict):
+        try:
+            same = cfg["finetuned"].get("weights") == recorded_weights(type("R", (), {"records": cfg["tensors"]})())
+        except Exception:  # records too broken to hash: the digest goes too
+            same = False
+        if not same:
+            cfg["finetuned"].pop("weights", None)
     (repo / "delta_config.json").write_text(json.dumps(cfg, indent=2))
     return repo
 

@@ -494,8 +494,13 @@ def test_edited_tensors_map_fails_the_fingerprint(tmp_path):
     _write_json(out / INDEX_NAME, index)
     report = verify(out)
     assert not report.ok and "finetuned.fingerprint" in str(report)
-    # Without the fingerprint, the base still shows the missing record.
+    # Without the fingerprint, the weights digest (format 1.1) still catches it.
     del cfg["finetuned"]["fingerprint"]
+    _write_json(out / CONFIG_NAME, cfg)
+    report = verify(out)
+    assert not report.ok and "finetuned.weights" in str(report)
+    # Without either, the base still shows the missing record.
+    del cfg["finetuned"]["weights"]
     _write_json(out / CONFIG_NAME, cfg)
     assert verify(out).ok
     report = verify(out, base=base_dir)

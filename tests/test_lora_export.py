@@ -66,9 +66,10 @@ def test_svd_delta_exports_exactly_and_loads_in_peft(arch, pairs, tmp_path):
 
 
 def test_other_methods_export_a_truncated_svd_with_its_error(pairs, tmp_path):
-    # (a sparse delta: dqrelo's low-rank factors are now exported as they are stored, see test_fail_loudly.py)
+    # (a sparse delta: dqrelo's low-rank factors are now exported as they are stored, see test_fail_loudly.py; at 1/3,
+    # as the records' digests, 76 bytes a tensor, weigh on this 111 KiB model's budget)
     base, ft, _ = pairs["llama"]
-    deltahub.compress(base, ft, tmp_path / "d", method="magnitude", ratio=1 / 4, progress=False)
+    deltahub.compress(base, ft, tmp_path / "d", method="magnitude", ratio=1 / 3, progress=False)
     report = deltahub.export_lora(tmp_path / "d", tmp_path / "lora", progress=False)
     assert not report.exact and 0 < report.rel_error < 1 and all(m.source == "truncated SVD" for m in report.modules)
     assert all(0 <= m.rel_error < 1 and m.rank >= 1 for m in report.modules)

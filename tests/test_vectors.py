@@ -75,3 +75,29 @@ def test_vector_config_and_index_are_consistent(folder: str) -> None:
     shards = set(index["weight_map"].values())
     assert shards == set(index["metadata"]["sha256"])
     assert index["metadata"]["total_size"] == sum((path / s).stat().st_size for s in shards)
+
+
+def test_chain_vector_decodes_bit_for_bit_and_its_digests_hold() -> None:
+    """Format 1.1's vector (spec §4.4): the member decodes against the keyframe's decoded weights,
+    every record's sha256 is its decoded tensor's, and the weights digests link the two."""
+    import hashlib
+
+    path = VECTORS / "chain"
+    reference = load_file(str(path / "base.safetensors"))
+    digests = {}
+    for folder in ("keyframe", "member"):
+        reader = DeltaReader(path / folder)
+        expected = load_file(str(path / folder / "expected.safetensors"))
+        assert reader.config["format_version"] == "1.1"
+        lines = []
+        for name in reader.names():
+            got = reader.decode(name, reference[name])
+            assert torch.equal(got.view(torch.uint8), expected[name].view(torch.uint8)), f"{folder}/{name}"
+            sha = hashlib.sha256(got.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            assert reader.record(name)["sha256"] == sha
+            lines.append(f"{name}\t{reader.record(name)['dtype']}\t[{','.join(map(str, got.shape))}]\t{sha}\n")
+        digests[folder] = "sha256:" + hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+        assert reader.config["finetuned"]["weights"] == digests[folder]
+        reference = expected
+    member = DeltaReader(path / "member").config
+    assert member["requires"] == ["parent"] and member["parent"]["weights"] == digests["keyframe"] and member["parent"]["depth"] == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import random
@@ -32,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deltahub import DeltaReader, DeltahubError, DeltaWriter, encode_tensor, info, verify  # noqa: E402
+from deltahub.chain import weights_digest  # noqa: E402
 from deltahub.format import CONFIG_NAME, INDEX_NAME  # noqa: E402
 from deltahub.format.records import describe_record, record_layout, record_nbytes, validate_record  # noqa: E402
 from deltahub.format.safetensors_stream import MappedSafetensors  # noqa: E402
@@ -76,7 +78,22 @@ def seed_repo(root: Path) -> tuple[Path, dict[str, torch.Tensor]]:
         added = torch.randn(3, 4).to(torch.bfloat16)
         enc = encode_tensor("m.new.weight", None, added)
         w.add(enc.name, enc.record, enc.tensors)
-        w.finish({"base": {"name_or_path": "b", "revision": None, "fingerprint": "sha256:" + "0" * 64}, "seed": 0})
+        # Format 1.1's fields, so that mutations reach them: each record's digest, the weights
+        # digest, and a parent (the same repo copied beside it) that verify(check_base=True) opens.
+        for name, record in w.records.items():
+            if record["kind"] != "removed":
+                record["sha256"] = hashlib.sha256(name.encode()).hexdigest()
+        weights = weights_digest((n, r["dtype"], tuple(r["shape"]), r["sha256"]) for n, r in w.records.items() if r["kind"] != "removed")
+        w.finish({
+            # A base path that is not there: opening the chain's keyframe base fails at once (no Hub asked).
+            "base": {"name_or_path": str((root / "no-base").resolve()), "revision": None, "fingerprint": "sha256:" + "0" * 64}, "seed": 0,
+            "finetuned": {"weights": weights}, "requires": ["parent"],
+            "parent": {"name_or_path": str((root / "parent").resolve()), "revision": None, "weights": weights, "depth": 1},
+        })
+    shutil.copytree(out, root / "parent")
+    cfg = json.loads((root / "parent" / CONFIG_NAME).read_text())
+    del cfg["parent"], cfg["requires"]
+    (root / "parent" / CONFIG_NAME).write_text(json.dumps(cfg))
     return out, bases
 
 
@@ -191,8 +208,9 @@ def run_shard(path: Path) -> None:
 
 
 def run_repo(path: Path, bases: dict[str, torch.Tensor]) -> None:
-    """verify, info, and decoding every record against its real base."""
+    """verify (with the chain: its parent opened), info, and decoding every record against its real base."""
     verify(path)
+    verify(path, check_base=True)
     try:
         info(path)
     except DeltahubError:

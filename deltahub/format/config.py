@@ -10,7 +10,11 @@ from typing import Iterable, Mapping
 from ..errors import FormatError, UnsupportedFormatVersionError
 
 FORMAT_NAME = "deltahub"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
+# Features of a minor version that change how a repo decodes (spec §1, ``requires``): a reader
+# refuses a repo that requires one it does not know instead of decoding it wrongly.
+KNOWN_REQUIREMENTS = ("parent",)
+MAX_CHAIN_DEPTH = 64  # parents a version may stand on (spec §4.4): bounds the work of one load
 CONFIG_NAME = "delta_config.json"
 INDEX_NAME = "delta.safetensors.index.json"
 FINETUNED_CONFIG_NAME = "finetuned_config.json"
@@ -95,6 +99,7 @@ def validate_config(cfg: Mapping) -> None:
     checked = (cfg.get("base") or {}).get("id_checked")
     if checked is not None and not isinstance(checked, bool):
         raise FormatError(f"{CONFIG_NAME}: field 'base.id_checked' must be true, false or absent, got {type(checked).__name__}; the file is corrupted or hostile")
+    _validate_chain(cfg)
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise FormatError(f"{CONFIG_NAME}: field 'seed' must be an integer >= 0, got {str(seed)[:40]}; the file is corrupted or hostile")
@@ -105,6 +110,49 @@ def validate_config(cfg: Mapping) -> None:
         value = (cfg.get("method") or {}).get(field)
         if value is not None and not isinstance(value, str if field == "name" else dict):
             raise FormatError(f"{CONFIG_NAME}: field 'method.{field}' must be {'a string' if field == 'name' else 'an object'}; the file is corrupted or hostile")
+
+
+_WEIGHTS = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _validate_chain(cfg: Mapping) -> None:
+    """``requires``, ``parent`` and ``finetuned.weights`` (spec §1, §4.4): typed and bounded, and
+    a requirement this reader does not know refused (a reader that ignored ``parent`` would decode
+    the records against the wrong weights)."""
+    requires = cfg.get("requires", [])
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        raise FormatError(f"{CONFIG_NAME}: field 'requires' must be a list of strings; the file is corrupted or hostile")
+    unknown = [r for r in requires if r not in KNOWN_REQUIREMENTS]
+    if unknown:
+        raise UnsupportedFormatVersionError(
+            f"{CONFIG_NAME} requires {str(unknown[0])[:40]!r}, which this deltahub does not implement (it knows {list(KNOWN_REQUIREMENTS)}): "
+            "upgrade with `pip install -U deltahub`"
+        )
+    weights = (cfg.get("finetuned") or {}).get("weights")
+    if weights is not None and not (isinstance(weights, str) and _WEIGHTS.match(weights)):
+        raise FormatError(f"{CONFIG_NAME}: field 'finetuned.weights' must be 'sha256:' and 64 lowercase hex digits; the file is corrupted or hostile")
+    parent = cfg.get("parent")
+    if parent is None:
+        if "parent" in requires:
+            raise FormatError(f"{CONFIG_NAME} requires 'parent' but has no 'parent' object; the file is corrupted or hostile")
+        return
+    if "parent" not in requires:
+        raise FormatError(f"{CONFIG_NAME} has a 'parent' but does not list it in 'requires' (spec §4.4); the file is corrupted or hostile")
+    if not isinstance(parent, dict):
+        raise FormatError(f"{CONFIG_NAME}: field 'parent' must be an object; the file is corrupted or hostile")
+    name, revision = parent.get("name_or_path"), parent.get("revision")
+    if not isinstance(name, str) or not name or len(name) > 4096:
+        raise FormatError(f"{CONFIG_NAME}: field 'parent.name_or_path' must be a non-empty string; the file is corrupted or hostile")
+    if revision is not None and not (isinstance(revision, str) and 0 < len(revision) <= 256):
+        raise FormatError(f"{CONFIG_NAME}: field 'parent.revision' must be a string or null; the file is corrupted or hostile")
+    if not (isinstance(parent.get("weights"), str) and _WEIGHTS.match(parent["weights"])):
+        raise FormatError(f"{CONFIG_NAME}: field 'parent.weights' must be 'sha256:' and 64 lowercase hex digits; the file is corrupted or hostile")
+    depth = parent.get("depth")
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= MAX_CHAIN_DEPTH:
+        raise FormatError(
+            f"{CONFIG_NAME}: field 'parent.depth' must be an integer from 1 to {MAX_CHAIN_DEPTH} (a chain deeper than that is refused), "
+            f"got {str(depth)[:40]}; re-compress the version against the base (a keyframe)"
+        )
 
 
 # Optional top-level fields (spec §4) and the JSON type each must have when present.

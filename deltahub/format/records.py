@@ -77,6 +77,11 @@ def validate_record(name: str, record: Mapping) -> None:
         raise FormatError(f"{where}: a {kind} record needs a floating-point dtype, got {dtype}")
     if "method" in record and not isinstance(record["method"], str):
         raise FormatError(f"{where}: field 'method' must be a string, got {type(record['method']).__name__}")
+    digest = record.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise FormatError(f"{where}: field 'sha256' must be 64 lowercase hex digits; the file is corrupted or hostile")
+    if digest is not None and kind == "removed":
+        raise FormatError(f"{where}: a removed record has no decoded tensor to hash ('sha256'); the file is corrupted or hostile")
     comps = record.get("components")
     if comps is not None and not isinstance(comps, list):
         raise FormatError(f"{where}: field 'components' must be a list, got {type(comps).__name__}")

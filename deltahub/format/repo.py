@@ -408,6 +408,11 @@ class DeltaWriter:
         else:
             shutil.copyfile(data, dest)
 
+    @property
+    def records(self) -> Mapping[str, dict]:
+        """The records added so far, by tensor name."""
+        return self._records
+
     def stored_bytes(self) -> int:
         """Bytes of shards written so far (data and headers)."""
         done = sum(p.stat().st_size for p, _ in self._shards)
@@ -515,6 +520,11 @@ class DeltaReader:
                     self._broken[shard] = e
                     raise
             return self._handles[shard]
+
+    def shard_header(self, shard: str) -> None:
+        """Open shard ``shard`` (a name the index gives): its header parsed, typed and tiling the
+        file, or :class:`FormatError` (missing, truncated, corrupted)."""
+        self._handle(shard)
 
     @contextmanager
     def borrow(self, key: str) -> Iterator[torch.Tensor]:

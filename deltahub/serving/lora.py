@@ -47,7 +47,7 @@ from ..format.repo import atomic_dir, check_out_dir
 from ..methods.linalg import truncated_svd
 from ..sources import HubOptions, check_model_size, one_line, open_base, open_delta
 from ..errors import FormatError
-from .errors import ServingError
+from .errors import ServingError, refuse_chain
 from .layers import DeltaConv1D, DeltaEmbedding, DeltaLinear
 from .model import _fast_wrapper, _users
 from .operators import stored_components
@@ -258,6 +258,7 @@ def export_lora(
         raise ServingError(f"the adapter dtype must be a float dtype, got {dtype!r}")
     hub = HubOptions(token, cache_dir, local_files_only)
     reader = open_delta(delta, revision, hub)
+    refuse_chain(reader, "exported as a LoRA adapter of the base")
     # Again with what the delta resolved to (its cache folder) and the base it records, before
     # any work: an export must not land on either.
     recorded = reader.config.get("base", {}).get("name_or_path")

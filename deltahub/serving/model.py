@@ -50,7 +50,7 @@ from ..format.limits import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, MAX_REPO_FILE_BYT
 from ..format.repo import atomic_dir
 from ..sources import HubOptions, all_finite, check_finite, check_layer_counts, count_blocks, open_delta, open_pair, repo_file
 from .base_check import check_model_base
-from .errors import ServingError, UnknownDeltaError
+from .errors import ServingError, UnknownDeltaError, refuse_chain
 from .layers import DeltaConv1D, DeltaEmbedding, DeltaLayer, DeltaLinear, DeltaParams, Routing
 from .operators import TensorDelta, ValueDelta, build_operator
 
@@ -359,6 +359,7 @@ class MultiDeltaModel(nn.Module):
             _refuse_peft_folder(delta)
             reader = open_delta(delta, revision, HubOptions(token, cache_dir, local_files_only))
         source = str(getattr(reader, "source", reader.path))
+        refuse_chain(reader, "served unmerged")
         changed = {n: r for n, r in reader.records.items() if r["kind"] not in ("unchanged", "removed")}
         added = [n for n, r in changed.items() if r["kind"] == "added"]
         if added:
@@ -759,6 +760,7 @@ def load_unmerged(
     from ..sources import check_model_size, ignore_remote_code, one_line
 
     hub = HubOptions(token, cache_dir, local_files_only)
+    refuse_chain(open_delta(delta, revision, hub), "served unmerged")
     reader, base_ckpt = open_pair(delta, base, revision=revision, base_revision=base_revision, hub=hub, verify_base=verify_base)
     config = finetuned_config(reader)
     # The base's own config.json when it has one: unmerged, the modules are the base's. Read here,

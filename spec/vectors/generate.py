@@ -1,4 +1,5 @@
-"""Regenerate the golden vectors of spec/FORMAT.md. Run: ``python spec/vectors/generate.py``.
+"""Regenerate the golden vectors of spec/FORMAT.md. Run: ``python spec/vectors/generate.py``
+(format 1.0's vectors) or ``python spec/vectors/generate.py chain`` (format 1.1's chain vector).
 
 Two vectors, each a delta repo plus ``base.safetensors`` (the base it applies to) and
 ``expected.safetensors`` (every decoded tensor; removed tensors are absent):
@@ -213,7 +214,69 @@ def check_components_exact(records: dict) -> None:
             assert torch.equal(exact, got), f"{name}: component {i} is not exact in float32"
 
 
-if __name__ == "__main__":
+def chain_vector() -> None:
+    """``chain/``: a keyframe (``keyframe/``, against ``base.safetensors``) and a version stored
+    against it (``member/``, spec §4.4), each with its ``expected.safetensors``. The member's
+    parent names a Hub repo that does not exist: a reader decodes it with ``keyframe/``'s decoded
+    weights as the reference, and checks ``parent.weights`` against ``keyframe``'s
+    ``finetuned.weights``. Dyadic values: every decode is exact."""
+    from deltahub.chain import tensor_sha256, weights_digest
+
+    root = HERE / "chain"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir()
+    g = torch.Generator().manual_seed(3)
+    base = {"a.weight": dyadic(g, (4, 6)).bfloat16(), "b.weight": dyadic(g, (3, 5)).bfloat16(), "norm.weight": dyadic(g, (6,), 8, 24).bfloat16()}
+    steps = [
+        {"a.weight": (base["a.weight"].float() + dyadic(g, (4, 6), scale=1 / 64)).bfloat16(), "b.weight": base["b.weight"].clone(),
+         "norm.weight": (base["norm.weight"].float() + 1 / 32).bfloat16()},
+    ]
+    prev = steps[0]
+    changed = prev["a.weight"].clone()
+    changed[1, 2] += 1 / 8  # a few values move, most stay: what a nearby checkpoint looks like
+    changed[3, 0] -= 1 / 4
+    steps.append({"a.weight": changed, "b.weight": prev["b.weight"].clone(), "norm.weight": (prev["norm.weight"].float() - 1 / 16).bfloat16()})
+    fp = fingerprint((n, to_name(t.dtype), tuple(t.shape)) for n, t in base.items())
+    parent = None
+    for folder, ref, ft in (("keyframe", base, steps[0]), ("member", steps[0], steps[1])):
+        records = {}
+        for name, t in ft.items():
+            if torch.equal(ref[name], t):
+                rec, tensors = make_record("unchanged", tuple(t.shape), to_name(t.dtype))
+            elif t.dim() == 1:
+                rec, tensors = make_record("dense", tuple(t.shape), to_name(t.dtype), [encode_dense(t.float() - ref[name].float(), t.dtype)])
+            else:
+                rec, tensors = make_record("compressed", tuple(t.shape), to_name(t.dtype), [encode_lossless(ref[name], t)])
+            got = decode_record(name, rec, lambda key, ts=tensors, n=name: ts[key[len(n) + 2:]], ref[name])
+            assert torch.equal(got.view(torch.uint8), t.view(torch.uint8)), name
+            rec["sha256"] = tensor_sha256(got)
+            records[name] = (rec, tensors)
+        weights = weights_digest((n, r["dtype"], tuple(r["shape"]), r["sha256"]) for n, (r, _) in records.items())
+        config = {
+            "deltahub_version": __version__,
+            "base": {"name_or_path": "spec/vectors/chain/base.safetensors", "revision": None, "fingerprint": fp},
+            "finetuned": {"name_or_path": None, "revision": None, "dtype": "bfloat16", "weights": weights,
+                          "fingerprint": fingerprint((n, to_name(t.dtype), tuple(t.shape)) for n, t in ft.items())},
+            "method": {"name": "lossless", "ratio": None, "params": {}},
+            "rules": [],
+            "seed": 0,
+        }
+        if parent is not None:
+            config.update({"requires": ["parent"], "parent": {"name_or_path": "deltahub-spec/chain-keyframe", "revision": None, "weights": parent, "depth": 1}})
+        with DeltaWriter(root / folder, max_shard_size=4096) as w:
+            for name, (rec, tensors) in records.items():
+                w.add(name, rec, tensors)
+            w.finish(config)
+        save_file({n: t.contiguous() for n, t in ft.items()}, str(root / folder / "expected.safetensors"))
+        parent = weights
+    save_file(base, str(root / "base.safetensors"))
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["chain"]:
+    chain_vector()  # format 1.1's vector only: the 1.0 vectors are frozen
+    print("chain", sorted(str(p.relative_to(HERE)) for p in (HERE / "chain").rglob("*") if p.is_file()))
+elif __name__ == "__main__":
     b, r, _ = components_vector()
     check_components_exact(r)
     write_vector("components", b, r, "mixed")
