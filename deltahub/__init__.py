@@ -27,6 +27,7 @@ from .errors import (
 )
 from .format import FORMAT_VERSION, DeltaReader, DeltaWriter
 from .evaluate import EvalReport, evaluate
+from .diff import DiffError, DiffReport, diff
 from .hub import ConcurrentPushError, History, HubError, LocalBaseError, PushResult, UntaggedPushError, Version, history, pull, push, rollback
 from .inspect import DeltaInfo, VerifyReport, info, verify
 from .methods import get_method, list_methods
@@ -42,4 +43,5 @@ __all__ = [
     "VerifyReport", "__version__", "apply", "compress", "decode_tensor", "encode_tensor", "get_method", "info", "list_methods", "verify",
     "EvalReport", "evaluate", "ConcurrentPushError", "UntaggedPushError", "LocalBaseError", "BaseIdError", "BaseIdNotCheckedWarning", "set_base_id", "History", "HubError", "PushResult", "Version", "history", "pull", "push", "rollback",
     "LoraExportReport", "ServingError", "UnsupportedMethodError", "UnknownDeltaError", "export_lora",
+    "DiffError", "DiffReport", "diff",
 ]
