@@ -323,8 +323,8 @@ def compress(
     base: str = typer.Argument(..., help="Base model: local folder or Hub id."),
     finetuned: str = typer.Argument(..., help="Fine-tuned model: local folder or Hub id."),
     out: Path = typer.Argument(..., help="Folder to write the delta repo to."),
-    method: str = typer.Option("auto", "--method", "-m", help=f"One of: {', '.join(deltahub.list_methods())}."),
-    ratio: str = typer.Option("1/8", "--ratio", "-r", help="Target stored bytes / dense delta bytes of the whole repo, e.g. 1/8 (an unreachable target is an error naming the smallest reachable one); 'natural' (or 'none') for the method's natural size."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=f"One of: {', '.join(deltahub.list_methods())}. Default: auto (lossless with --parent).", show_default=False),
+    ratio: Optional[str] = typer.Option(None, "--ratio", "-r", help="Target stored bytes / dense delta bytes of the whole repo, e.g. 1/8 (an unreachable target is an error naming the smallest reachable one); 'natural' (or 'none') for the method's natural size. Default: 1/8 (natural with --parent).", show_default=False),
     param: List[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable), e.g. rank=64."),
     rule: List[str] = typer.Option([], "--rule", help="PATTERN=METHOD[:k=v,...] for matching tensor names (repeatable), e.g. '*.mlp.*=svd:rank=64'."),
     device: str = typer.Option("cpu", help="Where SVDs run: cpu or cuda."),
@@ -338,18 +338,23 @@ def compress(
     calibration: Optional[Path] = typer.Option(None, help="Plain-text file: auto measures errors on the base's activations over it (loads the base model once)."),
     calibration_tokens: int = typer.Option(2048, help="Tokens of the calibration text to use."),
     base_id: Optional[str] = typer.Option(None, "--base-id", help="Record this Hub id (ORG/NAME or ORG/NAME@REV) as the base of a local base folder. Checked against the Hub's safetensors headers (no weights downloaded) where it answers; offline it is recorded unchecked (base.id_checked false). A base given as a Hugging Face cache snapshot is recorded as its repo id and commit without this."),
+    parent: Optional[str] = typer.Option(None, "--parent", help="Store FINETUNED against this version (a delta folder, or a Hub repo id at --parent-revision) instead of BASE: bit-exact (lossless), and small when the two are a few training steps apart. BASE is then the base of the chain's keyframe."),
+    parent_revision: Optional[str] = typer.Option(None, help="Revision (commit or tag) of a --parent on the Hub."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Compress FINETUNED - BASE into a delta repo at OUT.
 
     Example: deltahub compress Qwen/Qwen2.5-0.5B Qwen/Qwen2.5-0.5B-Instruct qwen-delta --ratio 1/8
     """
+    method = method or ("lossless" if parent else "auto")
+    ratio = ratio or ("natural" if parent else "1/8")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", deltahub.BaseIdNotCheckedWarning)
         result = _run(
             deltahub.compress, base, finetuned, out, method, _ratio(ratio), params=_params(param), rules=rule, seed=seed, device=device,
             revision=revision, base_revision=base_revision, token=token, cache_dir=cache_dir, max_shard_size=max_shard_size, overwrite=overwrite,
-            calibration=calibration, calibration_tokens=calibration_tokens, progress=_progress(), base_id=base_id,
+            calibration=calibration, calibration_tokens=calibration_tokens, progress=_progress(), base_id=base_id, parent=parent,
+            parent_revision=parent_revision,
         )
     warned = _warn(caught)
     if as_json:
@@ -405,6 +410,10 @@ def info(
     base, method, totals, summary = cfg.get("base", {}), cfg.get("method", {}), cfg.get("totals", {}), cfg.get("summary", {})
     _echo(_clean(f"{delta}  deltahub format {cfg['format_version']}"))
     _echo(_clean(f"base:    {base.get('name_or_path')}" + (f" @ {base['revision']}" if base.get("revision") else "")))
+    parent = cfg.get("parent")
+    if isinstance(parent, dict):
+        at = f" @ {parent['revision']}" if parent.get("revision") else ""
+        _echo(_clean(f"parent:  {parent.get('name_or_path')}{at} (stored against it, lossless; {parent.get('depth')} version(s) down to its keyframe)"))
     _echo(_clean(f"method:  {method.get('name')}  ratio {method.get('ratio')}  params {method.get('params')}"))
     if totals.get("stored_bytes"):
         _echo(f"size:    {human_bytes(totals['stored_bytes'])} stored for {human_bytes(totals['dense_bytes'])} dense: ratio {totals['ratio']:.4f}")
@@ -423,7 +432,8 @@ def info(
 def verify(
     delta: str = typer.Argument(..., help="Delta repo: local folder or Hub id."),
     base: Optional[str] = typer.Option(None, help="Also check this base against the recorded one."),
-    check_base: bool = typer.Option(False, "--check-base", help="Also check the recorded base."),
+    check_base: bool = typer.Option(False, "--check-base", help="Also check the recorded base (for a version stored against its parent: the chain down to its keyframe)."),
+    decode: bool = typer.Option(False, "--decode", help="Also decode every tensor and compare its bits with the digest its record holds (a full rebuild's work)."),
     revision: Optional[str] = typer.Option(None, help="Revision of the delta."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -434,7 +444,7 @@ def verify(
 
     Example: deltahub verify qwen-delta --base Qwen/Qwen2.5-0.5B
     """
-    report = _run(deltahub.verify, delta, base, check_base=check_base, revision=revision, token=token)
+    report = _run(deltahub.verify, delta, base, check_base=check_base, decode=decode, revision=revision, token=token)
     if as_json:
         _print_json(report)
     else:
@@ -512,7 +522,7 @@ def log(
     if as_json:
         rows = [
             {"tags": v.tags, "commit": v.commit, "date": v.date, "message": v.message, "method": v.method, "ratio": v.ratio, "stored_bytes": v.stored_bytes,
-             "dense_bytes": v.dense_bytes, "base": v.base, "base_fingerprint": v.base_fingerprint, "problem": v.problem}
+             "dense_bytes": v.dense_bytes, "base": v.base, "base_fingerprint": v.base_fingerprint, "parent": v.parent, "depth": v.depth, "problem": v.problem}
             for v in versions
         ]
         _print_json({"repo": repo, "branch": branch, "versions": rows, "history_bytes": hist.stored_bytes, "full_model_bytes": hist.full_model_bytes, "summary": hist.summary()})
@@ -525,11 +535,68 @@ def log(
         date = (v.date.isoformat() if plain else v.date.strftime("%Y-%m-%d %H:%M")) if v.date else ""
         tags = ", ".join(v.tags) or "-"
         if v.problem:
-            rows.append([tags, commit, date, v.message, "unreadable", "", "", v.problem])
+            rows.append([tags, commit, date, v.message, "unreadable", "", "", "", v.problem])
         else:
-            rows.append([tags, commit, date, v.message, v.method or "", f"{v.ratio:.4f}" if v.ratio else "", human_bytes(v.stored_bytes or 0), v.base or ""])
-    _table(["version", "commit", "date", "message", "method", "ratio", "stored", "base"], rows, title=f"{repo} ({branch})", right=("ratio", "stored"))
+            parent = _parent_label(v, hist, plain)
+            rows.append([tags, commit, date, v.message, v.method or "", f"{v.ratio:.4f}" if v.ratio else "", human_bytes(v.stored_bytes or 0), parent, v.base or ""])
+    _table(["version", "commit", "date", "message", "method", "ratio", "stored", "parent", "base"], rows, title=f"{repo} ({branch})", right=("ratio", "stored"))
     _echo(_clean(hist.summary()))
+
+
+def _parent_label(v, hist, plain: bool) -> str:
+    """What a version is stored against: "base" for a keyframe, else its parent's tag (or commit)
+    when the parent is in this history, else the parent's REPO@COMMIT."""
+    if v.parent is None:
+        return "base"
+    repo, _, commit = v.parent.partition("@")
+    if repo == hist.repo_id:
+        for p in hist.versions:
+            if p.commit == commit:
+                return ", ".join(p.tags) if p.tags else (commit if plain else commit[:12])
+    return v.parent if plain else v.parent[: len(repo) + 13]
+
+
+@app.command()
+def diff(
+    a: str = typer.Argument(..., help="A: delta repo or model checkpoint; local folder, or Hub id (REPO or REPO@REV)."),
+    b: str = typer.Argument(..., help="B: delta repo or model checkpoint; local folder, or Hub id (REPO or REPO@REV)."),
+    revision_a: Optional[str] = typer.Option(None, "--revision-a", help="Revision of A (Hub): tag, branch or commit (or write A as REPO@REV)."),
+    revision_b: Optional[str] = typer.Option(None, "--revision-b", help="Revision of B (Hub): tag, branch or commit (or write B as REPO@REV)."),
+    base_a: Optional[str] = typer.Option(None, "--base-a", help="Base of delta A (default: the one recorded in it)."),
+    base_b: Optional[str] = typer.Option(None, "--base-b", help="Base of delta B (default: the one recorded in it)."),
+    verify_base: bool = typer.Option(True, help="Refuse a base that differs from the recorded one."),
+    show_all: bool = typer.Option(False, "--all", help="List the identical tensors too."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+) -> None:
+    """Compare two decoded models (deltas or checkpoints): which tensors changed and by how much,
+    which of B's files A already holds, and what B costs given A.
+
+    Example: deltahub diff user/qwen-delta@v1 user/qwen-delta@v3
+    """
+    from deltahub.diff import diff as _diff
+
+    report = _run(_diff, a, b, revision_a=revision_a, revision_b=revision_b, base_a=base_a, base_b=base_b, verify_base=verify_base, token=token, progress=_progress())
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    _echo(_clean(f"A: {report.a}"))
+    _echo(_clean(f"B: {report.b}"))
+
+    def num(x: float | None, fmt: str) -> str:
+        return "" if x is None else format(x, fmt)
+
+    rows = [
+        [t.name, {"only_a": "only-in-A", "only_b": "only-in-B"}.get(t.status, t.status), "x".join(map(str, t.shape_b or t.shape_a or [])),
+         num(t.identical_share, ".4f"), num(t.rel_diff, ".4g"), num(t.max_abs_diff, ".4g"), human_bytes(t.delta_bytes)]
+        for t in report.tensors if show_all or t.status != "identical"
+    ]
+    if rows:
+        _table(["tensor", "status", "shape", "identical", "rel. diff", "max abs diff", "lossless delta"], rows, right=("identical", "rel. diff", "max abs diff", "lossless delta"))
+    files = [[f.name, human_bytes(f.size), f.same_as or "-"] for f in report.files]
+    _table(["file of B", "size", "same content in A"], files, right=("size",))
+    for line in report.summary():
+        _echo(_clean(line))
 
 
 @app.command()

@@ -111,6 +111,11 @@ def render_card(config: Mapping, repo_id: str | None = None) -> str:
         + (" (recorded for a local copy, not checked against the Hub)" if unchecked else "") + " |",
         f"| method | {md_code(method_name)}" + (f" at ratio {method_ratio:g}" if method_ratio is not None else "") + " |",
     ]
+    parent = _mapping(config.get("parent"))
+    if parent:
+        at = f" at {md_code(parent.get('revision'))}" if isinstance(parent.get("revision"), str) else ""
+        depth = parent.get("depth") if isinstance(parent.get("depth"), int) else "?"
+        lines.append(f"| stored against | the parent version {md_code(parent.get('name_or_path'))}{at}, bit-exact ({md_text(depth, 4)} version(s) down to its keyframe) |")
     if ratio and stored is not None and dense is not None:
         lines.append(f"| stored | {human_bytes(stored)} for a {human_bytes(dense)} dense delta: ratio {ratio:.4f} ({1 / ratio:.1f}x smaller) |")
     mean, worst_error = _number(summary.get("mean_rel_error")), _number(summary.get("max_rel_error"))

@@ -75,6 +75,34 @@ def check_hub_base(config: dict, folder: str | os.PathLike) -> None:
     )
 
 
+class MissingParentError(HubError):
+    """A version stored against its parent whose parent is not on the Hub (a local folder, or a
+    commit the repo does not have): pushed or rolled back to, nobody could load it."""
+
+
+def check_hub_parent(api: HfApi, config: dict, where: str, token) -> None:
+    """Refuse (:class:`MissingParentError`) a chain member whose parent is not a Hub version
+    that decodes to the weights it names: ``parent.name_or_path`` a repo id, ``parent.revision``
+    a commit there, its config's ``finetuned.weights`` the child's ``parent.weights``. Nothing
+    may leave a version whose parent is gone."""
+    parent = config.get("parent")
+    if not isinstance(parent, dict):
+        return
+    name, revision = parent.get("name_or_path"), parent.get("revision")
+    fix = ("push the parent version first and compress this one against it by its Hub id (--parent REPO --parent-revision COMMIT), "
+           "or compress this version against the base (a keyframe)")
+    if not (isinstance(name, str) and _REPO_ID.match(name) and isinstance(revision, str) and _HEX40.match(revision)):
+        raise MissingParentError(f"{where}: its parent is {name}{'@' + revision if revision else ''}, not a Hub repo at a commit, so nobody who pulls it could load it; {fix}")
+    try:
+        cfg, problem = _config_at(api, name, revision, token)
+    except HfHubHTTPError as e:
+        raise MissingParentError(f"{where}: its parent {name}@{revision[:12]} cannot be read on the Hub ({_hub_error(e, name)}); {fix}") from None
+    if cfg is None or problem:
+        raise MissingParentError(f"{where}: its parent {name}@{revision[:12]} is not a readable deltahub version on the Hub ({problem or 'no ' + CONFIG_NAME}); {fix}")
+    if (cfg.get("finetuned") or {}).get("weights") != parent.get("weights"):
+        raise MissingParentError(f"{where}: {name}@{revision[:12]} decodes to other weights than the parent this version was made against; {fix}")
+
+
 class ConcurrentPushError(HubError):
     """The branch moved while pushing: someone else pushed first."""
 
@@ -104,6 +132,10 @@ class Version:
     dense_bytes: int | None = None
     base: str | None = None
     base_fingerprint: str | None = None
+    # A version stored against its parent (spec §4.4): "REPO@COMMIT" of the parent, and how many
+    # versions stand below it down to its keyframe (0: a keyframe, stored against the base).
+    parent: str | None = None
+    depth: int = 0
     files: dict[str, tuple[int, str | None]] = field(default_factory=dict)  # path -> (size, lfs sha256)
     # Why this commit's delta_config.json cannot be read (too large, not JSON, a field of the wrong
     # type), or None. Such a version is listed with method None and left out of totals and cards.
@@ -195,11 +227,17 @@ def _hub_error(e: Exception, repo_id: str) -> HubError:
 
 
 def _tree(api: HfApi, repo_id: str, revision: str) -> dict[str, tuple[int, str | None]]:
+    """``path -> (size, content id)``: an LFS file's SHA-256, a small file's ``git:<blob id>``
+    (two configs of one size are still told apart), None when the Hub gives neither."""
     out = {}
     for entry in api.list_repo_tree(repo_id, revision=revision, recursive=True):
         if isinstance(entry, RepoFile):
-            out[entry.path] = (entry.size, entry.lfs.sha256 if entry.lfs else None)
+            out[entry.path] = (entry.size, entry.lfs.sha256 if entry.lfs else (f"git:{entry.blob_id}" if entry.blob_id else None))
     return out
+
+
+def _is_lfs(oid: str | None) -> bool:
+    return bool(oid) and not oid.startswith("git:")
 
 
 def _config_at(api: HfApi, repo_id: str, revision: str, token, files: dict | None = None) -> tuple[dict | None, str | None]:
@@ -275,6 +313,10 @@ def _fill(v: Version, cfg: dict) -> Version:
     v.ratio, v.stored_bytes, v.dense_bytes = totals.get("ratio"), totals.get("stored_bytes"), totals.get("dense_bytes")
     v.base = (base.get("name_or_path") or "") + (f"@{base['revision']}" if base.get("revision") else "")
     v.base_fingerprint = base.get("fingerprint")
+    parent = cfg.get("parent")
+    if isinstance(parent, dict):
+        v.parent = parent["name_or_path"] + (f"@{parent['revision']}" if parent.get("revision") else "")
+        v.depth = parent["depth"]
     return v
 
 
@@ -513,6 +555,10 @@ def push(
     if not allow_local_base:
         check_hub_base(reader.config, folder)
     api = _api(token)
+    try:
+        check_hub_parent(api, reader.config, str(folder), token)
+    except HfHubHTTPError as e:
+        raise _hub_error(e, repo_id) from None
     branch = branch or "main"
     created = _create_repo(api, repo_id, private)
     start = None
@@ -544,7 +590,7 @@ def _push_commit(api: HfApi, reader: DeltaReader, files: dict[str, Path], skippe
         raise HubError(f"{repo_id} already has a version tagged {tag!r}; choose another --tag")
     hist = history(repo_id, branch=branch, token=token)
     head_files = _tree(api, repo_id, head)  # the head itself, even if its config is unreadable
-    known = {oid for v in hist.versions for (_, oid) in v.files.values() if oid}
+    known = {oid for v in hist.versions for (_, oid) in v.files.values() if _is_lfs(oid)}
     uploaded = reused = 0
     ops: list = []
     for rel, p in files.items():
@@ -591,16 +637,35 @@ def pull(
     """Download a version (tag, branch or commit) into the Hugging Face cache, or ``local_dir``.
 
     Only the files a delta repo consists of are downloaded (:data:`REPO_FILE_PATTERNS`), whatever
-    else the repo holds. With ``HF_HUB_OFFLINE=1`` it answers from the cache.
+    else the repo holds. With ``HF_HUB_OFFLINE=1`` it answers from the cache. A version stored
+    against its parent brings its parents down to the keyframe into the cache too, so that it
+    loads offline afterwards.
 
     Example::
 
         path = deltahub.pull("user/my-delta", revision="v2")
     """
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_dir=local_dir, token=token, cache_dir=cache_dir, allow_patterns=REPO_FILE_PATTERNS))
+        path = Path(snapshot_download(repo_id, revision=revision, local_dir=local_dir, token=token, cache_dir=cache_dir, allow_patterns=REPO_FILE_PATTERNS))
+        _pull_parents(path, token, cache_dir)
+        return path
     except HfHubHTTPError as e:
         raise _hub_error(e, repo_id) from None
+
+
+def _pull_parents(path: Path, token, cache_dir) -> None:
+    """For a version stored against its parent, download each parent down to the keyframe into
+    the cache, so that the version loads offline afterwards (at most MAX_CHAIN_DEPTH)."""
+    from .format.config import MAX_CHAIN_DEPTH, read_config
+
+    for _ in range(MAX_CHAIN_DEPTH):
+        parent = read_config(path / CONFIG_NAME, f"{path}/{CONFIG_NAME}").get("parent")
+        if parent is None:
+            return
+        name, revision = parent["name_or_path"], parent.get("revision")
+        if not (_REPO_ID.match(name) and revision):
+            return  # a local parent: loading names it if it is missing
+        path = Path(snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=REPO_FILE_PATTERNS))
 
 
 def base_differences(head: dict, target: dict) -> list[str]:
@@ -614,6 +679,8 @@ def base_differences(head: dict, target: dict) -> list[str]:
     if a.get("fingerprint") != b.get("fingerprint"):
         diffs.append("tensor names, dtypes or shapes differ (base.fingerprint)")
     sa, sb = a.get("samples") or {}, b.get("samples") or {}
+    if head.get("parent") is not None or target.get("parent") is not None:
+        sa = sb = {}  # a chain member's samples are its parent's weights (spec §4.4), not its base's
     other = sorted(n for n in sa.keys() & sb.keys() if sa[n] != sb[n])
     if other:
         diffs.append(f"{len(other)} tensors have the same shape but other weights (base.samples), e.g. {other[0]}")
@@ -640,7 +707,8 @@ def rollback(
     LFS files are copied on the server (nothing is re-uploaded), files ``to`` did not have are
     deleted, history and tags stay. Only the files a delta repo consists of are copied. A
     version made against another base (:func:`base_differences`: fingerprint, sample digests,
-    revision) is refused with BaseMismatchError unless ``force=True``; a version whose config
+    revision) is refused with BaseMismatchError unless ``force=True``; a version stored against a
+    parent that is not on the Hub is refused (:class:`MissingParentError`); a version whose config
     cannot be read (:attr:`Version.problem`) is refused with HubError. A head whose config
     cannot be read can be rolled back from (that is how one repairs it).
 
@@ -663,6 +731,7 @@ def rollback(
             raise HubError(f"{repo_id}@{to} cannot be rolled back to: {problem}. Choose another version (`deltahub log {repo_id}` lists them)")
         if target_cfg is None:
             raise HubError(f"{repo_id}@{to} holds no {CONFIG_NAME}: it is not a deltahub version")
+        check_hub_parent(api, target_cfg, f"{repo_id}@{to}", token)
         head_cfg = _config_at(api, repo_id, head, token)[0] if head else None
         diffs = base_differences(head_cfg, target_cfg) if head_cfg else []
         if diffs and not force:
@@ -677,9 +746,9 @@ def rollback(
         tag = tag or _next_tag(list(by_tag))
         ops: list = []
         for path, (size, oid) in target_files.items():
-            if path in _MANAGED or head_files.get(path) == (size, oid):
+            if path in _MANAGED or (oid is not None and head_files.get(path) == (size, oid)):
                 continue
-            if oid:
+            if _is_lfs(oid):
                 ops.append(CommitOperationCopy(src_path_in_repo=path, path_in_repo=path, src_revision=target))
             else:
                 ops.append(CommitOperationAdd(path, Path(hf_hub_download(repo_id, path, revision=target, token=token))))
@@ -690,5 +759,5 @@ def rollback(
     new = _fill(Version("", [tag], None, msg), target_cfg)
     ops.append(CommitOperationAdd(CARD_NAME, (render_card(target_cfg, repo_id) + "\n" + _versions_table(hist, new)).encode()))
     commit = _commit(api, repo_id, ops, msg, head, branch, False)
-    result = PushResult(repo_id, commit.oid, "", commit.commit_url, 0, sum(s for s, o in target_files.values() if o), len(ops))
+    result = PushResult(repo_id, commit.oid, "", commit.commit_url, 0, sum(s for s, o in target_files.values() if _is_lfs(o)), len(ops))
     return _tag_landed(api, repo_id, result, tag, auto=auto, message=msg, branch=branch)

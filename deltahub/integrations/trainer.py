@@ -1,0 +1,222 @@
+"""A ``transformers.TrainerCallback`` that keeps a training run's checkpoints as versions of a
+delta repo on the Hub, each stored against the previous version (spec/FORMAT.md §4.4).
+
+Between two nearby checkpoints most bf16 weights do not change at all, so a bit-exact delta
+against the previous version is a fraction of a delta against the base. Every
+``keyframe_every``-th version is stored against the base instead, so that any version loads by
+decoding at most ``keyframe_every`` deltas.
+
+Example::
+
+    from deltahub.integrations import DeltaCallback
+
+    trainer = Trainer(model, args, train_dataset=ds,
+                      callbacks=[DeltaCallback("me/run-42", base="HuggingFaceTB/SmolLM2-135M", every=200)])
+    trainer.train()   # versions step-200, step-400, ... on the Hub, each loadable with
+                      # DeltaModel.from_pretrained("me/run-42", revision="step-400")
+
+TRL's trainers are Trainers, so the callback works there unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DeltahubError
+
+try:  # the callback is a TrainerCallback when transformers is there (it always is with deltahub)
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover
+    TrainerCallback = object  # type: ignore[misc,assignment]
+
+
+class VersionError(DeltahubError):
+    """Making or uploading a version failed; raised at the next version or at the end of
+    training, naming the step whose version failed."""
+
+
+class DeltaCallback(TrainerCallback):
+    """Push the model as a version of ``repo_id`` on each save (or every ``every`` steps).
+
+    Each version is encoded from the model's weights in memory (no checkpoint is written
+    first) into a temporary folder and uploaded in a background thread while training goes on.
+    Training waits only for the encode (and for the previous upload, when it is still running
+    then). A failed upload is tried again at the next version (or at the end of training); if
+    it fails again, :class:`VersionError` is raised there.
+
+    - ``base``: the base model (Hub id; a local folder needs ``allow_local_base=True`` to push).
+    - ``method``/``ratio``: how keyframes (versions stored against the base) are compressed.
+      The default, ``lossless``, keeps every version bit-exact. With a lossy method only the
+      keyframes are lossy: the versions after one are stored exactly against what it decodes
+      to, so they are exact.
+    - ``keyframe_every``: a keyframe every that many versions (1: every version against the
+      base, no chain).
+    - ``dtype``: the dtype the versions store (default: the model's, e.g. float32 for a model
+      trained in float32; ``torch.bfloat16`` stores what ``save_pretrained`` in bf16 would).
+    - ``tag``: the tag of each version, formatted with ``step`` (default ``"step-{step}"``).
+
+    The commit message carries the step, the epoch and the last logged metrics. Run it on one
+    process (it acts on the main process only, with the full model in its memory: not under
+    FSDP or DeepSpeed ZeRO-3, whose parameters are sharded).
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        base: str | os.PathLike,
+        *,
+        method: str = "lossless",
+        ratio: float | None = None,
+        every: int | None = None,
+        keyframe_every: int = 8,
+        dtype: torch.dtype | None = None,
+        tag: str = "step-{step}",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        allow_local_base: bool = False,
+        base_id: str | None = None,
+    ) -> None:
+        if every is not None and every < 1:
+            raise ValueError(f"every must be a number of steps >= 1 (or None: on each save), got {every}")
+        if not 1 <= keyframe_every <= 64:
+            raise ValueError(f"keyframe_every must be from 1 to 64 (MAX_CHAIN_DEPTH + 1), got {keyframe_every}")
+        self.repo_id, self.base, self.method, self.ratio = repo_id, base, method, ratio
+        self.every, self.keyframe_every, self.dtype, self.tag = every, keyframe_every, dtype, tag
+        self.private, self.token, self.allow_local_base, self.base_id = private, token, allow_local_base, base_id
+        self.versions: list[dict[str, Any]] = []  # step, tag, commit, stored_bytes, parent, seconds
+        self._reference: dict[str, torch.Tensor] | None = None  # the last version's decoded weights
+        self._parent_commit: str | None = None
+        self._since_keyframe = 0
+        self._upload: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._failed_step: int | None = None
+        self._work = Path(tempfile.mkdtemp(prefix="deltahub-versions-"))
+        self._last_step: int | None = None
+
+    # ------------------------------------------------------------------ Trainer events
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self.every is None and state.is_world_process_zero:
+            self._version(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every is not None and state.global_step % self.every == 0 and state.is_world_process_zero:
+            self._version(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.every is not None and self._last_step != state.global_step and model is not None:
+            self._version(state, model)  # the final weights, when the last step was not a multiple of every
+        self.wait()
+        shutil.rmtree(self._work, ignore_errors=True)
+
+    # ------------------------------------------------------------------ work
+
+    def wait(self) -> None:
+        """Wait for the upload in flight. One that failed is tried once more, here (a Hub that
+        was briefly unreachable); if that fails too, :class:`VersionError` says which step's
+        version is missing, and the next version is a keyframe (it cannot stand on a version
+        that is not on the Hub)."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._error is not None:
+            self._error = None
+            self._push(*self._pending)
+            if self._error is not None:
+                error, self._error = self._error, None
+                self._reference, self._parent_commit = None, None
+                raise VersionError(f"the version of step {self._failed_step} for {self.repo_id} failed twice: {error}") from error
+
+    def _version(self, state, model) -> None:
+        from ..memory import MemoryCheckpoint
+
+        if model is None:
+            raise VersionError("the Trainer passed no model to the callback; DeltaCallback needs the model being trained")
+        self.wait()  # the parent's commit is needed, and an earlier failure is said now
+        step = state.global_step
+        self._last_step = step
+        ckpt = MemoryCheckpoint.from_model(_unwrapped(model))
+        if self.dtype is not None:
+            ckpt = ckpt.cast(self.dtype)
+        keyframe = self._reference is None or self._since_keyframe + 1 >= self.keyframe_every
+        out = self._work / f"step-{step}"
+        shutil.rmtree(out, ignore_errors=True)
+        result = self._compress(ckpt, out, keyframe)
+        # What this version decodes to, the next version's reference: the weights themselves when
+        # the version is exact, else decoded from what was written (a lossy keyframe).
+        reference = _copies(ckpt) if result.max_rel_error == 0 else _decoded(out, self.base)
+        message = _message(state)
+        tag = self.tag.format(step=step)
+        entry = {"step": step, "tag": tag, "stored_bytes": result.stored_bytes, "keyframe": keyframe, "encode_seconds": result.seconds}
+        self.versions.append(entry)
+        self._reference = reference
+        self._since_keyframe = 0 if keyframe else self._since_keyframe + 1
+        self._pending = (out, tag, message, step, entry)
+        self._upload = threading.Thread(target=self._push, args=self._pending, name=f"deltahub-push-{step}", daemon=True)
+        self._upload.start()
+
+    def _compress(self, ckpt, out: Path, keyframe: bool):
+        from ..compress import compress
+
+        if keyframe:
+            return compress(self.base, ckpt, out, method=self.method, ratio=self.ratio, base_id=self.base_id, progress=False)
+        return compress(
+            None, ckpt, out, method="lossless", ratio=None, parent=self.repo_id, parent_revision=self._parent_commit,
+            parent_weights=self._reference, token=self.token, progress=False,
+        )
+
+    def _push(self, folder: Path, tag: str, message: str, step: int, entry: dict) -> None:
+        from ..hub import push
+
+        try:
+            result = push(folder, self.repo_id, tag=tag, message=message, private=self.private, token=self.token, allow_local_base=self.allow_local_base)
+            entry["commit"] = self._parent_commit = result.commit
+            shutil.rmtree(folder, ignore_errors=True)
+        except Exception as e:  # surfaced by wait(), on the training thread
+            self._error, self._failed_step = e, step
+
+
+def _unwrapped(model):
+    """The model itself under DDP / accelerate wrappers (``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _copies(ckpt) -> dict[str, torch.Tensor]:
+    """New memory holding each tensor as it is now (the model trains on)."""
+    out = {}
+    for name in ckpt.names():
+        with ckpt.borrow(name) as t:
+            out[name] = t.clone()
+    return out
+
+
+def _decoded(folder: Path, base) -> dict[str, torch.Tensor]:
+    """What the version in ``folder`` decodes to (a lossy keyframe), tensor by tensor."""
+    from ..sources import decode_checked, open_pair
+
+    reader, base_ckpt = open_pair(folder, base)
+    return {n: decode_checked(reader, base_ckpt, n) for n, r in reader.records.items() if r["kind"] != "removed"}
+
+
+def _message(state) -> str:
+    """``step 500, epoch 1.25: loss 1.234, learning_rate 2e-05`` from the last logged metrics."""
+    epoch = f", epoch {state.epoch:.2f}" if state.epoch is not None else ""
+    logs = next((h for h in reversed(state.log_history) if any(k not in ("step", "epoch") for k in h)), {})
+    metrics = ", ".join(f"{k} {_number(v)}" for k, v in logs.items() if k not in ("step", "epoch") and isinstance(v, (int, float)))
+    return f"step {state.global_step}{epoch}" + (f": {metrics}" if metrics else "")
+
+
+def _number(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else str(v)
