@@ -619,19 +619,25 @@ def _train_tokens(tokenizer: Any) -> Any:
     return tokenizer(train_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
 
 
-def _build_finetune(recipe: Recipe, base: Path, tmp: Path) -> None:
+def train(
+    recipe: Recipe, model: Any, tokens: Any, on_step: Callable[[int, Any], None] | None = None,
+) -> tuple[list[float], list[float]]:
+    """Train ``model`` (float32, in place) on ``tokens`` by ``recipe``; ``(losses, seconds)`` per step.
+
+    ``on_step(step, model)``, if given, runs after every optimizer step (``step`` counts from 1),
+    outside the step's timing: :mod:`benchmarks.checkpoints` saves its checkpoints there.
+    """
     import torch
 
-    model, tokenizer = _load(base)
-    tokens = _train_tokens(tokenizer)
-    _log(f"{recipe.name}: {len(tokens)} training tokens, {recipe.steps} steps of {recipe.batch_size}x{recipe.seq_len}")
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     model.train()
     losses: list[float] = []
+    seconds: list[float] = []
     start = time.time()
     for step in range(recipe.steps):
+        t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = recipe.lr_at(step)
         offsets = torch.randint(0, len(tokens) - recipe.seq_len, (recipe.batch_size,), generator=gen)
@@ -642,10 +648,24 @@ def _build_finetune(recipe: Recipe, base: Path, tmp: Path) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        seconds.append(time.perf_counter() - t0)
         if step % 10 == 0 or step == recipe.steps - 1:
             _log(f"{recipe.name}: step {step + 1}/{recipe.steps} loss {losses[-1]:.3f} ({time.time() - start:.0f}s)")
-    seconds = time.time() - start
+        if on_step is not None:
+            on_step(step + 1, model)
     del opt
+    return losses, seconds
+
+
+def _build_finetune(recipe: Recipe, base: Path, tmp: Path) -> None:
+    import torch
+
+    model, tokenizer = _load(base)
+    tokens = _train_tokens(tokenizer)
+    _log(f"{recipe.name}: {len(tokens)} training tokens, {recipe.steps} steps of {recipe.batch_size}x{recipe.seq_len}")
+    start = time.time()
+    losses, _ = train(recipe, model, tokens)
+    seconds = time.time() - start
     model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     del model
