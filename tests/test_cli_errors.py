@@ -122,7 +122,12 @@ def pair(tmp_path_factory):
 def test_an_interrupted_compress_exits_cleanly_and_leaves_nothing(pair, tmp_path, sig, code, word):
     base, ft = pair
     out = tmp_path / "delta"
-    p = subprocess.Popen(["deltahub", "compress", str(base), str(ft), str(out), "-m", "svd", "-r", "1/4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    # SIGINT back to its default in the child: a test run started in the background by a shell
+    # (`cmd &`) ignores SIGINT, the child inherits that, and Python then installs no Ctrl-C handler.
+    p = subprocess.Popen(
+        ["deltahub", "compress", str(base), str(ft), str(out), "-m", "svd", "-r", "1/4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".delta.partial-*")) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
