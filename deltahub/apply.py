@@ -57,7 +57,11 @@ def apply(
         return decode_checked(reader, base_ckpt, name)  # NaN/Inf where the base is finite: refused
 
     names = [name for layout in layouts for name, _, _ in layout]
-    with atomic_dir(out, overwrite, inputs=(delta, base, reader.path, base_ckpt.path)) as tmp, progress_bar(total=len(names), desc="Applying", enabled=progress) as bar:
+    from .chain import chain_inputs
+
+    inputs = (delta, base, reader.path, base_ckpt.path, *chain_inputs(base_ckpt))  # a chain: every parent and the keyframe's base
+    check_out_dir(out, overwrite, inputs=inputs)
+    with atomic_dir(out, overwrite, inputs=inputs) as tmp, progress_bar(total=len(names), desc="Applying", enabled=progress) as bar:
         decoded = decoded_ahead(decode, names)
         shards: list[tuple[Path, list[str]]] = []
         try:

@@ -34,6 +34,10 @@ from .errors import DeltahubError
 from .format import CONFIG_NAME
 from .format.config import MAX_CHAIN_DEPTH, fingerprint
 
+# The delta_config.json bytes of all the parents one load reads, together: each is bounded
+# (limits.MAX_CONFIG_BYTES), and so is their sum, since every parent's config stays in memory.
+MAX_CHAIN_CONFIG_BYTES = 512 << 20
+
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
     from .format import DeltaReader
@@ -132,10 +136,16 @@ class ParentWeights:
         t = decode_checked(self.reader, self.reference, name)
         if tensor_sha256(t) != self.reader.records[name]["sha256"]:
             raise ChainError(
-                f"{self.source}: tensor {name!r} of this parent version decodes to other bits than its record's sha256 says; the parent "
-                "is corrupted: download it again (deltahub pull) or re-compress the child against the base"
+                f"{self.source}: tensor {name!r} of this parent version decodes to other bits than its record's sha256 says: the base "
+                "given for the chain's keyframe is not its base (check --base), or the parent is corrupted (download it again: deltahub pull)"
             )
         return t
+
+    def input_paths(self) -> list[Path]:
+        """Every folder this chain reads: each parent version down to the keyframe, and the
+        keyframe's base (an output must not land on any of them)."""
+        below = self.reference.input_paths() if isinstance(self.reference, ParentWeights) else [getattr(self.reference, "path", None)]
+        return [self.path, *(p for p in below if p is not None)]
 
     def sample_digest(self, name: str) -> str:
         return sample_digest(self.get(name))
@@ -166,8 +176,38 @@ def _prod(shape: tuple[int, ...]) -> int:
     return n
 
 
+def validate_records(records: Mapping, where: str) -> None:
+    """Every record checked (:func:`records.validate_record`) before any code reads its fields."""
+    from .errors import FormatError
+    from .format.records import validate_record
+
+    for name, record in records.items():
+        try:
+            validate_record(name, record)
+        except FormatError as e:
+            raise type(e)(f"{where}: {e}") from None
+
+
+def check_chain_records(reader: "DeltaReader", parent: "ParentWeights") -> None:
+    """A chain member's records against its parent (spec §4.4): exactly the parent's tensors,
+    each of the parent tensor's shape and dtype, none ``added``, ``removed`` or with a
+    ``base_shape``. So a chain never grows what it decodes: each level is bounded by the
+    keyframe's own bounds, not twice the level below."""
+    src = getattr(reader, "source", str(reader.path))
+    check_same_names(parent, [n for n, r in reader.records.items() if r["kind"] != "removed"], src)
+    for name, r in reader.records.items():
+        info = parent.info(name) if name in parent else None
+        if r["kind"] in ("added", "removed") or "base_shape" in r or info is None or tuple(r["shape"]) != tuple(info.shape) or r["dtype"] != info.dtype:
+            raise ChainError(
+                f"{src}: tensor {name!r} is a {r['kind']} record of {r['dtype']} {list(r['shape'])} against a parent tensor of "
+                f"{info.dtype + ' ' + str(list(info.shape)) if info else 'none'}; a version stored against its parent keeps every tensor's "
+                "name, shape and dtype (spec §4.4). The repo is corrupted or hostile"
+            )
+
+
 def open_parent(
-    reader: "DeltaReader", base: str | os.PathLike | None, base_revision: str | None, hub: "HubOptions", *, verify: bool, seen: int = 0
+    reader: "DeltaReader", base: str | os.PathLike | None, base_revision: str | None, hub: "HubOptions", *, verify: bool, seen: int = 0,
+    config_bytes: int = 0,
 ) -> ParentWeights:
     """The decoded weights ``reader``'s records stand on: its parent version, opened where
     ``parent`` says (a local folder or a Hub repo at a commit) and checked to be the version the
@@ -182,14 +222,35 @@ def open_parent(
         raise ChainError(f"{src}: the chain below this version is deeper than {MAX_CHAIN_DEPTH} versions; the repo is corrupted or hostile")
     where = f"{name}@{revision}" if revision else name
     fix = "pull the version history again, or re-compress this version against the base (a keyframe: deltahub compress without --parent)"
-    if os.path.isabs(name) and not os.path.isdir(name):
-        raise MissingParentError(f"{src}: its parent version is the local folder {name}, which is not on this machine; {fix}")
+    if is_local_parent(name):
+        if from_hub(reader):
+            raise MissingParentError(
+                f"{src}: a version downloaded from the Hub names a local folder ({name}) as its parent; only a Hub parent is followed "
+                "for it (a repo must not make deltahub read this machine's folders). The repo is broken or hostile"
+            )
+        folder = local_parent_path(reader.path, name)
+        if not folder.is_dir():
+            raise MissingParentError(
+                f"{src}: its parent version is the local folder {name} ({folder}), which is not there (moved or deleted). If it moved, "
+                f"record where it is now: `deltahub set-parent {src} NEW_PATH_OR_REPO@REV`; else re-compress this version against the base"
+            )
+        name = str(folder)
+    else:
+        # A Hub parent: its config alone first (one small download), checked, before the
+        # shards are fetched; a parent that is some other repo costs nothing more.
+        cfg, _, _, _ = _parent_config(name, revision, hub)
+        if (cfg.get("finetuned") or {}).get("weights") != parent["weights"]:
+            raise ChainError(f"{src}: {where} decodes to other weights than the version this one was made against; it is not its parent. {fix}")
     try:
         parent_reader = open_delta(name, revision, hub)
     except (CheckpointError, DeltahubError) as e:
         raise MissingParentError(f"{src}: its parent version {where} cannot be opened ({e}); {fix}") from None
     parent_src = getattr(parent_reader, "source", where)
     parent_reader.source = f"{where} (parent of {src})"  # type: ignore[attr-defined]
+    config_bytes += (Path(parent_reader.path) / CONFIG_NAME).stat().st_size
+    if config_bytes > MAX_CHAIN_CONFIG_BYTES:
+        raise ChainError(f"{src}: the configs of its chain hold more than {MAX_CHAIN_CONFIG_BYTES >> 20} MiB together; the repo is corrupted or hostile")
+    validate_records(parent_reader.records, parent_reader.source)
     have = (parent_reader.config.get("finetuned") or {}).get("weights")
     if have is None or have != recorded_weights(parent_reader):
         raise ChainError(
@@ -203,7 +264,7 @@ def open_parent(
         )
     if depth_of(parent_reader) != parent["depth"] - 1:
         raise ChainError(f"{src}: parent.depth is {parent['depth']} but its parent stands on {depth_of(parent_reader)} version(s); the repo is corrupted or hostile")
-    reference = open_base(parent_reader, base, base_revision, hub, verify=verify, _seen=seen + 1)
+    reference = open_base(parent_reader, base, base_revision, hub, verify=verify, _seen=seen + 1, _config_bytes=config_bytes)
     return ParentWeights(parent_reader, reference, parent_reader.source)
 
 
@@ -257,6 +318,35 @@ class _CheckedMemory:
             return t.clone()
 
 
+def is_local_parent(name: str) -> bool:
+    """Whether ``parent.name_or_path`` names a local folder (an absolute path, or a path relative
+    to the child's folder written ``./...`` or ``../...``) rather than a Hub repo id."""
+    return os.path.isabs(name) or name.startswith(("./", "../")) or name in (".", "..")
+
+
+def local_parent_path(child: str | os.PathLike, name: str) -> Path:
+    """The folder a local ``parent.name_or_path`` names: absolute as is, relative to the child's folder."""
+    return Path(name) if os.path.isabs(name) else Path(child) / name
+
+
+def from_hub(reader: "DeltaReader") -> bool:
+    """Whether the delta was read from the Hub (a cache snapshot, or opened by repo id)."""
+    from .checkpoint import cached_snapshot
+
+    return getattr(reader, "commit", None) is not None or cached_snapshot(reader.path) is not None
+
+
+def recorded_local_name(parent: Path, child: Path) -> str:
+    """How a local parent is recorded: relative to the child's folder when the two are siblings
+    (or the parent lies under the child's parent folder), so that a run's folder can move as a
+    whole; else the absolute path."""
+    parent, child = Path(os.path.realpath(parent)), Path(os.path.realpath(child))
+    rel = os.path.relpath(parent, child)
+    if rel.startswith("../") and not rel[3:].startswith("../"):
+        return rel
+    return str(parent)
+
+
 def _parent_config(parent: str | os.PathLike, revision: str | None, hub: "HubOptions") -> tuple[dict, str, str | None, bool]:
     """``(delta_config, name_or_path to record, commit, is_local)`` of a parent version, reading
     its config only (a Hub parent: one small download)."""
@@ -270,6 +360,7 @@ def _parent_config(parent: str | os.PathLike, revision: str | None, hub: "HubOpt
         if not path.is_dir():
             raise CheckpointError(f"the parent {path} is a file; pass the folder of the parent version's delta")
         cfg = read_config(confined_file(path, CONFIG_NAME, f"{path}: {CONFIG_NAME}"), f"{path}/{CONFIG_NAME}")
+        validate_records(cfg["tensors"], str(path))
         from .checkpoint import cached_snapshot
 
         snapshot = cached_snapshot(path)  # a pulled version: recorded as its repo and commit, not this cache's path
@@ -282,18 +373,21 @@ def _parent_config(parent: str | os.PathLike, revision: str | None, hub: "HubOpt
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+    from huggingface_hub.errors import HFValidationError
+
     try:
         local = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, **hub.kwargs()))
-    except (RevisionNotFoundError, RepositoryNotFoundError, EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError) as e:
+    except (RevisionNotFoundError, RepositoryNotFoundError, EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, HFValidationError) as e:
         raise MissingParentError(f"the parent {repo_id}@{revision} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     cfg = read_config(local, f"{repo_id}@{revision}: {CONFIG_NAME}")
+    validate_records(cfg["tensors"], f"{repo_id}@{revision}")
     commit = local.parent.name if len(local.parent.name) == 40 else revision
     return cfg, repo_id, commit, False
 
 
 def parent_reference(
     parent: str | os.PathLike, revision: str | None, weights: Mapping[str, torch.Tensor] | None, base: str | os.PathLike | None,
-    base_revision: str | None, hub: "HubOptions",
+    base_revision: str | None, hub: "HubOptions", out_dir: str | os.PathLike | None = None,
 ) -> tuple["Checkpoint | ParentWeights | _CheckedMemory", dict, dict]:
     """For ``compress(parent=...)``: ``(reference, parent record, base identity)``. The reference
     is the parent's decoded weights: ``weights`` when given (checked tensor by tensor against the
@@ -322,6 +416,67 @@ def parent_reference(
         reader.source = where  # type: ignore[attr-defined]
         reference = ParentWeights(reader, open_base(reader, base, base_revision, hub, verify=True), where)
     check_same_names(reference, [n for n, r in cfg["tensors"].items() if r["kind"] != "removed"], f"the parent {where}")
+    if local:
+        reference.parent_folder = Path(parent)  # type: ignore[union-attr]  # an input: no output may land on it
+    if local and commit is None and out_dir is not None:
+        name = recorded_local_name(Path(name), Path(out_dir))
     record = {"name_or_path": name, "revision": commit, "weights": have, "depth": depth}
     root = {k: v for k, v in (cfg.get("base") or {}).items() if k in ("name_or_path", "revision", "id_checked")}
     return reference, record, root
+
+
+def set_parent(
+    delta_dir: str | os.PathLike, parent: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> dict:
+    """Record where the parent version of the chain member in ``delta_dir`` is now (a local folder
+    that moved, or the same version pushed to the Hub: ``parent="ORG/NAME"``, ``revision`` a tag
+    or commit), without recompressing. The new parent must decode to exactly the weights the
+    member was made against (``parent.weights``) and stand on one version less; otherwise
+    :class:`ChainError` and nothing changes. ``delta_config.json`` (its totals recounted) and the
+    card are rewritten by atomic renames. Returns the new ``parent`` object.
+
+    Example::
+
+        deltahub.chain.set_parent("runs/v2", "me/run-42", revision="v1")   # then deltahub.push("runs/v2", "me/run-42")
+    """
+    from .base_id import _replace
+    from .card import render_card
+    from .format import DeltaReader
+    from .format.limits import confined_file
+    from .format.repo import _cache_repo, config_text
+    from .sources import HubOptions, delta_shard_bytes
+
+    path = Path(delta_dir)
+    cache = _cache_repo(Path(os.path.realpath(path)))
+    if cache is not None:
+        raise ChainError(f"{path} lies inside the Hugging Face cache ({cache}); rewriting it would change the cached files. Copy it out first (deltahub pull REPO --local-dir DIR)")
+    reader = DeltaReader(path)
+    old = parent_of(reader)
+    if old is None:
+        raise ChainError(f"{path} is a keyframe (stored against the base), not a version stored against a parent: it has no parent to set")
+    cfg, name, commit, local = _parent_config(parent, revision, HubOptions(token, None, local_files_only))
+    where = f"{name}@{commit}" if commit else name
+    have = (cfg.get("finetuned") or {}).get("weights")
+    fake = type("_Records", (), {"records": cfg["tensors"]})()
+    if have is None or have != recorded_weights(fake) or have != old["weights"]:
+        raise ChainError(f"{where} decodes to other weights than the parent {path} was made against ({old['weights'][:19]}…); nothing was changed")
+    if (cfg.get("parent") or {}).get("depth", 0) != old["depth"] - 1:
+        raise ChainError(f"{where} stands on another number of versions than {path}'s parent did; nothing was changed")
+    if local and commit is None:
+        name = recorded_local_name(Path(name), path)
+    new = {**old, "name_or_path": name, "revision": commit}
+    full = {**reader.config, "parent": new}
+    index = confined_file(path, "delta.safetensors.index.json", f"{path}: index")
+    _replace(path, CONFIG_NAME, config_text(full, delta_shard_bytes(reader) + index.stat().st_size).encode())
+    _replace(path, "README.md", render_card(full).encode())
+    return new
+
+
+def chain_inputs(ckpt: object) -> list[Path]:
+    """The folders an output must not touch when ``ckpt`` is a chain's reference (every parent
+    down to the keyframe, and its base); empty for a plain checkpoint (its path is listed by the caller)."""
+    if isinstance(ckpt, ParentWeights):
+        return ckpt.input_paths()
+    folder = getattr(ckpt, "parent_folder", None)
+    return [folder] if folder is not None else []

@@ -94,7 +94,7 @@ def resolve(
     if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")):
         raise CheckpointError(f"{repo_id} is neither an existing folder nor a Hub repo id like 'user/model'")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         local = snapshot_download(
@@ -105,6 +105,8 @@ def resolve(
             local_files_only=local_files_only,
             allow_patterns=allow_patterns or MODEL_FILE_PATTERNS,
         )
+    except HFValidationError as e:
+        raise CheckpointError(f"{repo_id[:120]!r} is neither an existing folder nor a valid Hub repo id ({str(e).splitlines()[0][:160]})") from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{repo_id} has no revision {revision!r}; list its branches and tags with `deltahub log {repo_id}`") from None
     except RepositoryNotFoundError:

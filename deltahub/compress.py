@@ -117,7 +117,7 @@ def compress(
     base: str | os.PathLike | None,
     finetuned: str | os.PathLike | torch.nn.Module | Mapping[str, torch.Tensor],
     out_dir: str | os.PathLike,
-    method: str = "auto",
+    method: str | None = None,
     ratio: float | None = 1 / 8,
     *,
     params: Mapping[str, Any] | None = None,
@@ -165,9 +165,10 @@ def compress(
     ``calibration``: a text file for ``auto``'s activation-aware mode (the base model runs over
     its first ``calibration_tokens`` tokens once; see :mod:`deltahub.calibration`).
 
+    ``method`` defaults to ``"auto"``, or ``"lossless"`` with a ``parent``.
     ``parent`` (a delta folder, or a Hub repo id at ``parent_revision``) stores the fine-tune
     against that version's decoded weights instead of the base (a chain member, spec §4.4:
-    ``method="lossless"``, bit-exact, and far smaller than a delta against the base when the
+    ``lossless`` only, bit-exact, and far smaller than a delta against the base when the
     two versions are a few training steps apart). ``base`` may then be ``None`` (the chain's
     keyframe's base is used to decode the parent). ``parent_weights``: the parent's decoded
     weights if you hold them (a training loop does), checked tensor by tensor against the
@@ -189,10 +190,14 @@ def compress(
         raise CheckpointError("compress needs a base (a folder or Hub id), or a parent version to store the fine-tune against (parent=...)")
     if parent is None and (parent_revision is not None or parent_weights is not None):
         raise ValueError("parent_revision and parent_weights describe a parent version: pass parent=... too")
-    if parent is not None and method != "lossless":
+    method = method or ("lossless" if parent is not None else "auto")
+    rules = [r if isinstance(r, Rule) else Rule.parse(r) for r in rules]
+    lossy = [method] if method != "lossless" else []
+    lossy += [f"{r.method} (rule)" for r in rules if r.method != "lossless"]
+    if parent is not None and lossy:
         raise ValueError(
-            f"a version stored against its parent is bit-exact: use method='lossless' (CLI: --method lossless --ratio none), not {method!r}; "
-            "a lossy delta goes against the base (drop parent)"
+            f"a version stored against its parent is bit-exact: every tensor is stored lossless, not {lossy[0].split()[0]!r}"
+            f"{' (from a --rule)' if 'rule' in lossy[0] else ''}; a lossy delta goes against the base (drop parent)"
         )
     for given, role in ((finetuned, "fine-tune"), (base, "base"), (parent, "parent")):
         _refuse_adapter(given, role)
@@ -210,14 +215,16 @@ def compress(
 
         if base_id is not None:
             raise ValueError("base_id names the base of a keyframe; a version stored against its parent carries its keyframe's base: drop base_id")
-        base_ckpt, chain, base_record = parent_reference(parent, parent_revision, parent_weights, base, base_revision, HubOptions(**hub))
+        base_ckpt, chain, base_record = parent_reference(parent, parent_revision, parent_weights, base, base_revision, HubOptions(**hub), out_dir)
     else:
         base_ckpt = Checkpoint.open(base, revision=base_revision, **hub)
         base_record = _recorded_base(base, base_ckpt, base_id, hub)  # a base_id is checked here, before any work
     ft_ckpt = ft_memory if ft_memory is not None else Checkpoint.open(finetuned, revision=revision, **hub)
     for ckpt, role in ((ft_ckpt, "fine-tune"), (base_ckpt, "base")):
         _refuse_adapter(ckpt.path, role, ckpt.source)  # a Hub repo id resolved to its snapshot
-    inputs = (base, finetuned, calibration, parent, base_ckpt.path, ft_ckpt.path)
+    from .chain import chain_inputs
+
+    inputs = (base, finetuned, calibration, parent, base_ckpt.path, ft_ckpt.path, *chain_inputs(base_ckpt))  # a chain: every parent and its base
     check_out_dir(out_dir, overwrite, inputs=inputs)
     _check_architectures(base_ckpt, ft_ckpt)
     if chain is not None:

@@ -499,8 +499,7 @@ def diff(
     pass another copy of it), checked to be that base unless ``verify_base=False``; every record
     is checked against the base before anything is decoded, and every decoded tensor for NaN or
     Inf where the base is finite, as ``apply`` does. One tensor of each side is in memory at a
-    time. Two deltas whose records hold the same digest of the decoded tensor (format 1.1: every
-    delta deltahub writes) have that tensor identical without decoding it. Errors are :class:`DeltahubError` subclasses (a missing folder: :class:`DiffError`).
+    time. Errors are :class:`DeltahubError` subclasses (a missing folder: :class:`DiffError`).
 
     Example::
 
@@ -533,14 +532,9 @@ def diff(
                 cost = _whole_nbytes(name, tb)
             report.tensors.append(TensorDiff(name, "only_b", None, sb, None, db, delta_bytes=cost, delta_how="whole"))
         else:
-            (da, sa), (db, sb) = side_a.meta(name), side_b.meta(name)
-            digest = side_a.digest(name)
-            if digest is not None and digest == side_b.digest(name) and (da, sa) == (db, sb):
-                # Both records hold the same decoded-tensor digest (format 1.1): identical
-                # without decoding either, the common case between versions of one run.
-                n = math.prod(sa)
-                report.tensors.append(TensorDiff(name, "identical", sa, sb, da, db, n, 1.0 if n else None, 0.0, 0.0))
-                continue
+            (da, _), (db, _) = side_a.meta(name), side_b.meta(name)
+            # Decoded on both sides even when the records hold the same digest: a record's digest
+            # is the author's claim, the bits are what the reader gets.
             with side_a.tensor(name) as ta, side_b.tensor(name) as tb:
                 report.tensors.append(_compare(name, ta, tb, da, db))
     report.files = _match_files(side_a, side_b)

@@ -104,9 +104,11 @@ class VerifyReport:
     checked_tensors: int = 0
     problems: list[str] = field(default_factory=list)
     base_checked: bool = False
+    decoded: bool = False  # every tensor decoded and equal to its record's digest (verify(decode=True))
 
     def __str__(self) -> str:
         head = f"{'OK' if self.ok else 'FAILED'}: {self.checked_tensors} tensors checked" + (", base matches" if self.base_checked and self.ok else "")
+        head += ", every tensor decoded to its recorded digest" if self.decoded and self.ok else ""
         return "\n".join([head] + [f"- {p}" for p in self.problems])
 
 
@@ -163,20 +165,24 @@ def verify(
         report.problems.append(f"{INDEX_NAME} lists {len(stray)} tensor(s) no record uses, e.g. {stray[0]!r}")
     if not report.problems:
         report.problems += _completeness(reader)
-    if base is not None or check_base or decode:
+    chained = reader.config.get("parent") is not None
+    if base is not None or check_base or decode or (chained and not report.problems):
+        # A chain member is checked with its chain (each parent found and its digest matching),
+        # and its keyframe's base when a base is to be checked: without them it is no model.
         try:
-            base_ckpt = open_base(reader, base, base_revision, hub)
+            base_ckpt = open_base(reader, base, base_revision, hub, verify=chained and (base is not None or check_base or decode))
             if reader.config.get("parent") is None:  # a parent is checked by its weights digest as it opens
                 report.problems += [f"base: {d}" for d in base_differences(reader, base_ckpt, limit=20)]
             missing = [n for n in base_ckpt.names() if n not in reader.records]
             if missing:
                 report.problems.append(f"base: {len(missing)} base tensor(s) have no record in {CONFIG_NAME}, e.g. {missing[0]!r} (spec §4: every base tensor has one); the delta is incomplete or was edited")
-            report.base_checked = True
+            report.base_checked = base is not None or check_base or decode
             if decode and not report.problems:
                 report.problems += _decode_problems(reader, base_ckpt)
+                report.decoded = not report.problems
         except DeltahubError as e:
             if not any(p in str(e) for p in report.problems):  # the completeness check speaks once
-                report.problems.append(f"base: {e}")
+                report.problems.append(f"{'chain' if chained else 'base'}: {e}")
     report.ok = not report.problems
     return report
 

@@ -73,7 +73,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def open_base(
     reader: DeltaReader, base: str | os.PathLike | None = None, base_revision: str | None = None, hub: HubOptions | None = None, *, verify: bool = False,
-    _seen: int = 0,
+    _seen: int = 0, _config_bytes: int = 0,
 ) -> Checkpoint:
     """The base checkpoint: the one given, or the one recorded in ``delta_config.json`` at its
     pinned revision; with ``verify``, checked to be the delta's base (:func:`check_base`).
@@ -87,10 +87,12 @@ def open_base(
     (:func:`check_records_against_base`): ``verify=False`` skips the identity check, not the
     bounds that keep a hostile delta from allocating or writing without limit."""
     hub = hub or HubOptions()
-    if reader.config.get("parent") is not None:
-        from .chain import open_parent
+    from .chain import check_chain_records, open_parent, validate_records
 
-        parent = open_parent(reader, base, base_revision, hub, verify=verify, seen=_seen)
+    validate_records(reader.records, str(getattr(reader, "source", reader.path)))  # before any field of a record is read
+    if reader.config.get("parent") is not None:
+        parent = open_parent(reader, base, base_revision, hub, verify=verify, seen=_seen, config_bytes=_config_bytes)
+        check_chain_records(reader, parent)
         check_records_against_base(reader, parent)  # type: ignore[arg-type]
         return parent  # type: ignore[return-value]
     recorded = reader.config.get("base", {})

@@ -67,7 +67,7 @@ def test_a_chain_member_names_its_parent_and_is_smaller_than_a_delta_against_the
     root, base, ckpts = run
     cfg = DeltaReader(chain[2]).config
     assert cfg["requires"] == ["parent"] and cfg["format_version"] == "1.1"
-    assert cfg["parent"]["name_or_path"] == str(chain[1].resolve()) and cfg["parent"]["depth"] == 2
+    assert cfg["parent"]["name_or_path"] == "../v1" and cfg["parent"]["depth"] == 2  # a sibling: relative, the run folder can move
     assert cfg["parent"]["weights"] == DeltaReader(chain[1]).config["finetuned"]["weights"]
     assert cfg["base"]["name_or_path"] == str(base.resolve())  # the chain's keyframe's base
     # Every record holds the digest of the tensor it decodes to.
@@ -101,8 +101,11 @@ def test_compress_against_a_parent_from_memory_equals_decoding_it(run, chain, tm
 
 def test_a_parent_version_is_lossless_only_and_needs_the_same_tensors(run, chain, tmp_path):
     root, base, ckpts = run
-    with pytest.raises(ValueError, match="method='lossless'"):
+    with pytest.raises(ValueError, match="stored lossless, not 'auto'"):
         deltahub.compress(base, ckpts[1], tmp_path / "x", method="auto", parent=chain[0], progress=False)
+    with pytest.raises(ValueError, match="not 'svd' \\(from a --rule\\)"):  # a rule cannot make a tensor lossy either
+        deltahub.compress(base, ckpts[1], tmp_path / "x", rules=["*.mlp.*=svd:rank=4"], parent=chain[0], progress=False)
+    assert not (tmp_path / "x").exists()
     fewer = tmp_path / "fewer"
     fewer.mkdir()
     w = _weights(ckpts[1])
@@ -112,16 +115,38 @@ def test_a_parent_version_is_lossless_only_and_needs_the_same_tensors(run, chain
         deltahub.compress(None, fewer, tmp_path / "y", method="lossless", ratio=None, parent=chain[0], progress=False)
 
 
-def test_a_missing_parent_is_named_with_the_fix(chain, tmp_path):
+def test_a_run_folder_moves_as_a_whole_and_a_moved_parent_is_named_then_set(run, chain, tmp_path):
+    root, base, ckpts = run
     moved = tmp_path / "moved"
-    shutil.copytree(chain[1], moved / "v1")
-    shutil.copytree(chain[2], moved / "v2")  # v2 records chain[1]'s absolute path
-    cfg = json.loads((moved / "v2" / "delta_config.json").read_text())
-    cfg["parent"]["name_or_path"] = str(tmp_path / "gone")
-    (moved / "v2" / "delta_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MissingParentError, match="not on this machine"):
-        deltahub.apply(moved / "v2", tmp_path / "out", progress=False)
+    for k in (0, 1, 2):
+        shutil.copytree(chain[k], moved / f"v{k}")  # siblings: parents recorded as ../v0, ../v1
+    expected = _weights(ckpts[2])
+    loaded = DeltaModel.from_pretrained(moved / "v2").state_dict()
+    assert all(torch.equal(loaded[n], expected[n]) for n in expected)
+    # v2 alone elsewhere: its parent is named, with the command that fixes it.
+    shutil.copytree(chain[2], tmp_path / "alone" / "v2")
+    with pytest.raises(MissingParentError, match="not there \\(moved or deleted\\).*deltahub set-parent"):
+        deltahub.apply(tmp_path / "alone" / "v2", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+    from deltahub.chain import set_parent
+
+    with pytest.raises(ChainError, match="other weights"):  # v0 is not v2's parent: nothing changes
+        set_parent(tmp_path / "alone" / "v2", moved / "v0")
+    new = set_parent(tmp_path / "alone" / "v2", moved / "v1")
+    assert new["name_or_path"] == str((moved / "v1").resolve())  # not a sibling: absolute
+    assert deltahub.verify(tmp_path / "alone" / "v2", decode=True).ok
+
+
+def test_a_hub_version_never_follows_a_local_parent(chain, tmp_path):
+    """A delta read from the Hub cache that names a local folder as its parent is refused: a
+    repo must not make deltahub read this machine's folders."""
+    snap = tmp_path / "hub" / "models--evil--repo" / "snapshots" / ("a" * 40)
+    shutil.copytree(chain[2], snap)
+    cfg = json.loads((snap / "delta_config.json").read_text())
+    cfg["parent"]["name_or_path"] = str(chain[1].resolve())
+    (snap / "delta_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MissingParentError, match="downloaded from the Hub names a local folder"):
+        deltahub.apply(snap, tmp_path / "out", progress=False)
 
 
 def test_another_version_in_the_parents_place_is_refused(run, chain, tmp_path):
@@ -167,11 +192,20 @@ def test_a_corrupted_parent_is_caught_by_its_digests(run, chain, tmp_path):
     (lambda c: c.__setitem__("requires", ["parent", "teleport"]), UnsupportedFormatVersionError, "teleport"),
     (lambda c: c.pop("parent"), FormatError, "requires 'parent'"),
     (lambda c: c["tensors"]["model.norm.weight"].__setitem__("sha256", "00" * 32), FormatError, "sha256"),
+    (lambda c: c["parent"].update(name_or_path="user/run", revision="main"), FormatError, "at a commit"),
+    (lambda c: c["parent"].update(name_or_path="user/re po", revision="a" * 40), FormatError, "Hub repo id"),
+    (lambda c: c["parent"].update(name_or_path="~/x"), FormatError, "Hub repo id"),
+    (lambda c: c["parent"].update(revision="a" * 40), FormatError, "must be null for a local parent"),
+    (lambda c: c.__setitem__("requires", ["parent", "parent"]), FormatError, "twice"),
+    (lambda c: c["tensors"]["model.norm.weight"].pop("kind"), FormatError, "unknown record kind"),
+    (lambda c: c["tensors"]["model.norm.weight"].__setitem__("shape", [49]), ChainError, "keeps every tensor's"),
+    (lambda c: c["tensors"].__setitem__("extra.weight", {"kind": "removed", "shape": [2], "dtype": "BF16"}), ChainError, "removed record"),
 ])
 def test_malformed_chain_fields_are_refused(chain, tmp_path, edit, error, match):
     bad = tmp_path / "bad"
     shutil.copytree(chain[2], bad)
     cfg = json.loads((bad / "delta_config.json").read_text())
+    cfg["parent"]["name_or_path"] = str(chain[1].resolve())
     edit(cfg)
     (bad / "delta_config.json").write_text(json.dumps(cfg))
     with pytest.raises(error, match=match):
@@ -192,7 +226,7 @@ def test_the_cli_compresses_against_a_parent_and_shows_it(run, chain, tmp_path):
     r = runner.invoke(app, ["verify", str(tmp_path / "v1"), "--decode"])
     assert r.exit_code == 0 and r.output.startswith("OK: 21 tensors checked, base matches"), r.output
     r = runner.invoke(app, ["compress", str(base), str(ckpts[1]), str(tmp_path / "v1b"), "--parent", str(chain[0]), "-m", "auto"])
-    assert r.exit_code == 1 and "method='lossless'" in r.output
+    assert r.exit_code == 1 and "stored lossless, not 'auto'" in r.output
 
 
 def test_a_keyframe_decoded_on_another_base_fails_its_digests(run, chain, tmp_path):
@@ -216,3 +250,29 @@ def test_a_chain_member_is_not_served_unmerged_nor_exported_as_lora(chain, run, 
     with pytest.raises(ServingError, match="LoRA"):
         deltahub.export_lora(chain[1], tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+def test_overwrite_never_lands_on_any_folder_of_the_chain(run, chain, tmp_path):
+    """The chain's keyframe base and every parent are inputs: --overwrite onto one is refused."""
+    from deltahub import OutputError
+
+    root, base, ckpts = run
+    for target in (base, chain[0], chain[1]):
+        with pytest.raises(OutputError):
+            deltahub.apply(chain[2], target, overwrite=True, progress=False)
+    with pytest.raises(OutputError):
+        deltahub.compress(None, ckpts[3], chain[0], parent=chain[2], ratio=None, overwrite=True, progress=False)
+    with pytest.raises(OutputError):
+        deltahub.compress(None, ckpts[3], base, parent=chain[2], ratio=None, overwrite=True, progress=False)
+    assert (base / "model.safetensors").is_file() and deltahub.verify(chain[2], decode=True).ok
+
+
+def test_verify_of_a_chain_checks_the_keyframes_base_and_finds_its_parent(run, chain, tmp_path):
+    root, base, ckpts = run
+    report = deltahub.verify(chain[2], base=ckpts[3])  # same shapes, other weights
+    assert not report.ok and "same shape but other weights" in str(report), report
+    shutil.copytree(chain[2], tmp_path / "alone")
+    report = deltahub.verify(tmp_path / "alone")  # without its parent it is no model: not OK
+    assert not report.ok and "chain:" in str(report) and "set-parent" in str(report), report
+    report = deltahub.verify(chain[2], decode=True)
+    assert str(report).startswith("OK: 21 tensors checked, base matches, every tensor decoded to its recorded digest"), report

@@ -113,6 +113,9 @@ def validate_config(cfg: Mapping) -> None:
 
 
 _WEIGHTS = re.compile(r"^sha256:[0-9a-f]{64}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# A Hub repo id as huggingface_hub accepts it (no "--" or ".." anywhere: checked beside it).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
 def _validate_chain(cfg: Mapping) -> None:
@@ -122,6 +125,8 @@ def _validate_chain(cfg: Mapping) -> None:
     requires = cfg.get("requires", [])
     if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
         raise FormatError(f"{CONFIG_NAME}: field 'requires' must be a list of strings; the file is corrupted or hostile")
+    if len(set(requires)) != len(requires):
+        raise FormatError(f"{CONFIG_NAME}: field 'requires' lists a feature twice; the file is corrupted or hostile")
     unknown = [r for r in requires if r not in KNOWN_REQUIREMENTS]
     if unknown:
         raise UnsupportedFormatVersionError(
@@ -141,10 +146,16 @@ def _validate_chain(cfg: Mapping) -> None:
     if not isinstance(parent, dict):
         raise FormatError(f"{CONFIG_NAME}: field 'parent' must be an object; the file is corrupted or hostile")
     name, revision = parent.get("name_or_path"), parent.get("revision")
-    if not isinstance(name, str) or not name or len(name) > 4096:
-        raise FormatError(f"{CONFIG_NAME}: field 'parent.name_or_path' must be a non-empty string; the file is corrupted or hostile")
-    if revision is not None and not (isinstance(revision, str) and 0 < len(revision) <= 256):
-        raise FormatError(f"{CONFIG_NAME}: field 'parent.revision' must be a string or null; the file is corrupted or hostile")
+    if not isinstance(name, str) or not name or len(name) > 4096 or re.search(r"[\x00-\x1f\x7f-\x9f]", name):
+        raise FormatError(f"{CONFIG_NAME}: field 'parent.name_or_path' must be a non-empty string without control characters; the file is corrupted or hostile")
+    local = name.startswith(("/", "./", "../"))
+    if local and revision is not None:
+        raise FormatError(f"{CONFIG_NAME}: 'parent.revision' must be null for a local parent folder ({name[:80]!r}); the file is corrupted or hostile")
+    if not local and not (_HUB_ID.match(name) and "--" not in name and ".." not in name and isinstance(revision, str) and _COMMIT.match(revision)):
+        raise FormatError(
+            f"{CONFIG_NAME}: field 'parent' must name a Hub repo id ('org/name') at a commit (40 lowercase hex digits in 'parent.revision'), "
+            f"or a local folder ('/...', './...', '../...'), got {name[:80]!r} at {str(revision)[:60]!r} (spec §4.4); the file is corrupted or hostile"
+        )
     if not (isinstance(parent.get("weights"), str) and _WEIGHTS.match(parent["weights"])):
         raise FormatError(f"{CONFIG_NAME}: field 'parent.weights' must be 'sha256:' and 64 lowercase hex digits; the file is corrupted or hostile")
     depth = parent.get("depth")

@@ -8,6 +8,8 @@ safetensors key ``f"{name}::{i}.{f}"``.
 
 from __future__ import annotations
 
+import re
+
 import json
 import math
 from typing import Callable, Mapping
@@ -64,6 +66,8 @@ def validate_record(name: str, record: Mapping) -> None:
     where = f"{CONFIG_NAME}: tensor {name!r}"
     if not isinstance(record, Mapping):
         raise FormatError(f"{where}: the record must be an object, got {type(record).__name__}; the file is corrupted or hostile")
+    if not isinstance(name, str) or re.search(r"[\x00-\x1f\x7f]", name):
+        raise FormatError(f"{where}: a tensor name must not contain control characters; the file is corrupted or hostile")
     if SEPARATOR in name:
         raise FormatError(f"{where}: a tensor name must not contain {SEPARATOR!r} (spec §5.2); the file is corrupted or hostile")
     kind = record.get("kind")
