@@ -212,7 +212,7 @@ def _run(fn, *args, **kwargs):
 def _clean(text: object) -> str:
     """Text from the Hub or a file as one table cell or line: control characters (line breaks,
     terminal escapes) become spaces."""
-    return re.sub(r"[\x00-\x1f\x7f]", " ", str(text))
+    return re.sub("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]", " ", str(text))
 
 
 def _plain() -> bool:
@@ -347,6 +347,8 @@ def compress(
     Example: deltahub compress Qwen/Qwen2.5-0.5B Qwen/Qwen2.5-0.5B-Instruct qwen-delta --ratio 1/8
     """
     method = method or ("lossless" if parent else "auto")
+    if ratio is not None and ratio.strip().lower() not in ("natural", "none") and method in deltahub.list_methods() and not deltahub.get_method(method).takes_ratio:
+        raise typer.BadParameter(f"{method} has only its natural size, so a target ratio ({ratio}) cannot apply; drop --ratio (or pass --ratio natural)", param_hint="--ratio")
     ratio = ratio or ("natural" if parent else "1/8")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", deltahub.BaseIdNotCheckedWarning)
@@ -485,10 +487,12 @@ def pull(
     repo: str = typer.Argument(..., help="Hub repo id."),
     revision: Optional[str] = typer.Option(None, help="Version: tag, branch or commit (default: the head)."),
     local_dir: Optional[Path] = typer.Option(None, help="Copy into this folder instead of only the Hugging Face cache."),
+    no_base: bool = typer.Option(False, "--no-base", help="Do not download the base the version records (by default it goes into the cache, so the version loads offline)."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Download a version of a delta (cached; works offline from the cache with HF_HUB_OFFLINE=1).
+    """Download a version of a delta, its parents (for a version stored against one) and its base
+    into the cache; then it loads offline (HF_HUB_OFFLINE=1).
 
     Prints the local path and nothing else, on one line: P=$(deltahub pull REPO --revision v2).
 
@@ -496,7 +500,7 @@ def pull(
     """
     from deltahub.hub import pull as _pull
 
-    path = _run(_pull, repo, revision=revision, local_dir=local_dir, token=token)
+    path = _run(_pull, repo, revision=revision, local_dir=local_dir, token=token, base=not no_base)
     if as_json:
         _print_json({"repo": repo, "revision": revision, "path": path})
         return
@@ -522,7 +526,8 @@ def log(
     if as_json:
         rows = [
             {"tags": v.tags, "commit": v.commit, "date": v.date, "message": v.message, "method": v.method, "ratio": v.ratio, "stored_bytes": v.stored_bytes,
-             "dense_bytes": v.dense_bytes, "base": v.base, "base_fingerprint": v.base_fingerprint, "parent": v.parent, "depth": v.depth, "problem": v.problem}
+             "dense_bytes": v.dense_bytes, "base": v.base, "base_fingerprint": v.base_fingerprint, "parent": v.parent,
+             "parent_tags": _parent_tags(v, hist), "depth": v.depth, "problem": v.problem}
             for v in versions
         ]
         _print_json({"repo": repo, "branch": branch, "versions": rows, "history_bytes": hist.stored_bytes, "full_model_bytes": hist.full_model_bytes, "summary": hist.summary()})
@@ -541,6 +546,14 @@ def log(
             rows.append([tags, commit, date, v.message, v.method or "", f"{v.ratio:.4f}" if v.ratio else "", human_bytes(v.stored_bytes or 0), parent, v.base or ""])
     _table(["version", "commit", "date", "message", "method", "ratio", "stored", "parent", "base"], rows, title=f"{repo} ({branch})", right=("ratio", "stored"))
     _echo(_clean(hist.summary()))
+
+
+def _parent_tags(v, hist) -> list[str] | None:
+    """The tags of a version's parent when the parent is in this history (None otherwise)."""
+    if v.parent is None:
+        return None
+    repo, _, commit = v.parent.partition("@")
+    return next((p.tags for p in hist.versions if repo == hist.repo_id and p.commit == commit), None)
 
 
 def _parent_label(v, hist, plain: bool) -> str:
@@ -606,6 +619,7 @@ def rollback(
     message: Optional[str] = typer.Option(None, "--message", "-m", help="Commit message."),
     force: bool = typer.Option(False, help="Roll back even to a version made against another base."),
     branch: str = typer.Option("main", help="Branch to roll back."),
+    tag: Optional[str] = typer.Option(None, help="Tag of the new version (default: the next vN)."),
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -615,7 +629,7 @@ def rollback(
     """
     from deltahub.hub import rollback as _rollback
 
-    result = _run(_rollback, repo, to, message=message, force=force, branch=branch, token=token)
+    result = _run(_rollback, repo, to, message=message, force=force, branch=branch, tag=tag, token=token)
     if as_json:
         _print_json({**_jsonable(result), "rolled_back_to": to})
         return
@@ -643,6 +657,31 @@ def set_base(
         _print_json({"path": result.path, "base": result.base.entries(), "stored_bytes": result.stored_bytes, "ratio": result.ratio, "note": result.note, "warnings": warned})
         return
     _echo(_clean(str(result)))
+
+
+@app.command("set-parent")
+def set_parent(
+    delta: Path = typer.Argument(..., help="Local delta repo folder: a version stored against its parent."),
+    parent: str = typer.Argument(..., help="Where the parent version is now: a local folder, or ORG/NAME@REV on the Hub."),
+    token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Record where a version's parent is (a folder that moved, or the same version pushed to the
+    Hub) without recompressing; checked: the parent must decode to the weights the version was made against.
+
+    Example: deltahub set-parent runs/v3 me/run-42@v2
+    """
+    from deltahub.chain import set_parent as _set_parent
+
+    where, revision = parent, None
+    if not Path(parent).expanduser().exists() and "@" in parent:
+        where, _, revision = parent.rpartition("@")
+    new = _run(_set_parent, delta, where, revision=revision, token=token)
+    if as_json:
+        _print_json({"path": delta, "parent": new})
+        return
+    at = f"@{new['revision']}" if new.get("revision") else ""
+    _echo(_clean(f"{delta}: parent is now {new['name_or_path']}{at}"))
 
 
 @app.command("eval")

@@ -85,9 +85,21 @@ def check_hub_parent(api: HfApi, config: dict, where: str, token) -> None:
     that decodes to the weights it names: ``parent.name_or_path`` a repo id, ``parent.revision``
     a commit there, its config's ``finetuned.weights`` the child's ``parent.weights``. Nothing
     may leave a version whose parent is gone."""
+    from .format.config import MAX_CHAIN_DEPTH
+
+    for _ in range(MAX_CHAIN_DEPTH):  # down to the keyframe: configs only
+        config = _check_one_parent(api, config, where, token)
+        if config is None:
+            return
+        where = f"{where} (through its parent)"
+    raise MissingParentError(f"{where}: the chain is deeper than {MAX_CHAIN_DEPTH} versions; the repo is corrupted")
+
+
+def _check_one_parent(api: HfApi, config: dict, where: str, token) -> dict | None:
+    """The parent's config when ``config`` is a chain member whose parent is on the Hub as it says (None for a keyframe)."""
     parent = config.get("parent")
     if not isinstance(parent, dict):
-        return
+        return None
     name, revision = parent.get("name_or_path"), parent.get("revision")
     fix = ("push the parent version first and compress this one against it by its Hub id (--parent REPO --parent-revision COMMIT), "
            "or compress this version against the base (a keyframe)")
@@ -101,6 +113,7 @@ def check_hub_parent(api: HfApi, config: dict, where: str, token) -> None:
         raise MissingParentError(f"{where}: its parent {name}@{revision[:12]} is not a readable deltahub version on the Hub ({problem or 'no ' + CONFIG_NAME}); {fix}")
     if (cfg.get("finetuned") or {}).get("weights") != parent.get("weights"):
         raise MissingParentError(f"{where}: {name}@{revision[:12]} decodes to other weights than the parent this version was made against; {fix}")
+    return cfg
 
 
 class ConcurrentPushError(HubError):
@@ -136,6 +149,7 @@ class Version:
     # versions stand below it down to its keyframe (0: a keyframe, stored against the base).
     parent: str | None = None
     depth: int = 0
+    weights: str | None = None  # finetuned.weights: which weights this version decodes to
     files: dict[str, tuple[int, str | None]] = field(default_factory=dict)  # path -> (size, lfs sha256)
     # Why this commit's delta_config.json cannot be read (too large, not JSON, a field of the wrong
     # type), or None. Such a version is listed with method None and left out of totals and cards.
@@ -172,7 +186,7 @@ class History:
         n = sum(1 for v in self.versions if v.method is not None)
         full = self.full_model_bytes
         saved = f", {full / self.stored_bytes:.1f}x less" if self.stored_bytes else ""
-        text = f"{n} version{'s' if n != 1 else ''} take {human_bytes(self.stored_bytes)} on the Hub; as full models they would take {human_bytes(full)}{saved}"
+        text = f"{n} version{'s take' if n != 1 else ' takes'} {human_bytes(self.stored_bytes)} on the Hub; as full models they would take {human_bytes(full)}{saved}"
         if self.unreadable:
             names = ", ".join(", ".join(v.tags) or v.commit[:8] for v in self.unreadable)
             text += f"; {len(self.unreadable)} unreadable version{'s' if len(self.unreadable) != 1 else ''} left out ({names})"
@@ -317,6 +331,7 @@ def _fill(v: Version, cfg: dict) -> Version:
     if isinstance(parent, dict):
         v.parent = parent["name_or_path"] + (f"@{parent['revision']}" if parent.get("revision") else "")
         v.depth = parent["depth"]
+    v.weights = (cfg.get("finetuned") or {}).get("weights")
     return v
 
 
@@ -556,6 +571,7 @@ def push(
         check_hub_base(reader.config, folder)
     api = _api(token)
     try:
+        _parent_on_hub(api, reader, files, repo_id, branch or "main", token)
         check_hub_parent(api, reader.config, str(folder), token)
     except HfHubHTTPError as e:
         raise _hub_error(e, repo_id) from None
@@ -578,6 +594,27 @@ def push(
     return _tag_landed(api, repo_id, result, tag, auto=auto, message=message, branch=branch)
 
 
+def _parent_on_hub(api: HfApi, reader: DeltaReader, files: dict, repo_id: str, branch: str, token) -> None:
+    """A chain member whose parent is a local folder is pushed against the version of
+    ``repo_id`` that decodes to the same weights (``finetuned.weights``), when the repo has one:
+    the uploaded ``delta_config.json`` names that version (the local file is left as it is), so
+    a run compressed locally version by version can be pushed version by version."""
+    from .chain import is_local_parent
+    from .format.repo import config_text
+    from .sources import delta_shard_bytes
+
+    parent = reader.config.get("parent")
+    if not isinstance(parent, dict) or not is_local_parent(parent["name_or_path"]) or not api.repo_exists(repo_id):
+        return
+    for v in history(repo_id, branch=branch, token=token, with_files=False).versions:
+        if v.weights == parent["weights"] and v.depth == parent["depth"] - 1 and not v.problem:
+            cfg = {**reader.config, "parent": {**parent, "name_or_path": repo_id, "revision": v.commit}}
+            fixed = delta_shard_bytes(reader) + files[INDEX_NAME].stat().st_size
+            reader.config = cfg  # what the card, the checks and the commit see
+            files[CONFIG_NAME] = config_text(cfg, fixed).encode()
+            return
+
+
 def _push_commit(api: HfApi, reader: DeltaReader, files: dict[str, Path], skipped: list[str], repo_id: str, tag: str | None, message: str | None, branch: str, create_pr: bool, token) -> tuple[PushResult, str, bool]:
     """The commit of a push (untagged), the tag planned for it, and whether that tag was chosen here."""
     head, tags = _head(api, repo_id, branch)
@@ -594,6 +631,9 @@ def _push_commit(api: HfApi, reader: DeltaReader, files: dict[str, Path], skippe
     uploaded = reused = 0
     ops: list = []
     for rel, p in files.items():
+        if isinstance(p, bytes):  # a config rewritten for the push (_parent_on_hub)
+            ops.append(CommitOperationAdd(rel, p))
+            continue
         size = p.stat().st_size
         if SHARD_NAME.match(rel):
             if sha256_file(p) in known:
@@ -633,13 +673,16 @@ def pull(
     local_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    base: bool = True,
 ) -> Path:
     """Download a version (tag, branch or commit) into the Hugging Face cache, or ``local_dir``.
 
     Only the files a delta repo consists of are downloaded (:data:`REPO_FILE_PATTERNS`), whatever
     else the repo holds. With ``HF_HUB_OFFLINE=1`` it answers from the cache. A version stored
     against its parent brings its parents down to the keyframe into the cache too, so that it
-    loads offline afterwards.
+    loads offline afterwards. With ``base=True`` (default) the base the version records, when it
+    is a Hub repo at a pinned commit, is brought into the cache as well: then the version loads
+    with ``HF_HUB_OFFLINE=1`` on a fresh machine.
 
     Example::
 
@@ -648,9 +691,23 @@ def pull(
     try:
         path = Path(snapshot_download(repo_id, revision=revision, local_dir=local_dir, token=token, cache_dir=cache_dir, allow_patterns=REPO_FILE_PATTERNS))
         _pull_parents(path, token, cache_dir)
+        if base:
+            _pull_base(path, token, cache_dir)
         return path
     except HfHubHTTPError as e:
         raise _hub_error(e, repo_id) from None
+
+
+def _pull_base(path: Path, token, cache_dir) -> None:
+    """The base a version records, into the cache, when it is a Hub repo at a commit (a local
+    base, or an unpinned id, is left to loading to find)."""
+    from .checkpoint import MODEL_FILE_PATTERNS
+    from .format.config import read_config
+
+    recorded = read_config(path / CONFIG_NAME, f"{path}/{CONFIG_NAME}").get("base") or {}
+    name, revision = recorded.get("name_or_path"), recorded.get("revision")
+    if isinstance(name, str) and _REPO_ID.match(name) and isinstance(revision, str) and _HEX40.match(revision):
+        snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=MODEL_FILE_PATTERNS)
 
 
 def _pull_parents(path: Path, token, cache_dir) -> None:

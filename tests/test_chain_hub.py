@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,97 @@ def test_a_pulled_parent_is_recorded_by_its_hub_id(hub_run, tmp_path):
     parent = json.loads((tmp_path / "v1" / "delta_config.json").read_text())["parent"]
     assert (parent["name_or_path"], parent["revision"]) == (repo, r0.commit)
     assert deltahub.push(tmp_path / "v1", repo, token=HUB_TOKEN).tag == "v2"
+
+
+def _trainer(model, tmp_path, callback, steps: int, **kwargs):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-4, report_to=[],
+                             use_cpu=True, disable_tqdm=True, logging_steps=1, **{"save_strategy": "no", **kwargs})
+    return Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback])
+
+
+def test_the_callback_refuses_bad_setups_before_training(hub_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from deltahub.integrations import DeltaCallback, VersionError
+
+    root, base_repo, _ = hub_run
+    with pytest.raises(ValueError, match="base_id="):  # a local base nobody could fetch
+        DeltaCallback(_repo(), base=root / "base", every=2)
+    with pytest.raises(deltahub.UnknownMethodError):
+        DeltaCallback(_repo(), base=base_repo, method="bogus")
+    model = AutoModelForCausalLM.from_pretrained(base_repo, token=HUB_TOKEN, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(VersionError, match="save_strategy is 'no'"):
+        _trainer(model, tmp_path, DeltaCallback(_repo(), base=base_repo, token=HUB_TOKEN), 2).train()
+    # A repo whose later versions hold this run's tags (a resume from an earlier checkpoint).
+    repo = _repo()
+    _trainer(model, tmp_path, DeltaCallback(repo, base=base_repo, every=2, dtype=torch.bfloat16, token=HUB_TOKEN), 4).train()
+    fresh = AutoModelForCausalLM.from_pretrained(base_repo, token=HUB_TOKEN, dtype=torch.float32)
+    with pytest.raises(VersionError, match="already has versions after step 0.*step-2, step-4.*resume-step"):
+        _trainer(fresh, tmp_path, DeltaCallback(repo, base=base_repo, every=2, dtype=torch.bfloat16, token=HUB_TOKEN), 4).train()
+    assert all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)  # refused before any step
+    cb = DeltaCallback(repo, base=base_repo, every=2, dtype=torch.bfloat16, tag="resume-step-{step}", token=HUB_TOKEN)
+    _trainer(fresh, tmp_path, cb, 2).train()
+    assert [v["tag"] for v in cb.versions] == ["resume-step-2"]
+
+
+def test_with_on_error_warn_a_lost_version_is_kept_and_training_goes_on(hub, hub_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from deltahub.integrations import DeltaCallback
+
+    root, base_repo, _ = hub_run
+    repo = _repo()
+    model = AutoModelForCausalLM.from_pretrained(base_repo, token=HUB_TOKEN, dtype=torch.float32)
+    cb = DeltaCallback(repo, base=base_repo, every=2, dtype=torch.bfloat16, token=HUB_TOKEN, on_error="warn", work_dir=tmp_path / "work")
+    hub.fail_next("POST", r"/commit/", times=2)  # step 2's push and its retry at step 4
+    _trainer(model, tmp_path, cb, 6).train()
+    assert [f["step"] for f in cb.failed] == [2] and [v["keyframe"] for v in cb.versions] == [True, True, False]
+    kept = Path(cb.failed[0]["folder"])
+    assert kept.is_dir() and sorted(p.name for p in (tmp_path / "work").iterdir()) == [kept.name]
+    tags = {v.tags[0] for v in deltahub.history(repo, token=HUB_TOKEN).versions if v.tags}
+    assert tags == {"step-4", "step-6"}
+    assert deltahub.push(kept, repo, tag="step-2", token=HUB_TOKEN).tag == "step-2"  # what the warning says to run
+
+
+def test_a_local_chain_is_pushed_version_by_version_and_pulled_whole(hub_run, tmp_path):
+    """Versions compressed locally (parents as sibling folders) are pushed in order: each push
+    names the repo's version with its parent's weights. A pull into a fresh cache then brings
+    parents and base, and the newest version loads with downloads off."""
+    root, base_repo, ckpts = hub_run
+    deltahub.compress(base_repo, ckpts[0], tmp_path / "v0", method="lossless", ratio=None, token=HUB_TOKEN, progress=False)
+    deltahub.compress(None, ckpts[1], tmp_path / "v1", ratio=None, parent=tmp_path / "v0", progress=False)
+    local_cfg = (tmp_path / "v1" / "delta_config.json").read_bytes()
+    assert json.loads(local_cfg)["parent"]["name_or_path"] == "../v0"
+    repo = _repo()
+    r0 = deltahub.push(tmp_path / "v0", repo, token=HUB_TOKEN)
+    r1 = deltahub.push(tmp_path / "v1", repo, token=HUB_TOKEN)
+    assert (tmp_path / "v1" / "delta_config.json").read_bytes() == local_cfg  # the local folder is left as it is
+    hist = {v.tags[0]: v for v in deltahub.history(repo, token=HUB_TOKEN).versions if v.tags}
+    assert hist["v2"].parent == f"{repo}@{r0.commit}" and hist["v2"].commit == r1.commit
+    cache = tmp_path / "fresh-cache"
+    deltahub.pull(repo, revision="v2", token=HUB_TOKEN, cache_dir=cache)
+    loaded = DeltaModel.from_pretrained(repo, revision="v2", local_files_only=True, cache_dir=cache).state_dict()
+    expected = load_file(ckpts[1] / "model.safetensors")
+    assert all(torch.equal(loaded[n], expected[n]) for n in expected)
+
+
+def test_set_parent_points_a_version_at_its_parent_on_the_hub(hub_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    root, base_repo, ckpts = hub_run
+    deltahub.compress(base_repo, ckpts[0], tmp_path / "a" / "v0", method="lossless", ratio=None, token=HUB_TOKEN, progress=False)
+    deltahub.compress(None, ckpts[1], tmp_path / "b" / "v1", ratio=None, parent=tmp_path / "a" / "v0", progress=False)
+    repo = _repo()
+    r0 = deltahub.push(tmp_path / "a" / "v0", repo, token=HUB_TOKEN)
+    runner = CliRunner()
+    r = runner.invoke(app, ["set-parent", str(tmp_path / "b" / "v1"), f"{repo}@v1", "--token", HUB_TOKEN])
+    assert r.exit_code == 0 and f"parent is now {repo}@{r0.commit}" in r.output, r.output
+    r = runner.invoke(app, ["set-parent", str(tmp_path / "b" / "v1"), str(tmp_path / "b" / "v1")])  # itself: other weights
+    assert r.exit_code == 1 and "other weights" in r.output
+    r = runner.invoke(app, ["compress", base_repo, str(ckpts[1]), str(tmp_path / "x"), "-m", "lossless", "-r", "1/8", "--token", HUB_TOKEN])
+    assert r.exit_code == 2 and "natural size" in r.output and not (tmp_path / "x").exists()

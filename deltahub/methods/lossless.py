@@ -13,7 +13,8 @@ from .base import EncodeContext, Method, register_method
 @register_method
 @dataclass
 class Lossless(Method):
-    """Exact. A ratio, if given, is a ceiling: exceeding it raises InfeasibleRatioError."""
+    """Exact, at its natural size: it takes no target ratio (the CLI refuses one; the Python
+    API's default target is ignored for it)."""
 
     name = "lossless"
     natural = "lossless, which always has its natural size (ratio=None; CLI: --ratio none)"
