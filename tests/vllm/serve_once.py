@@ -1,0 +1,34 @@
+"""One vLLM engine in this process (vLLM spawns its workers: the ``__main__`` guard is needed):
+``python tests/vllm/serve_once.py MODEL [deltahub]`` prints one ``RESULT {json}`` line with the
+greedy tokens and the log-probabilities of three prompts. ``deltahub``: MODEL is a delta repo,
+served with the deltahub load and config formats."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+PROMPTS = ["Store, share, version and load", "deltahub keeps each fine-tune as", "The base is the one recorded in"]
+
+
+def main(model: str, fmt: str | None) -> None:
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    kwargs = {"load_format": "deltahub", "config_format": "deltahub"} if fmt == "deltahub" else {}
+    llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0, **kwargs)
+    startup = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    result = {
+        "startup_s": round(startup, 1),
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        # The chosen token's logprob at each step, as text so that the comparison is exact.
+        "logprobs": [[repr(step[t].logprob) for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs],
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
