@@ -36,7 +36,9 @@ from .format.config import MAX_CHAIN_DEPTH, fingerprint
 
 # The delta_config.json bytes of all the parents one load reads, together: each is bounded
 # (limits.MAX_CONFIG_BYTES), and so is their sum, since every parent's config stays in memory.
-MAX_CHAIN_CONFIG_BYTES = 512 << 20
+# Parsing JSON takes up to ~30x its bytes in Python objects, so the bound is tight: a real
+# model's config is ~300 bytes a tensor (0.2 MB for a 7B model, a few MB for a large MoE).
+MAX_CHAIN_CONFIG_BYTES = 64 << 20
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -234,11 +236,12 @@ def open_parent(
                 f"{src}: its parent version is the local folder {name} ({folder}), which is not there (moved or deleted). If it moved, "
                 f"record where it is now: `deltahub set-parent {src} NEW_PATH_OR_REPO@REV`; else re-compress this version against the base"
             )
+        _parent_config(folder, None, hub, MAX_CHAIN_CONFIG_BYTES - config_bytes)  # its size before it is parsed; a FIFO refused
         name = str(folder)
     else:
         # A Hub parent: its config alone first (one small download), checked, before the
         # shards are fetched; a parent that is some other repo costs nothing more.
-        cfg, _, _, _ = _parent_config(name, revision, hub)
+        cfg, _, _, _ = _parent_config(name, revision, hub, MAX_CHAIN_CONFIG_BYTES - config_bytes)
         if (cfg.get("finetuned") or {}).get("weights") != parent["weights"]:
             raise ChainError(f"{src}: {where} decodes to other weights than the version this one was made against; it is not its parent. {fix}")
     try:
@@ -318,6 +321,11 @@ class _CheckedMemory:
             return t.clone()
 
 
+def _check_size(path: Path, max_bytes: int | None, where: str) -> None:
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise ChainError(f"{where}: the configs of this chain hold more than {MAX_CHAIN_CONFIG_BYTES >> 20} MiB together; the repo is corrupted or hostile")
+
+
 def is_local_parent(name: str) -> bool:
     """Whether ``parent.name_or_path`` names a local folder (an absolute path, or a path relative
     to the child's folder written ``./...`` or ``../...``) rather than a Hub repo id."""
@@ -333,7 +341,9 @@ def from_hub(reader: "DeltaReader") -> bool:
     """Whether the delta was read from the Hub (a cache snapshot, or opened by repo id)."""
     from .checkpoint import cached_snapshot
 
-    return getattr(reader, "commit", None) is not None or cached_snapshot(reader.path) is not None
+    # huggingface_hub marks a folder filled by snapshot_download(local_dir=...) (deltahub pull
+    # --local-dir) with .cache/huggingface/: a downloaded version too.
+    return getattr(reader, "commit", None) is not None or cached_snapshot(reader.path) is not None or (Path(reader.path) / ".cache" / "huggingface").is_dir()
 
 
 def recorded_local_name(parent: Path, child: Path) -> str:
@@ -347,9 +357,10 @@ def recorded_local_name(parent: Path, child: Path) -> str:
     return str(parent)
 
 
-def _parent_config(parent: str | os.PathLike, revision: str | None, hub: "HubOptions") -> tuple[dict, str, str | None, bool]:
+def _parent_config(parent: str | os.PathLike, revision: str | None, hub: "HubOptions", max_bytes: int | None = None) -> tuple[dict, str, str | None, bool]:
     """``(delta_config, name_or_path to record, commit, is_local)`` of a parent version, reading
-    its config only (a Hub parent: one small download)."""
+    its config only (a Hub parent: one small download); a config above ``max_bytes`` is refused
+    before it is parsed."""
     from .format.config import read_config
     from .format.limits import confined_file
 
@@ -359,7 +370,13 @@ def _parent_config(parent: str | os.PathLike, revision: str | None, hub: "HubOpt
             raise CheckpointError(f"{path} is a local folder; parent_revision ({revision!r}) only applies to a parent on the Hub")
         if not path.is_dir():
             raise CheckpointError(f"the parent {path} is a file; pass the folder of the parent version's delta")
-        cfg = read_config(confined_file(path, CONFIG_NAME, f"{path}: {CONFIG_NAME}"), f"{path}/{CONFIG_NAME}")
+        from .sources import repo_file
+
+        cfg_path = repo_file(path, CONFIG_NAME, f"the parent {path}")  # a FIFO or a link out refused, never opened
+        if cfg_path is None:
+            raise MissingParentError(f"the parent {path} has no {CONFIG_NAME}: it is not a deltahub delta repo")
+        _check_size(cfg_path, max_bytes, str(path))
+        cfg = read_config(cfg_path, f"{path}/{CONFIG_NAME}")
         validate_records(cfg["tensors"], str(path))
         from .checkpoint import cached_snapshot
 
@@ -379,6 +396,7 @@ def _parent_config(parent: str | os.PathLike, revision: str | None, hub: "HubOpt
         local = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, **hub.kwargs()))
     except (RevisionNotFoundError, RepositoryNotFoundError, EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, HFValidationError) as e:
         raise MissingParentError(f"the parent {repo_id}@{revision} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    _check_size(local, max_bytes, f"{repo_id}@{revision}")
     cfg = read_config(local, f"{repo_id}@{revision}: {CONFIG_NAME}")
     validate_records(cfg["tensors"], f"{repo_id}@{revision}")
     commit = local.parent.name if len(local.parent.name) == 40 else revision
@@ -416,8 +434,9 @@ def parent_reference(
         reader.source = where  # type: ignore[attr-defined]
         reference = ParentWeights(reader, open_base(reader, base, base_revision, hub, verify=True), where)
     check_same_names(reference, [n for n, r in cfg["tensors"].items() if r["kind"] != "removed"], f"the parent {where}")
-    if local:
-        reference.parent_folder = Path(parent)  # type: ignore[union-attr]  # an input: no output may land on it
+    if local and weights is not None:
+        # No output may land on any folder of the chain, though none is decoded here.
+        reference.chain_folders = local_chain_folders(Path(parent), hub)  # type: ignore[union-attr]
     if local and commit is None and out_dir is not None:
         name = recorded_local_name(Path(name), Path(out_dir))
     record = {"name_or_path": name, "revision": commit, "weights": have, "depth": depth}
@@ -478,5 +497,27 @@ def chain_inputs(ckpt: object) -> list[Path]:
     down to the keyframe, and its base); empty for a plain checkpoint (its path is listed by the caller)."""
     if isinstance(ckpt, ParentWeights):
         return ckpt.input_paths()
-    folder = getattr(ckpt, "parent_folder", None)
-    return [folder] if folder is not None else []
+    return list(getattr(ckpt, "chain_folders", []))
+
+
+def local_chain_folders(folder: Path, hub: "HubOptions") -> list[Path]:
+    """The local folders of the chain that starts at ``folder``: each local parent, and the
+    keyframe's base when it is a local folder, from their configs alone (nothing decoded)."""
+    out: list[Path] = []
+    budget = MAX_CHAIN_CONFIG_BYTES
+    for _ in range(MAX_CHAIN_DEPTH + 1):
+        out.append(folder)
+        cfg, _, _, _ = _parent_config(folder, None, hub, budget)
+        budget -= (folder / CONFIG_NAME).stat().st_size
+        parent = cfg.get("parent")
+        if parent is None:
+            base = (cfg.get("base") or {}).get("name_or_path")
+            if isinstance(base, str) and os.path.isabs(base):
+                out.append(Path(base))
+            return out
+        if not is_local_parent(parent["name_or_path"]):
+            return out  # the rest is on the Hub: in the cache, where no output may go anyway
+        folder = local_parent_path(folder, parent["name_or_path"])
+        if not folder.is_dir():
+            return out
+    raise ChainError(f"{out[0]}: the chain below it is deeper than {MAX_CHAIN_DEPTH} versions")

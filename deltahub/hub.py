@@ -63,10 +63,10 @@ def check_hub_base(config: dict, folder: str | os.PathLike) -> None:
     ``base`` is not a Hub repo id with a revision, so others could not fetch the base."""
     base = config.get("base") if isinstance(config.get("base"), dict) else {}
     name, revision = base.get("name_or_path"), base.get("revision")
-    if isinstance(name, str) and _REPO_ID.match(name) and isinstance(revision, str) and revision:
+    if isinstance(name, str) and _REPO_ID.fullmatch(name) and isinstance(revision, str) and revision:
         return
     what = f"the local folder {name}" if isinstance(name, str) and name else "no base at all"
-    if isinstance(name, str) and _REPO_ID.match(name):
+    if isinstance(name, str) and _REPO_ID.fullmatch(name):
         what = f"{name} without a revision"
     raise LocalBaseError(
         f"{folder}: {CONFIG_NAME} records {what} as the base (base.name_or_path, base.revision), which nobody who pulls this "
@@ -103,7 +103,7 @@ def _check_one_parent(api: HfApi, config: dict, where: str, token) -> dict | Non
     name, revision = parent.get("name_or_path"), parent.get("revision")
     fix = ("push the parent version first and compress this one against it by its Hub id (--parent REPO --parent-revision COMMIT), "
            "or compress this version against the base (a keyframe)")
-    if not (isinstance(name, str) and _REPO_ID.match(name) and isinstance(revision, str) and _HEX40.match(revision)):
+    if not (isinstance(name, str) and _REPO_ID.fullmatch(name) and isinstance(revision, str) and _HEX40.fullmatch(revision)):
         raise MissingParentError(f"{where}: its parent is {name}{'@' + revision if revision else ''}, not a Hub repo at a commit, so nobody who pulls it could load it; {fix}")
     try:
         cfg, problem = _config_at(api, name, revision, token)
@@ -704,10 +704,18 @@ def _pull_base(path: Path, token, cache_dir) -> None:
     from .checkpoint import MODEL_FILE_PATTERNS
     from .format.config import read_config
 
+    from huggingface_hub.errors import HFValidationError
+
     recorded = read_config(path / CONFIG_NAME, f"{path}/{CONFIG_NAME}").get("base") or {}
     name, revision = recorded.get("name_or_path"), recorded.get("revision")
-    if isinstance(name, str) and _REPO_ID.match(name) and isinstance(revision, str) and _HEX40.match(revision):
-        snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=MODEL_FILE_PATTERNS)
+    if isinstance(name, str) and _REPO_ID.fullmatch(name) and isinstance(revision, str) and _HEX40.fullmatch(revision):
+        try:
+            snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=MODEL_FILE_PATTERNS)
+        except (HfHubHTTPError, HFValidationError) as e:
+            raise HubError(
+                f"the version was downloaded ({path}), but its base {name}@{revision[:12]} could not be: {str(e).splitlines()[0][:200]}. "
+                "Pull with --no-base (base=False) and pass the base when loading (--base), or log in if the base is gated"
+            ) from None
 
 
 def _pull_parents(path: Path, token, cache_dir) -> None:
@@ -715,13 +723,22 @@ def _pull_parents(path: Path, token, cache_dir) -> None:
     the cache, so that the version loads offline afterwards (at most MAX_CHAIN_DEPTH)."""
     from .format.config import MAX_CHAIN_DEPTH, read_config
 
+    from .chain import ChainError, _parent_config, depth_of
+    from .sources import HubOptions
+
     for _ in range(MAX_CHAIN_DEPTH):
-        parent = read_config(path / CONFIG_NAME, f"{path}/{CONFIG_NAME}").get("parent")
+        child = read_config(path / CONFIG_NAME, f"{path}/{CONFIG_NAME}")
+        parent = child.get("parent")
         if parent is None:
             return
         name, revision = parent["name_or_path"], parent.get("revision")
-        if not (_REPO_ID.match(name) and revision):
+        if not (_REPO_ID.fullmatch(name) and revision):
             return  # a local parent: loading names it if it is missing
+        # The parent's config alone first: a parent that is another version, or no version,
+        # is refused before its shards are downloaded.
+        cfg, _, _, _ = _parent_config(name, revision, HubOptions(token, cache_dir, False))
+        if (cfg.get("finetuned") or {}).get("weights") != parent["weights"] or (cfg.get("parent") or {}).get("depth", 0) != parent["depth"] - 1:
+            raise ChainError(f"{path}: its parent {name}@{revision[:12]} is not the version it was made against (weights digest or depth); the repo is broken or hostile")
         path = Path(snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=REPO_FILE_PATTERNS))
 
 
@@ -778,7 +795,7 @@ def rollback(
         head, by_tag = _refs(api, repo_id, branch)
         if to in by_tag:
             target = by_tag[to]
-        elif _HEX40.match(to):
+        elif _HEX40.fullmatch(to):
             target = to
         else:
             known = ", ".join(sorted(by_tag, key=_tag_key)) or "none"

@@ -276,3 +276,48 @@ def test_verify_of_a_chain_checks_the_keyframes_base_and_finds_its_parent(run, c
     assert not report.ok and "chain:" in str(report) and "set-parent" in str(report), report
     report = deltahub.verify(chain[2], decode=True)
     assert str(report).startswith("OK: 21 tensors checked, base matches, every tensor decoded to its recorded digest"), report
+
+
+def test_with_parent_weights_the_whole_local_chain_is_still_an_input(run, chain, tmp_path):
+    """compress(parent_weights=...) decodes nothing, yet no output may land on a grandparent,
+    the keyframe or its base (the path DeltaCallback takes)."""
+    from deltahub import OutputError
+
+    root, base, ckpts = run
+    for target in (chain[0], chain[1], base):
+        with pytest.raises(OutputError):
+            deltahub.compress(None, ckpts[3], target, parent=chain[2], parent_weights=_weights(ckpts[2]), ratio=None, overwrite=True, progress=False)
+    assert (base / "model.safetensors").is_file() and deltahub.verify(chain[2], decode=True).ok
+
+
+def test_a_version_pulled_into_a_local_dir_never_follows_a_local_parent(chain, tmp_path):
+    pulled = tmp_path / "pulled"
+    shutil.copytree(chain[2], pulled)
+    (pulled / ".cache" / "huggingface").mkdir(parents=True)  # what snapshot_download(local_dir=...) leaves
+    cfg = json.loads((pulled / "delta_config.json").read_text())
+    cfg["parent"]["name_or_path"] = str(chain[1].resolve())
+    (pulled / "delta_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MissingParentError, match="downloaded from the Hub"):
+        deltahub.apply(pulled, tmp_path / "out", progress=False)
+
+
+def test_a_parent_whose_config_is_a_fifo_is_refused_not_read(run, chain, tmp_path):
+    import os
+
+    root, base, ckpts = run
+    fifo_dir = tmp_path / "fifo"
+    fifo_dir.mkdir()
+    os.mkfifo(fifo_dir / "delta_config.json")
+    with pytest.raises(FormatError, match="FIFO"):
+        deltahub.compress(None, ckpts[1], tmp_path / "x", parent=fifo_dir, ratio=None, progress=False)
+
+
+@pytest.mark.parametrize("name", ["user/name.", "user/-x", "datasets/foo", "user/run\n"])
+def test_parent_ids_huggingface_hub_would_refuse_are_refused_first(chain, tmp_path, name):
+    bad = tmp_path / "bad"
+    shutil.copytree(chain[2], bad)
+    cfg = json.loads((bad / "delta_config.json").read_text())
+    cfg["parent"].update(name_or_path=name, revision="a" * 40)
+    (bad / "delta_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="Hub repo id|control characters"):
+        deltahub.apply(bad, tmp_path / "out", progress=False)

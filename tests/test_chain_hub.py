@@ -259,3 +259,12 @@ def test_set_parent_points_a_version_at_its_parent_on_the_hub(hub_run, tmp_path)
     assert r.exit_code == 1 and "other weights" in r.output
     r = runner.invoke(app, ["compress", base_repo, str(ckpts[1]), str(tmp_path / "x"), "-m", "lossless", "-r", "1/8", "--token", HUB_TOKEN])
     assert r.exit_code == 2 and "natural size" in r.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("tag", ["{0}", "{steps}", "fixed", "refs/heads/main-{step}", "{step.__class__}"])
+def test_a_tag_format_that_cannot_name_each_version_is_refused_at_once(hub_run, tag):
+    from deltahub.integrations import DeltaCallback
+
+    root, base_repo, _ = hub_run
+    with pytest.raises(ValueError, match="tag"):
+        DeltaCallback(_repo(), base=base_repo, every=2, tag=tag)

@@ -112,10 +112,11 @@ def validate_config(cfg: Mapping) -> None:
             raise FormatError(f"{CONFIG_NAME}: field 'method.{field}' must be {'a string' if field == 'name' else 'an object'}; the file is corrupted or hostile")
 
 
-_WEIGHTS = re.compile(r"^sha256:[0-9a-f]{64}$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-# A Hub repo id as huggingface_hub accepts it (no "--" or ".." anywhere: checked beside it).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_WEIGHTS = re.compile(r"sha256:[0-9a-f]{64}")  # always used with fullmatch: "$" would let a newline through
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+# A Hub repo id as huggingface_hub accepts it: each part starts and ends with a letter or digit
+# (no "--" or ".." anywhere, checked beside it); no "datasets/" or "spaces/" prefix (a model repo).
+_HUB_ID = re.compile(r"(?!datasets/|spaces/)[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?")
 
 
 def _validate_chain(cfg: Mapping) -> None:
@@ -134,7 +135,7 @@ def _validate_chain(cfg: Mapping) -> None:
             "upgrade with `pip install -U deltahub`"
         )
     weights = (cfg.get("finetuned") or {}).get("weights")
-    if weights is not None and not (isinstance(weights, str) and _WEIGHTS.match(weights)):
+    if weights is not None and not (isinstance(weights, str) and _WEIGHTS.fullmatch(weights)):
         raise FormatError(f"{CONFIG_NAME}: field 'finetuned.weights' must be 'sha256:' and 64 lowercase hex digits; the file is corrupted or hostile")
     parent = cfg.get("parent")
     if parent is None:
@@ -151,12 +152,12 @@ def _validate_chain(cfg: Mapping) -> None:
     local = name.startswith(("/", "./", "../"))
     if local and revision is not None:
         raise FormatError(f"{CONFIG_NAME}: 'parent.revision' must be null for a local parent folder ({name[:80]!r}); the file is corrupted or hostile")
-    if not local and not (_HUB_ID.match(name) and "--" not in name and ".." not in name and isinstance(revision, str) and _COMMIT.match(revision)):
+    if not local and not (_HUB_ID.fullmatch(name) and "--" not in name and ".." not in name and isinstance(revision, str) and _COMMIT.fullmatch(revision)):
         raise FormatError(
             f"{CONFIG_NAME}: field 'parent' must name a Hub repo id ('org/name') at a commit (40 lowercase hex digits in 'parent.revision'), "
             f"or a local folder ('/...', './...', '../...'), got {name[:80]!r} at {str(revision)[:60]!r} (spec §4.4); the file is corrupted or hostile"
         )
-    if not (isinstance(parent.get("weights"), str) and _WEIGHTS.match(parent["weights"])):
+    if not (isinstance(parent.get("weights"), str) and _WEIGHTS.fullmatch(parent["weights"])):
         raise FormatError(f"{CONFIG_NAME}: field 'parent.weights' must be 'sha256:' and 64 lowercase hex digits; the file is corrupted or hostile")
     depth = parent.get("depth")
     if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= MAX_CHAIN_DEPTH:

@@ -112,6 +112,7 @@ class DeltaCallback(TrainerCallback):
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         get_method(method)  # an unknown method fails here, not at the first version
+        _check_tag_format(tag)
         if Path(base).expanduser().is_dir() and cached_snapshot(base) is None and base_id is None and not allow_local_base:
             raise ValueError(
                 f"base {str(base)!r} is a local folder, so nobody who pulls the versions could fetch it: pass its Hub id as well, "
@@ -240,7 +241,17 @@ class DeltaCallback(TrainerCallback):
         keyframe = self._reference is None or self._since_keyframe + 1 >= self.keyframe_every
         out = self._work / f"step-{step}"
         shutil.rmtree(out, ignore_errors=True)
-        result = self._compress(ckpt, out, keyframe)
+        try:
+            result = self._compress(ckpt, out, keyframe)
+        except DeltahubError as e:
+            if keyframe:
+                raise
+            # The parent could not be read back (a Hub that just went away): a keyframe instead.
+            logger.warning("deltahub: the version of step %s cannot be stored against its parent (%s); storing it against the base",
+                           step, str(e).splitlines()[0][:300])
+            keyframe = True
+            shutil.rmtree(out, ignore_errors=True)
+            result = self._compress(ckpt, out, keyframe)
         # What this version decodes to, the next version's reference: the weights themselves when
         # the version is exact, else decoded from what was written (a lossy keyframe).
         reference = _copies(ckpt) if result.max_rel_error == 0 else _decoded(out, self.base)
@@ -301,6 +312,18 @@ class DeltaCallback(TrainerCallback):
             self._error, self._failed_step = e, step
             logger.warning("deltahub: uploading the version of step %s to %s failed (%s); trying again at the next version",
                            step, self.repo_id, str(e).splitlines()[0][:300])
+
+
+def _check_tag_format(tag: str) -> None:
+    """``tag`` must hold ``{step}`` and nothing else to format, and give a valid tag name."""
+    import re
+
+    try:
+        sample = tag.format(step=123)
+    except (IndexError, KeyError, AttributeError, ValueError) as e:
+        raise ValueError(f"tag {tag!r} must be a tag name with {{step}} in it, e.g. 'step-{{step}}' ({type(e).__name__}: {e})") from None
+    if "{step}" not in tag or tag.format(step=124) == sample or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}", sample):
+        raise ValueError(f"tag {tag!r} must give one valid tag name per step (letters, digits, '.', '_', '-'; with {{step}}), e.g. 'step-{{step}}'")
 
 
 def _remove_unless_kept(work: Path, failed: list) -> None:
