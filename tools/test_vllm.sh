@@ -16,4 +16,4 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm" 2>/dev/n
 fi
 # deltahub itself, with its light dependencies; the entry point registers the vLLM plugin.
 "$VENV/bin/pip" install -q -c constraints.txt -e . 2>&1 | grep -v "^WARNING: Running pip as" || true
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/vllm "$@"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/vllm_serving "$@"

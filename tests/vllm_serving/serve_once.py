@@ -1,5 +1,5 @@
 """One vLLM engine in this process (vLLM spawns its workers: the ``__main__`` guard is needed):
-``python tests/vllm/serve_once.py MODEL [deltahub]`` prints one ``RESULT {json}`` line with the
+``python tests/vllm_serving/serve_once.py MODEL [deltahub]`` prints one ``RESULT {json}`` line with the
 greedy tokens and the log-probabilities of three prompts. ``deltahub``: MODEL is a delta repo,
 served with the deltahub load and config formats."""
 
