@@ -6,6 +6,7 @@ served with the deltahub load and config formats."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -17,7 +18,8 @@ def main(model: str, fmt: str | None) -> None:
 
     t0 = time.perf_counter()
     kwargs = {"load_format": "deltahub", "config_format": "deltahub"} if fmt == "deltahub" else {}
-    llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0, **kwargs)
+    tp = int(os.environ.get("TP", "1"))  # tensor parallel ranks (on a CPU: VLLM_CPU_OMP_THREADS_BIND gives each its cores)
+    llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0, tensor_parallel_size=tp, **kwargs)
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)

@@ -64,9 +64,9 @@ def models(tmp_path_factory):
     return root
 
 
-def _serve(model: Path, fmt: str | None = None) -> dict:
+def _serve(model: Path, fmt: str | None = None, **env: str) -> dict:
     cmd = [sys.executable, str(HERE / "serve_once.py"), str(model)] + ([fmt] if fmt else [])
-    run = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **env}, timeout=600)
     lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
     return {**json.loads(lines[-1][len("RESULT "):]), "log": run.stdout + run.stderr}
@@ -77,8 +77,21 @@ def test_a_delta_serves_as_its_applied_checkpoint(models):
     delta = _serve(models / "delta", "deltahub")
     assert delta["tokens"] == applied["tokens"]
     assert delta["logprobs"] == applied["logprobs"]  # bit for bit: the same weights reach vLLM
-    assert "deltahub:" in delta["log"] and "decoded and loaded" in delta["log"]  # the plugin's loader ran, in the worker
+    # The plugin's loader ran in the worker process of vLLM's multiprocess executor (the one vLLM uses on a CPU).
+    assert any(line.startswith("(Worker pid=") and "deltahub:" in line and "decoded and loaded" in line for line in delta["log"].splitlines()), delta["log"][-3000:]
+    assert "multiproc_executor.py" in delta["log"]
     print(f"startup: applied {applied['startup_s']} s, delta {delta['startup_s']} s")
+
+
+def test_two_tensor_parallel_ranks_each_load_the_delta(models):
+    """Tensor parallel size 2 under the multiprocess executor: each rank decodes the delta and
+    vLLM takes its slice; the output is the applied checkpoint's at two ranks too (not at one:
+    the all-reduce sums in another order, and a tiny random model's greedy path is chaotic)."""
+    reference = _serve(models / "applied", TP="2", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    tp2 = _serve(models / "delta", "deltahub", TP="2", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    loads = [l for l in tp2["log"].splitlines() if "deltahub:" in l and "decoded and loaded" in l]
+    assert len(loads) == 2, tp2["log"][-3000:]  # one per rank
+    assert tp2["tokens"] == reference["tokens"] and tp2["logprobs"] == reference["logprobs"]
 
 
 def test_a_version_stored_against_its_parent_serves_through_its_chain(models):
