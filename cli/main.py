@@ -561,11 +561,12 @@ def _parent_label(v, hist, plain: bool) -> str:
     when the parent is in this history, else the parent's REPO@COMMIT."""
     if v.parent is None:
         return "base"
+    tags = _parent_tags(v, hist)
     repo, _, commit = v.parent.partition("@")
-    if repo == hist.repo_id:
-        for p in hist.versions:
-            if p.commit == commit:
-                return ", ".join(p.tags) if p.tags else (commit if plain else commit[:12])
+    if tags:
+        return ", ".join(tags)
+    if tags is not None:  # in this history, untagged
+        return commit if plain else commit[:12]
     return v.parent if plain else v.parent[: len(repo) + 13]
 
 

@@ -60,7 +60,6 @@ def apply(
     from .chain import chain_inputs
 
     inputs = (delta, base, reader.path, base_ckpt.path, *chain_inputs(base_ckpt))  # a chain: every parent and the keyframe's base
-    check_out_dir(out, overwrite, inputs=inputs)
     with atomic_dir(out, overwrite, inputs=inputs) as tmp, progress_bar(total=len(names), desc="Applying", enabled=progress) as bar:
         decoded = decoded_ahead(decode, names)
         shards: list[tuple[Path, list[str]]] = []

@@ -22,6 +22,7 @@ nothing is loaded or written.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,11 +76,11 @@ def weights_digest(entries: Iterable[tuple[str, str, tuple[int, ...], str]]) -> 
     return "sha256:" + h.hexdigest()
 
 
-def recorded_weights(reader: "DeltaReader") -> str | None:
-    """The weights digest the records give (``None`` if a record lacks its ``sha256``, as in
-    repos written before format 1.1)."""
+def recorded_weights(records: Mapping[str, dict]) -> str | None:
+    """The weights digest records give (``None`` if a record lacks its ``sha256``, as in repos
+    written before format 1.1): what ``finetuned.weights`` must be."""
     entries = []
-    for name, r in reader.records.items():
+    for name, r in records.items():
         if r["kind"] == "removed":
             continue
         if "sha256" not in r:
@@ -91,6 +92,13 @@ def recorded_weights(reader: "DeltaReader") -> str | None:
 def parent_of(reader: "DeltaReader") -> dict | None:
     """The ``parent`` object of a chain member (``None`` for a keyframe)."""
     return reader.config.get("parent")
+
+
+def is_parent_config(cfg: Mapping, parent: Mapping) -> bool:
+    """Whether a version's config is the one a child's ``parent`` names: the weights it decodes
+    to, and one version fewer below it. What every reader checks before it fetches a parent's
+    shards."""
+    return (cfg.get("finetuned") or {}).get("weights") == parent.get("weights") and (cfg.get("parent") or {}).get("depth", 0) == parent.get("depth", 0) - 1
 
 
 def depth_of(reader: "DeltaReader") -> int:
@@ -168,14 +176,7 @@ class ParentWeights:
     def total_bytes(self) -> int:
         from .format.dtypes import itemsize
 
-        return sum(itemsize(i.dtype) * _prod(i.shape) for i in self._info.values())
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(itemsize(i.dtype) * math.prod(i.shape) for i in self._info.values())
 
 
 def validate_records(records: Mapping, where: str) -> None:
@@ -236,14 +237,18 @@ def open_parent(
                 f"{src}: its parent version is the local folder {name} ({folder}), which is not there (moved or deleted). If it moved, "
                 f"record where it is now: `deltahub set-parent {src} NEW_PATH_OR_REPO@REV`; else re-compress this version against the base"
             )
-        _parent_config(folder, None, hub, MAX_CHAIN_CONFIG_BYTES - config_bytes)  # its size before it is parsed; a FIFO refused
+        from .sources import repo_file
+
+        cfg_path = repo_file(folder, CONFIG_NAME, f"the parent {folder}")  # a FIFO or a link out refused, never opened
+        if cfg_path is not None:
+            _check_size(cfg_path, MAX_CHAIN_CONFIG_BYTES - config_bytes, src)  # before it is parsed
         name = str(folder)
     else:
         # A Hub parent: its config alone first (one small download), checked, before the
         # shards are fetched; a parent that is some other repo costs nothing more.
         cfg, _, _, _ = _parent_config(name, revision, hub, MAX_CHAIN_CONFIG_BYTES - config_bytes)
-        if (cfg.get("finetuned") or {}).get("weights") != parent["weights"]:
-            raise ChainError(f"{src}: {where} decodes to other weights than the version this one was made against; it is not its parent. {fix}")
+        if not is_parent_config(cfg, parent):
+            raise ChainError(f"{src}: {where} decodes to other weights than the version this one was made against (or stands on another number of versions); it is not its parent. {fix}")
     try:
         parent_reader = open_delta(name, revision, hub)
     except (CheckpointError, DeltahubError) as e:
@@ -255,7 +260,7 @@ def open_parent(
         raise ChainError(f"{src}: the configs of its chain hold more than {MAX_CHAIN_CONFIG_BYTES >> 20} MiB together; the repo is corrupted or hostile")
     validate_records(parent_reader.records, parent_reader.source)
     have = (parent_reader.config.get("finetuned") or {}).get("weights")
-    if have is None or have != recorded_weights(parent_reader):
+    if have is None or have != recorded_weights(parent_reader.records):
         raise ChainError(
             f"{src}: its parent {parent_src} records no weights digest matching its records (finetuned.weights in {CONFIG_NAME}); "
             f"it is not a version this deltahub can stand on, or it is corrupted; {fix}"
@@ -417,9 +422,8 @@ def parent_reference(
 
     cfg, name, commit, local = _parent_config(parent, revision, hub)
     where = f"{name}@{commit}" if commit else name
-    fake = type("_Records", (), {"records": cfg["tensors"]})()
     have = (cfg.get("finetuned") or {}).get("weights")
-    if have is None or have != recorded_weights(fake):  # type: ignore[arg-type]
+    if have is None or have != recorded_weights(cfg["tensors"]):
         raise ChainError(
             f"the parent {where} records no weights digest matching its records (finetuned.weights, written by deltahub 0.2 and later); "
             "re-compress it with this deltahub, or compress this version against the base"
@@ -477,8 +481,7 @@ def set_parent(
     cfg, name, commit, local = _parent_config(parent, revision, HubOptions(token, None, local_files_only))
     where = f"{name}@{commit}" if commit else name
     have = (cfg.get("finetuned") or {}).get("weights")
-    fake = type("_Records", (), {"records": cfg["tensors"]})()
-    if have is None or have != recorded_weights(fake) or have != old["weights"]:
+    if have is None or have != recorded_weights(cfg["tensors"]) or have != old["weights"]:
         raise ChainError(f"{where} decodes to other weights than the parent {path} was made against ({old['weights'][:19]}…); nothing was changed")
     if (cfg.get("parent") or {}).get("depth", 0) != old["depth"] - 1:
         raise ChainError(f"{where} stands on another number of versions than {path}'s parent did; nothing was changed")

@@ -16,7 +16,7 @@ from .progress import progress as progress_bar
 
 from .calibration import Calibration, CalibrationError, read_text
 from .card import human_bytes, render_card
-from .chain import tensor_sha256, weights_digest
+from .chain import chain_inputs, check_same_names, parent_reference, recorded_weights, tensor_sha256
 from .checkpoint import TOKENIZER_FILES, Checkpoint, CheckpointError, borrow_base, cached_snapshot, sample_digest
 from . import budget as budgets
 from .encoding import EncodedTensor, encode_tensor, same_bits
@@ -206,11 +206,10 @@ def compress(
     check_out_dir(out_dir, overwrite, inputs=(base, finetuned, calibration, parent))
     params = dict(params or {})
     get_method(method, **params)  # unknown methods and parameters fail before any download
-    policy = Policy(method, ratio, params, [r if isinstance(r, Rule) else Rule.parse(r) for r in rules])
+    policy = Policy(method, ratio, params, rules)
     hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     chain: dict | None = None
     if parent is not None:
-        from .chain import parent_reference
         from .sources import HubOptions
 
         if base_id is not None:
@@ -222,14 +221,10 @@ def compress(
     ft_ckpt = ft_memory if ft_memory is not None else Checkpoint.open(finetuned, revision=revision, **hub)
     for ckpt, role in ((ft_ckpt, "fine-tune"), (base_ckpt, "base")):
         _refuse_adapter(ckpt.path, role, ckpt.source)  # a Hub repo id resolved to its snapshot
-    from .chain import chain_inputs
-
     inputs = (base, finetuned, calibration, parent, base_ckpt.path, ft_ckpt.path, *chain_inputs(base_ckpt))  # a chain: every parent and its base
     check_out_dir(out_dir, overwrite, inputs=inputs)
     _check_architectures(base_ckpt, ft_ckpt)
     if chain is not None:
-        from .chain import check_same_names
-
         check_same_names(base_ckpt, ft_ckpt.names(), f"{ft_ckpt.source} against its parent {chain['name_or_path']}")
     _check_ratios(policy, {to_torch(ft_ckpt.info(n).dtype) for n in ft_ckpt.names()})
     budget = _model_budget(policy, base_ckpt, ft_ckpt, fallback_dense, max_shard_size, (base, finetuned))
@@ -291,9 +286,7 @@ def compress(
             **({"requires": ["parent"], "parent": chain} if chain is not None else {}),
             "deltahub_version": __version__,
             "base": {**base_record, "fingerprint": base_ckpt.fingerprint(), "samples": samples},
-            "finetuned": {**_recorded_name(finetuned, ft_ckpt), "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None, "fingerprint": ft_ckpt.fingerprint(), "weights": weights_digest(
-                (n, r["dtype"], tuple(r["shape"]), r["sha256"]) for n, r in writer.records.items() if r["kind"] != "removed"
-            )},
+            "finetuned": {**_recorded_name(finetuned, ft_ckpt), "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None, "fingerprint": ft_ckpt.fingerprint(), "weights": recorded_weights(writer.records)},
             "method": {"name": method, "ratio": ratio, "params": get_method(method, **params).params(), **({"calibration": cal_record} if cal else {})},
             "rules": [r.to_dict() for r in policy.rules],
             "seed": seed,

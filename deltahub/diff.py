@@ -237,10 +237,6 @@ class _Side:
         i = self.ckpt.info(name)
         return i.dtype, list(i.shape)
 
-    def digest(self, name: str) -> str | None:
-        """The SHA-256 a delta's record holds for its decoded tensor (format 1.1), else None."""
-        return self.reader.record(name).get("sha256") if self.reader is not None else None
-
     @contextmanager
     def tensor(self, name: str) -> Iterator[torch.Tensor]:
         """One tensor of the decoded model for the block: decoded and checked (a delta), or a

@@ -25,6 +25,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOpera
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+from .chain import MissingParentError, is_parent_config  # push and rollback refuse a version whose parent is not on the Hub
 from .card import human_bytes, md_code, md_text, render_card
 from .errors import BaseMismatchError, DeltahubError, FormatError
 from .format import CONFIG_NAME, DeltaReader
@@ -75,11 +76,6 @@ def check_hub_base(config: dict, folder: str | os.PathLike) -> None:
     )
 
 
-class MissingParentError(HubError):
-    """A version stored against its parent whose parent is not on the Hub (a local folder, or a
-    commit the repo does not have): pushed or rolled back to, nobody could load it."""
-
-
 def check_hub_parent(api: HfApi, config: dict, where: str, token) -> None:
     """Refuse (:class:`MissingParentError`) a chain member whose parent is not a Hub version
     that decodes to the weights it names: ``parent.name_or_path`` a repo id, ``parent.revision``
@@ -111,8 +107,8 @@ def _check_one_parent(api: HfApi, config: dict, where: str, token) -> dict | Non
         raise MissingParentError(f"{where}: its parent {name}@{revision[:12]} cannot be read on the Hub ({_hub_error(e, name)}); {fix}") from None
     if cfg is None or problem:
         raise MissingParentError(f"{where}: its parent {name}@{revision[:12]} is not a readable deltahub version on the Hub ({problem or 'no ' + CONFIG_NAME}); {fix}")
-    if (cfg.get("finetuned") or {}).get("weights") != parent.get("weights"):
-        raise MissingParentError(f"{where}: {name}@{revision[:12]} decodes to other weights than the parent this version was made against; {fix}")
+    if not is_parent_config(cfg, parent):
+        raise MissingParentError(f"{where}: {name}@{revision[:12]} decodes to other weights than the parent this version was made against (or stands on another number of versions); {fix}")
     return cfg
 
 
@@ -723,7 +719,7 @@ def _pull_parents(path: Path, token, cache_dir) -> None:
     the cache, so that the version loads offline afterwards (at most MAX_CHAIN_DEPTH)."""
     from .format.config import MAX_CHAIN_DEPTH, read_config
 
-    from .chain import ChainError, _parent_config, depth_of
+    from .chain import ChainError, _parent_config
     from .sources import HubOptions
 
     for _ in range(MAX_CHAIN_DEPTH):
@@ -737,7 +733,7 @@ def _pull_parents(path: Path, token, cache_dir) -> None:
         # The parent's config alone first: a parent that is another version, or no version,
         # is refused before its shards are downloaded.
         cfg, _, _, _ = _parent_config(name, revision, HubOptions(token, cache_dir, False))
-        if (cfg.get("finetuned") or {}).get("weights") != parent["weights"] or (cfg.get("parent") or {}).get("depth", 0) != parent["depth"] - 1:
+        if not is_parent_config(cfg, parent):
             raise ChainError(f"{path}: its parent {name}@{revision[:12]} is not the version it was made against (weights digest or depth); the repo is broken or hostile")
         path = Path(snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=REPO_FILE_PATTERNS))
 

@@ -171,7 +171,7 @@ def verify(
         # and its keyframe's base when a base is to be checked: without them it is no model.
         try:
             base_ckpt = open_base(reader, base, base_revision, hub, verify=chained and (base is not None or check_base or decode))
-            if reader.config.get("parent") is None:  # a parent is checked by its weights digest as it opens
+            if not chained:  # a parent is checked by its weights digest as it opens
                 report.problems += [f"base: {d}" for d in base_differences(reader, base_ckpt, limit=20)]
             missing = [n for n in base_ckpt.names() if n not in reader.records]
             if missing:

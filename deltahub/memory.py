@@ -169,12 +169,8 @@ class MemoryCheckpoint:
         """A copy whose floating-point tensors are ``dtype`` (what ``save_pretrained`` of the model
         in that dtype writes), its config recording that dtype. The tensors are new memory: the
         copy does not change when the model trains on."""
-        out = MemoryCheckpoint.__new__(MemoryCheckpoint)
-        out.source = self.source
         tensors = {n: (t.detach().to("cpu", dtype=dtype) if t.is_floating_point() else t.detach().to("cpu")).clone() for n, t in self._tensors.items()}
-        out._tensors = {n: tensors[n] for n in _file_order(tensors, SAVE_SHARD_SIZE)}
-        out._info = {n: TensorInfo(to_name(t.dtype), tuple(t.shape)) for n, t in out._tensors.items()}
-        out._folder = None
+        out = MemoryCheckpoint(tensors, self.source)
         if self._folder is not None:
             tmp = tempfile.TemporaryDirectory(prefix="deltahub-finetune-")
             weakref.finalize(out, tmp.cleanup)

@@ -225,7 +225,7 @@ def completeness_problems(reader: DeltaReader) -> list[str]:
     if weights is not None:
         from .chain import recorded_weights
 
-        if weights != recorded_weights(reader):
+        if weights != recorded_weights(reader.records):
             return [f"{CONFIG_NAME}: the records' sha256 digests do not give finetuned.weights {weights[:19]}...; the tensors map was edited"]
     return []
 

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deltahub import DeltaReader, DeltahubError, DeltaWriter, encode_tensor, info, verify  # noqa: E402
-from deltahub.chain import weights_digest  # noqa: E402
+from deltahub.chain import recorded_weights  # noqa: E402
 from deltahub.format import CONFIG_NAME, INDEX_NAME  # noqa: E402
 from deltahub.format.records import describe_record, record_layout, record_nbytes, validate_record  # noqa: E402
 from deltahub.format.safetensors_stream import MappedSafetensors  # noqa: E402
@@ -83,7 +83,7 @@ def seed_repo(root: Path) -> tuple[Path, dict[str, torch.Tensor]]:
         for name, record in w.records.items():
             if record["kind"] != "removed":
                 record["sha256"] = hashlib.sha256(name.encode()).hexdigest()
-        weights = weights_digest((n, r["dtype"], tuple(r["shape"]), r["sha256"]) for n, r in w.records.items() if r["kind"] != "removed")
+        weights = recorded_weights(w.records)
         w.finish({
             # A base path that is not there: opening the chain's keyframe base fails at once (no Hub asked).
             "base": {"name_or_path": str((root / "no-base").resolve()), "revision": None, "fingerprint": "sha256:" + "0" * 64}, "seed": 0,

@@ -186,13 +186,8 @@ class DeltaCallback(TrainerCallback):
 
     def _finish(self) -> None:
         """Remove the work folder but for the versions that failed; say (or raise) which."""
-        kept = {Path(f["folder"]) for f in self.failed}
-        if self._work is not None and self._work.is_dir():
-            for p in self._work.iterdir():
-                if p not in kept:
-                    shutil.rmtree(p, ignore_errors=True)
-            if not kept and self._work_dir is None:
-                shutil.rmtree(self._work, ignore_errors=True)
+        if self._work is not None:
+            _remove_unless_kept(self._work, self.failed, keep_folder=self._work_dir is not None)
         if self.failed:
             lines = "; ".join(f"step {f['step']} ({f['error']}): deltahub push {f['folder']} {self.repo_id} --tag {f['tag']}" for f in self.failed)
             text = f"{len(self.failed)} version(s) of {self.repo_id} could not be uploaded and are kept: {lines}"
@@ -326,14 +321,16 @@ def _check_tag_format(tag: str) -> None:
         raise ValueError(f"tag {tag!r} must give one valid tag name per step (letters, digits, '.', '_', '-'; with {{step}}), e.g. 'step-{{step}}'")
 
 
-def _remove_unless_kept(work: Path, failed: list) -> None:
+def _remove_unless_kept(work: Path, failed: list, keep_folder: bool = False) -> None:
+    """Empty the work folder but for the versions that failed to upload; remove it too when
+    nothing is kept in it and it is deltahub's own (not a ``work_dir`` the user gave)."""
     kept = {Path(f["folder"]) for f in failed}
     if not work.is_dir():
         return
     for p in work.iterdir():
         if p not in kept:
             shutil.rmtree(p, ignore_errors=True)
-    if not kept:
+    if not kept and not keep_folder:
         shutil.rmtree(work, ignore_errors=True)
 
 
