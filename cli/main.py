@@ -52,6 +52,7 @@ try:  # importing torch takes seconds: a Ctrl-C then must not print a traceback 
 
     import deltahub
     from deltahub.card import human_bytes
+    from deltahub.policy import parse_value
     from deltahub.progress import quiet_third_party
 except KeyboardInterrupt:
     sys.stderr.write("Error: interrupted\n")
@@ -305,17 +306,8 @@ def _params(items: List[str]) -> dict:
         key, eq, value = item.partition("=")
         if not eq:
             raise typer.BadParameter(f"--param {item!r} must be key=value, e.g. --param rank=64")
-        out[key] = _literal(value)
+        out[key] = parse_value(value)
     return out
-
-
-def _literal(text: str):
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 @app.command()

@@ -42,7 +42,7 @@ class Rule:
             key, eq, value = item.partition("=")
             if not eq:
                 raise ValueError(f"rule {text!r}: parameter {item!r} must be key=value")
-            params[key.strip()] = _value(value.strip())
+            params[key.strip()] = parse_value(value.strip())
         get_method(method, **{k: v for k, v in params.items() if k != "ratio"})  # fail early on typos
         return cls(pattern, method, params)
 
@@ -50,10 +50,22 @@ class Rule:
         return {"pattern": self.pattern, "method": self.method, "params": self.params}
 
 
-def _value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A parameter value as typed on a command line: a Python literal, ``true``/``false``/``none``
+    in any case, a fraction ``1/16``, or else the text itself.
+
+    >>> parse_value("64"), parse_value("true"), parse_value("1/4"), parse_value("F32")
+    (64, True, 0.25, 'F32')
+    """
+    words = {"true": True, "false": False, "none": None, "null": None}
+    if text.strip().lower() in words:
+        return words[text.strip().lower()]
     if "/" in text:
         num, _, den = text.partition("/")
-        return float(num) / float(den)
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            return text
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -30,6 +30,11 @@ Why this shape (measured on the SmolLM2/Austen pairs, ``benchmarks/README.md``):
   sign plane alone is 1/16 of a bf16 delta); on a delta of dense +-c noise, whose spectrum is
   flat, it is taken.
 
+- Served as LoRA adapters (``lora=True``): every matrix takes the low-rank family and no sign
+  part, so ``export_lora`` writes exactly the stored factors (a LoRA adapter holds a low-rank
+  product and nothing else); the widths are still chosen for storage. ``max_rank`` caps every
+  record's rank (vLLM's ``--max-lora-rank``: the LoRA kernels' cost grows with it).
+
 Every component is one the spec already defines (``lowrank``, ``sparse`` with a seeded
 Bernoulli mask and k-bit values), so every reader decodes it.
 """
@@ -69,6 +74,8 @@ class Auto(Method):
     get widths among ``levels`` bits by error removed per byte (methods/widths.py), on top of a
     1-bit sign part (D-QRELO's) where that removes more error for its bytes (``sign_part="auto"``;
     ``"always"`` or ``"never"`` to force it).
+    ``lora=True``: low rank for every matrix and no sign part, so that ``export_lora`` is exact
+    (many deltas served as LoRA adapters on one vLLM); ``max_rank`` caps the rank of every record.
     ``compress`` spreads the whole model's budget first (:meth:`plan`); alone, each tensor fills
     its own budget.
 
@@ -87,6 +94,8 @@ class Auto(Method):
     levels: tuple[int, ...] = (2, 3, 4, 8)
     group_size: int = 128
     sign_part: str = "auto"
+    lora: bool = False
+    max_rank: int | None = None
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
@@ -96,6 +105,14 @@ class Auto(Method):
             raise ValueError(f"auto levels must be increasing bit widths in 2..8, got {self.levels}")
         if self.sign_part not in ("auto", "always", "never"):
             raise ValueError(f"auto sign_part must be 'auto', 'always' or 'never', got {self.sign_part!r}")
+        if not isinstance(self.lora, bool):
+            raise ValueError(f"auto lora must be true or false, got {self.lora!r}")
+        if self.lora:
+            if self.sign_part == "always":
+                raise ValueError("auto lora=true stores no sign part (a LoRA adapter cannot hold it); drop sign_part=always")
+            self.sign_part = "never"
+        if self.max_rank is not None and (isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1):
+            raise ValueError(f"auto max_rank must be a positive integer, got {self.max_rank!r}")
 
     # -- which family -------------------------------------------------------------------------
 
@@ -112,9 +129,9 @@ class Auto(Method):
         if stats["lowrank"]:
             # With calibration, the spectrum of Δ L: errors measured on the layer's output.
             spectrum = (lambda x: weighted_singular_values(x, hessian)) if hessian is not None else singular_values
-            stats["singular_values"] = spectrum(delta)
+            stats["singular_values"] = spectrum(delta)[: self.max_rank]
             if self.sign_part != "never":
-                stats["residual_singular_values"] = spectrum(self._sign_residual(delta)[1])
+                stats["residual_singular_values"] = spectrum(self._sign_residual(delta)[1])[: self.max_rank]
         return stats
 
     @staticmethod
@@ -231,7 +248,10 @@ class Auto(Method):
 
     def smallest(self, p: int, q: int) -> list[dict]:
         """A sparse record of one value at the narrowest width: the least any tensor can take
-        (a lower bound for low-rank tensors), so ``compress`` refuses a target below it early."""
+        (a lower bound for low-rank tensors), so ``compress`` refuses a target below it early;
+        with ``lora``, a rank-1 record at the narrowest width."""
+        if self.lora:
+            return [lowrank_meta([Segment(0, 1, bits=self.levels[0], group_size=self.group_size)])]
         bits = self.value_bits or VALUE_WIDTHS[0]
         return [sparse_meta("seeded", 1, self._values_meta(bits), {"kind": "bernoulli", "threshold": 1 << prng.KEY_BITS})]
 
@@ -250,11 +270,12 @@ class Auto(Method):
         one = [Segment(0, 1, bits=self.levels[0], group_size=self.group_size)]
         sign, target = self._choose_sign(delta, ctx, one)
         extra = [sign] if sign is not None else []
+        most = min(p, q, self.max_rank or p)
         if ctx.hessian is not None:
-            u, s, v = weighted_svd(target, ctx.hessian, min(p, q))
+            u, s, v = weighted_svd(target, ctx.hessian, most)
             quantizer = gptq_quantizer(ctx.hessian)
         else:
-            u, s, v = truncated_svd(target, min(p, q))
+            u, s, v = truncated_svd(target, most)
             quantizer = quantize_groups
         spectrum = self._fit(self._encoder_spectrum(s, p, q, ctx, [c.meta for c in extra]), ctx, [c.meta for c in extra], one)
         rank = spectrum.counts[0]
@@ -280,7 +301,7 @@ class Auto(Method):
         p, q = delta.shape
         errors = []
         for metas, x in (([], delta), ([sign.meta], residual)):
-            errors.append(self._fit(self._encoder_spectrum(spectrum(x), p, q, ctx, metas), ctx, metas, one).error_left(self.levels))
+            errors.append(self._fit(self._encoder_spectrum(spectrum(x)[: self.max_rank], p, q, ctx, metas), ctx, metas, one).error_left(self.levels))
         return (sign, residual) if errors[1] < errors[0] else (None, delta)
 
     def _encoder_spectrum(self, singular_values: torch.Tensor, p: int, q: int, ctx: EncodeContext, extra: list[dict]) -> Spectrum:

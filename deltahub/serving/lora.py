@@ -57,6 +57,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REPORT_NAME = "deltahub_lora_report.json"
 # A module whose adapter is further than this (relative Frobenius error) from the delta is warned about.
 WARN_ERROR = 0.1
+# The values vLLM accepts for --max-lora-rank (vllm/config/lora.py, vLLM 0.32).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass
@@ -103,6 +105,16 @@ class LoraExportReport:
         return bool(self.modules) and all(m.exact for m in self.modules)
 
     @property
+    def max_rank(self) -> int:
+        """The largest rank of any module (0 with none)."""
+        return max((m.rank for m in self.modules), default=0)
+
+    @property
+    def vllm_max_lora_rank(self) -> int | None:
+        """The smallest ``--max-lora-rank`` vLLM accepts that holds this adapter (None above 512)."""
+        return next((r for r in VLLM_MAX_LORA_RANKS if r >= self.max_rank), None)
+
+    @property
     def warnings(self) -> list[LoraModule]:
         """Modules whose relative error is above ``warn_above``, worst first."""
         return sorted((m for m in self.modules if m.rel_error > self.warn_above), key=lambda m: -m.rel_error)
@@ -112,6 +124,7 @@ class LoraExportReport:
         out["path"] = str(self.path)
         out["exact"] = self.exact
         out["warnings"] = [m.module for m in self.warnings]
+        out["vllm_max_lora_rank"] = self.vllm_max_lora_rank
         return out
 
     def _sources(self) -> str:
@@ -141,10 +154,13 @@ class LoraExportReport:
         if warned:
             names = ", ".join(f"{m.module} {m.rel_error:.3f}" for m in warned[:4]) + (f" and {len(warned) - 4} more" if len(warned) > 4 else "")
             lines.append(f"warning: {len(warned)} module(s) have a relative error above {self.warn_above:g}, so the adapter differs from the delta there ({names}); "
-                         "a higher --rank exports a truncated SVD closer; a delta made with svd, deltacome, or auto with sign_part='never', exports exactly")
+                         "a higher --rank exports a truncated SVD closer; a delta made with svd, deltacome, or auto with lora=true (--param lora=true), exports exactly")
         if self.skipped:
             names = ", ".join(s.name for s in self.skipped[:4]) + (f" and {len(self.skipped) - 4} more" if len(self.skipped) > 4 else "")
             lines.append(f"not expressible as LoRA: {len(self.skipped)} tensor(s), {self.skipped_share:.2%} of the delta's squared norm ({names})")
+        if self.modules:
+            rank = self.vllm_max_lora_rank
+            lines.append(f"vLLM: --enable-lora --max-lora-rank {rank}" if rank else f"vLLM: rank {self.max_rank} is above the largest --max-lora-rank vLLM accepts (512); export with --rank 512 or less")
         return "\n".join(lines)
 
 
