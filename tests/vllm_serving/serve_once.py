@@ -1,25 +1,36 @@
 """One vLLM engine in this process (vLLM spawns its workers: the ``__main__`` guard is needed):
-``python tests/vllm_serving/serve_once.py MODEL [deltahub]`` prints one ``RESULT {json}`` line with the
-greedy tokens and the log-probabilities of three prompts. ``deltahub``: MODEL is a delta repo,
-served with the deltahub load and config formats."""
+``python tests/vllm_serving/serve_once.py MODEL [deltahub] [--dtype D] [--revision R] [--base B]``
+prints one ``RESULT {json}`` line with the greedy tokens and the log-probabilities of three
+prompts. ``deltahub``: MODEL is a delta repo, served with the deltahub load and config formats
+(``--base``: the loader's ``base`` option). ``TP`` in the environment: tensor parallel ranks."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 import time
 
 PROMPTS = ["Store, share, version and load", "deltahub keeps each fine-tune as", "The base is the one recorded in"]
 
 
-def main(model: str, fmt: str | None) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("fmt", nargs="?")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--revision")
+    parser.add_argument("--base")
+    args = parser.parse_args()
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    kwargs = {"load_format": "deltahub", "config_format": "deltahub"} if fmt == "deltahub" else {}
+    kwargs = {"load_format": "deltahub", "config_format": "deltahub"} if args.fmt == "deltahub" else {}
+    if args.base:
+        kwargs["model_loader_extra_config"] = {"base": args.base}
     tp = int(os.environ.get("TP", "1"))  # tensor parallel ranks (on a CPU: VLLM_CPU_OMP_THREADS_BIND gives each its cores)
-    llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0, tensor_parallel_size=tp, **kwargs)
+    llm = LLM(model=args.model, revision=args.revision, dtype=args.dtype, enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0,
+              tensor_parallel_size=tp, **kwargs)
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
@@ -33,4 +44,4 @@ def main(model: str, fmt: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+    main()

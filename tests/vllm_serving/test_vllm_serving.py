@@ -6,47 +6,19 @@ subprocess of its own, as vLLM's spawned workers want."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import deltahub
-
-HERE = Path(__file__).resolve().parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _tokenizer():
-    """A byte-level BPE trained offline on deltahub's README (no tokenizer download needed)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([(HERE.parents[1] / "README.md").read_text()], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
+from engines import serve_once, tiny_llama, tokenizer
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny bf16 Llama, a fine-tune of it (every weight moved), their delta at 1/4 and the
     checkpoint `deltahub apply` writes; and a lossless chain member on top of the delta."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("vllm")
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.2,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    tok = tokenizer()
+    model = tiny_llama(tok)
     model.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     g = torch.Generator().manual_seed(1)
@@ -64,17 +36,9 @@ def models(tmp_path_factory):
     return root
 
 
-def _serve(model: Path, fmt: str | None = None, **env: str) -> dict:
-    cmd = [sys.executable, str(HERE / "serve_once.py"), str(model)] + ([fmt] if fmt else [])
-    run = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **env}, timeout=600)
-    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
-    return {**json.loads(lines[-1][len("RESULT "):]), "log": run.stdout + run.stderr}
-
-
 def test_a_delta_serves_as_its_applied_checkpoint(models):
-    applied = _serve(models / "applied")
-    delta = _serve(models / "delta", "deltahub")
+    applied = serve_once(models / "applied")
+    delta = serve_once(models / "delta", "deltahub")
     assert delta["tokens"] == applied["tokens"]
     assert delta["logprobs"] == applied["logprobs"]  # bit for bit: the same weights reach vLLM
     # The plugin's loader ran in the worker process of vLLM's multiprocess executor (the one vLLM uses on a CPU).
@@ -87,8 +51,8 @@ def test_two_tensor_parallel_ranks_each_load_the_delta(models):
     """Tensor parallel size 2 under the multiprocess executor: each rank decodes the delta and
     vLLM takes its slice; the output is the applied checkpoint's at two ranks too (not at one:
     the all-reduce sums in another order, and a tiny random model's greedy path is chaotic)."""
-    reference = _serve(models / "applied", TP="2", VLLM_CPU_OMP_THREADS_BIND="0|1")
-    tp2 = _serve(models / "delta", "deltahub", TP="2", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    reference = serve_once(models / "applied", env={"TP": "2", "VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    tp2 = serve_once(models / "delta", "deltahub", env={"TP": "2", "VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     loads = [l for l in tp2["log"].splitlines() if "deltahub:" in l and "decoded and loaded" in l]
     assert len(loads) == 2, tp2["log"][-3000:]  # one per rank
     assert tp2["tokens"] == reference["tokens"] and tp2["logprobs"] == reference["logprobs"]
@@ -111,6 +75,37 @@ def test_a_version_stored_against_its_parent_serves_through_its_chain(models):
                 weights[name] = torch.where(mask, (t.float() * 1.01).to(t.dtype), t)
         save_file(weights, ft2 / "model.safetensors", metadata={"format": "pt"})
         deltahub.compress(None, ft2, models / "member", parent=models / "delta", ratio=None, progress=False)
-    served = _serve(models / "member", "deltahub")
-    reference = _serve(ft2)
+    served = serve_once(models / "member", "deltahub")
+    reference = serve_once(ft2)
     assert served["tokens"] == reference["tokens"] and served["logprobs"] == reference["logprobs"]
+
+
+def test_a_delta_on_the_hub_serves_by_its_id_at_a_revision(models, hub, tmp_path):
+    """``LLM(model="org/delta", revision="v1", load_format="deltahub", ...)`` against the local Hub
+    test double: vLLM's process downloads the delta and the base it records (a Hub id) into an
+    empty cache, and serves the version asked for, not the newest."""
+    from huggingface_hub import HfApi
+
+    from conftest import HUB_TOKEN
+
+    api = HfApi(token=HUB_TOKEN)
+    api.create_repo("tester/vllm-base")
+    api.upload_folder(repo_id="tester/vllm-base", folder_path=str(models / "base"))
+    for ratio, name in ((1 / 4, "hub-v1"), (1 / 2, "hub-v2")):
+        deltahub.compress(models / "base", models / "ft", models / name, ratio=ratio, base_id="tester/vllm-base", token=HUB_TOKEN, progress=False)
+        deltahub.push(models / name, "tester/vllm-delta", token=HUB_TOKEN)
+    env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": HUB_TOKEN}
+    served = serve_once("tester/vllm-delta", "deltahub", env=env, revision="v1")
+    reference = serve_once(models / "applied")  # the 1/4 delta's checkpoint: v1's
+    assert served["tokens"] == reference["tokens"] and served["logprobs"] == reference["logprobs"]
+    assert (tmp_path / "hf-home" / "hub" / "models--tester--vllm-base").is_dir()  # the base came from the Hub too
+
+
+def test_a_delta_for_another_base_is_refused_with_deltahubs_error(models, tmp_path):
+    """The loader's ``base`` option pointing at another model: vLLM does not start, and its log
+    carries deltahub's BaseMismatchError, which names the recorded base."""
+    other = tiny_llama(tokenizer(), seed=1)
+    other.save_pretrained(tmp_path / "other-base")
+    failed = serve_once(models / "delta", "deltahub", check=False, base=str(tmp_path / "other-base"))
+    assert failed["returncode"] != 0 and not failed.get("tokens")
+    assert "BaseMismatchError" in failed["log"] and str(models / "base") in failed["log"], failed["log"][-4000:]
