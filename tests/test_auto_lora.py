@@ -42,7 +42,8 @@ def _matrix_records(path):
 
 def test_lora_auto_stores_only_factors_and_exports_exactly(pair, tmp_path):
     base, ft = pair
-    result = deltahub.compress(base, ft, tmp_path / "d", method="auto", ratio=1 / 2, params={"lora": True}, progress=False)
+    # lowrank_above=1: without lora, auto would store every matrix sparse (the next test).
+    result = deltahub.compress(base, ft, tmp_path / "d", method="auto", ratio=1 / 2, params={"lora": True, "lowrank_above": 1.0}, progress=False)
     assert result.ratio <= 1 / 2
     records = _matrix_records(tmp_path / "d")
     assert records and all([c["type"] for c in r["components"]] == ["lowrank"] for r in records.values())
@@ -57,12 +58,12 @@ def test_lora_auto_stores_only_factors_and_exports_exactly(pair, tmp_path):
         torch.testing.assert_close(peft_model(input_ids=x).logits, ours(input_ids=x).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_without_lora_auto_keeps_sparse_and_sign_parts_that_export_lossily(pair, tmp_path):
-    """The same pair without ``lora``: auto's sparse family on these light deltas, which export_lora
-    can only approximate (what ``lora=True`` is for)."""
+def test_without_lora_auto_keeps_sparse_records_that_export_lossily(pair, tmp_path):
+    """The same pair without ``lora``: auto's sparse family on some of these deltas, which
+    export_lora can only approximate (what ``lora=True`` is for: the test above stores them low rank)."""
     base, ft = pair
-    deltahub.compress(base, ft, tmp_path / "d", method="auto", ratio=1 / 2, progress=False)
-    assert any(r["components"][0]["type"] != "lowrank" for r in _matrix_records(tmp_path / "d").values())
+    deltahub.compress(base, ft, tmp_path / "d", method="auto", ratio=1 / 2, params={"lowrank_above": 1.0}, progress=False)
+    assert any(r["components"][0]["type"] == "sparse" for r in _matrix_records(tmp_path / "d").values())
     assert not deltahub.export_lora(tmp_path / "d", tmp_path / "lora", progress=False).exact
 
 

@@ -118,8 +118,9 @@ class Auto(Method):
 
     def uses_lowrank(self, delta_rms: float, base_rms: float | None) -> bool:
         """D-QRELO's observation, measured on our pairs: small deltas keep most of their gain under
-        random sparsification, large ones under low rank. The RMS ratio tells them apart."""
-        return delta_rms > self.lowrank_above * (base_rms or 0.0)
+        random sparsification, large ones under low rank. The RMS ratio tells them apart.
+        Served as LoRA (``lora``), every matrix is low rank."""
+        return self.lora or delta_rms > self.lowrank_above * (base_rms or 0.0)
 
     # -- planning -------------------------------------------------------------------------------
 
