@@ -435,6 +435,7 @@ def parent_reference(
         reference = _CheckedMemory(weights, cfg["tensors"], where)
     else:
         reader = DeltaReader(Path(parent)) if local else open_delta(name, commit, hub)
+        reader.check_shards = True  # its decodes are this version's parent weights
         reader.source = where  # type: ignore[attr-defined]
         reference = ParentWeights(reader, open_base(reader, base, base_revision, hub, verify=True), where)
     check_same_names(reference, [n for n, r in cfg["tensors"].items() if r["kind"] != "removed"], f"the parent {where}")

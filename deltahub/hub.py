@@ -31,7 +31,7 @@ from .errors import BaseMismatchError, DeltahubError, FormatError
 from .format import CONFIG_NAME, DeltaReader
 from .format.config import CARD_NAME, FINETUNED_CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME, SHARD_NAME, TOKENIZER_FILES, is_repo_file, validate_config
 from .format.limits import MAX_CONFIG_BYTES, confined_file, read_json
-from .sources import sha256_file
+from .format.repo import sha256_file
 
 _VERSION_TAG = re.compile(r"^v(\d+)$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")

@@ -43,6 +43,9 @@ def open_delta(delta: str | os.PathLike, revision: str | None = None, hub: HubOp
     hub = hub or HubOptions()
     path, commit = resolve(delta, revision=revision, allow_patterns=DELTA_FILE_PATTERNS, **hub.kwargs())
     reader = DeltaReader(path)
+    # Whatever decodes from this reader (apply, the loaders, vLLM, export-lora) decodes checked
+    # shards: a flipped byte in a shard would otherwise decode as another model.
+    reader.check_shards = True
     reader.source = str(delta)  # type: ignore[attr-defined]
     reader.commit = commit  # type: ignore[attr-defined]
     return reader
@@ -62,13 +65,6 @@ def open_pair(
     return reader, open_base(reader, base, base_revision, hub, verify=verify_base)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_base(

@@ -632,3 +632,27 @@ def test_a_fifo_generation_config_is_refused_by_the_loaders(llama, tmp_path):
     with pytest.raises(FormatError, match="generation_config.json is a FIFO, not a regular file"):
         model.save_pretrained(tmp_path / "saved")
     _no_output(tmp_path / "saved")
+
+
+def test_a_flipped_byte_in_a_shard_is_refused_by_every_loader(llama, tmp_path):
+    """Bytes of stored data changed, headers intact, the index's SHA-256 not resealed: before,
+    apply and the loaders decoded it as another model; every path that decodes now hashes each
+    shard once, when it first opens it."""
+    _, delta = llama
+    bad = _copy(delta, tmp_path / "flipped")
+    shard = next(p for p in sorted(bad.glob("delta-*.safetensors")) if p.stat().st_size > 400)
+    data = bytearray(shard.read_bytes())
+    for i in range(len(data) - 200, len(data) - 100):  # in the last tensor's data, past the header
+        data[i] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    message = f"shard {shard.name} of .* does not match its SHA-256"
+    with pytest.raises(FormatError, match=message):
+        deltahub.apply(bad, tmp_path / "out", progress=False)
+    _no_output(tmp_path / "out")
+    with pytest.raises(FormatError, match=message):
+        DeltaModel.from_pretrained(bad)
+    with pytest.raises(FormatError, match=message):
+        DeltaModel.from_pretrained(bad, merge=False)
+    with pytest.raises(FormatError, match=message):
+        deltahub.export_lora(bad, tmp_path / "lora", progress=False)
+    assert any("does not match its SHA-256" in p for p in deltahub.verify(bad).problems)  # verify reports it, as before

@@ -8,6 +8,7 @@ delta that looks complete.
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 import re
 import secrets
@@ -458,11 +459,25 @@ class DeltaWriter:
         self._done = True
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class DeltaReader:
     """Read a delta repo from a local folder: config, records, stored tensors, decoding.
 
     Tensors are read lazily from memory-mapped shards; nothing is loaded until asked for.
+    With ``check_shards`` (what ``open_delta``, and so every loader, sets), a shard is hashed
+    against its SHA-256 in the index when first opened, after its header's checks, so that a
+    corrupted shard is refused rather than decoded.
     """
+
+    check_shards: bool = False
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -513,7 +528,12 @@ class DeltaReader:
                     if not path.is_file():
                         raise FormatError(f"shard {shard} is missing from {self.path}; download the delta again")
                     try:
-                        self._handles[shard] = MappedSafetensors(path)
+                        handle = MappedSafetensors(path)  # header typed, tensors tiling the file: hashing costs what it declares
+                        want = self.checksums().get(shard)
+                        if self.check_shards and want is not None and sha256_file(path) != want:
+                            raise FormatError(f"shard {shard} of {self.path} does not match its SHA-256 in {INDEX_NAME}: it is corrupted; download the delta again "
+                                              "(deltahub verify lists every problem)")
+                        self._handles[shard] = handle
                     except OSError as e:
                         raise FormatError(f"shard {shard} cannot be read ({e})") from None
                 except FormatError as e:
