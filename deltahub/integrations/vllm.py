@@ -90,7 +90,14 @@ def register() -> None:
             data = read_finetuned_config(reader)
             if data is None:
                 raise ValueError(f"{model}: the delta has no finetuned_config.json; serve `deltahub apply`'s checkpoint instead")
-            config = config_from_dict(dict(data), f"{model}/finetuned_config.json")
+            where = f"{model}/finetuned_config.json"
+            config = config_from_dict(dict(data), where)
+            # vLLM allocates the model this config describes before any loader runs: it must
+            # not be larger than the delta's weights (deltahub's loaders' bound, on the meta device).
+            from ..model import model_class
+            from ..sources import check_model_size
+
+            check_model_size(model_class(config, where), config, None, reader, where)
             overrides = kwargs.get("hf_overrides")
             if isinstance(overrides, dict):
                 config.update(overrides)
@@ -103,12 +110,23 @@ def register() -> None:
 
 def _open(model_config, options: dict):
     """The delta (vLLM's ``model``, at its ``revision``) and its checked base."""
+    from ..errors import BaseMismatchError
     from ..sources import open_pair
 
-    return open_pair(
-        model_config.model, options.get("base"), revision=getattr(model_config, "revision", None) or None,
-        base_revision=options.get("base_revision"), verify_base=bool(options.get("verify_base", True)),
-    )
+    verify = options.get("verify_base", True)
+    if not isinstance(verify, bool):
+        raise ValueError(f"load format deltahub: verify_base must be true or false (JSON), got {str(verify)[:40]!r}")
+    for key in ("base", "base_revision"):
+        if options.get(key) is not None and not isinstance(options[key], str):
+            raise ValueError(f"load format deltahub: {key} must be a string, got {type(options[key]).__name__}")
+    try:
+        return open_pair(
+            model_config.model, options.get("base"), revision=getattr(model_config, "revision", None) or None,
+            base_revision=options.get("base_revision"), verify_base=verify,
+        )
+    except BaseMismatchError as e:
+        raise BaseMismatchError(f"{e} (in vLLM: --model-loader-extra-config '{{\"base\": \"PATH\"}}' names the right base; "
+                                "'{\"verify_base\": false}' loads anyway)") from None
 
 
 def _other_stages(model) -> tuple[str, ...]:

@@ -123,3 +123,22 @@ def test_two_pipeline_stages_each_decode_only_their_layers(models):
     loads = [l for l in pp2["log"].splitlines() if "deltahub:" in l and "decoded and loaded" in l]
     assert len(loads) == 2 and all("of other pipeline stages not decoded here" in l for l in loads), pp2["log"][-3000:]
     assert len(pp2["digests"]) == 2 and all(pp2["digests"]) and pp2["digests"] == reference["digests"]
+
+
+def test_a_finetuned_config_larger_than_the_delta_is_refused_before_vllm_allocates(models, tmp_path):
+    """vLLM builds the model the config describes before any loader runs: a hostile
+    ``intermediate_size`` would allocate terabytes. The config format refuses it with deltahub's
+    message, naming the file, as deltahub's own loaders do."""
+    import json
+    import shutil
+
+    bad = tmp_path / "huge"
+    shutil.copytree(models / "delta", bad)
+    cfg = json.loads((bad / "finetuned_config.json").read_text())
+    cfg["intermediate_size"] = 2_000_000_000
+    (bad / "finetuned_config.json").write_text(json.dumps(cfg))
+    failed = serve_once(bad, "deltahub", check=False)
+    assert failed["returncode"] != 0 and not failed.get("tokens")
+    # vLLM wraps the parser's error in its own (pydantic) one, with deltahub's message whole.
+    assert "finetuned_config.json: the model it describes holds" in failed["log"] and "does not describe these weights" in failed["log"], failed["log"][-4000:]
+    assert "can't allocate memory" not in failed["log"]
