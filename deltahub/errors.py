@@ -30,6 +30,10 @@ class UnknownMethodError(DeltahubError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownParameterError(DeltahubError, TypeError, ValueError):
+    """A method was given a parameter it does not take (a TypeError, as a Python call would raise)."""
+
+
 class InfeasibleRatioError(DeltahubError, ValueError):
     """The requested ratio cannot be met by the method on this tensor."""
 

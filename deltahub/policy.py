@@ -66,9 +66,11 @@ def parse_value(text: str) -> Any:
             return float(num) / float(den)
         except (ValueError, ZeroDivisionError):
             return text
+    if len(text) > 200:  # no parameter value is longer; literal_eval of a long one can exhaust memory or recursion
+        return text
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
 
 

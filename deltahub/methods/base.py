@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
-from ..errors import InfeasibleRatioError, UnknownMethodError
+from ..errors import InfeasibleRatioError, UnknownMethodError, UnknownParameterError
 from ..format.components import Component
 
 
@@ -155,7 +155,7 @@ def get_method(name: str, **params: Any) -> Method:
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(params) - fields)
     if unknown:
-        raise TypeError(f"method {name!r} has no parameter(s) {unknown}; it takes {sorted(fields)}")
+        raise UnknownParameterError(f"method {name!r} has no parameter(s) {[u[:40] for u in unknown]}; it takes {sorted(fields)}")
     return cls(**params)
 
 
