@@ -285,6 +285,8 @@ def _print_json(obj: object) -> None:
 
 
 JSON_HELP = "Print one JSON document on stdout (and nothing else)."
+RAY_HELP = "Run the per-tensor work as Ray tasks (pip install 'deltahub[ray]'): on RAY_ADDRESS's cluster, or a new local one. Same output, byte for byte."
+RAY_ADDRESS_HELP = "The Ray cluster to run on (e.g. ray://head:10001 or auto); implies --ray."
 
 
 def _ratio(text: str | None) -> float | None:
@@ -332,6 +334,8 @@ def compress(
     base_id: Optional[str] = typer.Option(None, "--base-id", help="Record this Hub id (ORG/NAME or ORG/NAME@REV) as the base of a local base folder. Checked against the Hub's safetensors headers (no weights downloaded) where it answers; offline it is recorded unchecked (base.id_checked false). A base given as a Hugging Face cache snapshot is recorded as its repo id and commit without this."),
     parent: Optional[str] = typer.Option(None, "--parent", help="Store FINETUNED against this version (a delta folder, or a Hub repo id at --parent-revision) instead of BASE: bit-exact (lossless), and small when the two are a few training steps apart. BASE is then the base of the chain's keyframe."),
     parent_revision: Optional[str] = typer.Option(None, help="Revision (commit or tag) of a --parent on the Hub."),
+    ray: bool = typer.Option(False, "--ray", help=RAY_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP, show_default=False),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Compress FINETUNED - BASE into a delta repo at OUT.
@@ -348,7 +352,7 @@ def compress(
             deltahub.compress, base, finetuned, out, method, _ratio(ratio), params=_params(param), rules=rule, seed=seed, device=device,
             revision=revision, base_revision=base_revision, token=token, cache_dir=cache_dir, max_shard_size=max_shard_size, overwrite=overwrite,
             calibration=calibration, calibration_tokens=calibration_tokens, progress=_progress(), base_id=base_id, parent=parent,
-            parent_revision=parent_revision,
+            parent_revision=parent_revision, executor="ray" if ray or ray_address else "local", ray_address=ray_address,
         )
     warned = _warn(caught)
     if as_json:
@@ -358,6 +362,32 @@ def compress(
     if result.fallbacks:
         more = f" and {len(result.fallbacks) - 5} more" if len(result.fallbacks) > 5 else ""
         _echo(f"{len(result.fallbacks)} tensor(s) stored dense, where dense is smaller than the method's smallest record: {', '.join(result.fallbacks[:5])}{more}")
+
+
+@app.command("compress-many")
+def compress_many(
+    jobs: Path = typer.Argument(..., help="A JSON or YAML list of jobs: base, finetuned, out, and optionally method, ratio, params, rules, seed, revision, base_revision, base_id, overwrite."),
+    ray: bool = typer.Option(False, "--ray", help="Run the jobs side by side on a Ray cluster (RAY_ADDRESS's, or a new local one); without it, one after another here."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP, show_default=False),
+    max_parallel: int = typer.Option(4, min=1, help="Jobs at once on the Ray cluster."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Compress many pairs; a failed job does not stop the others (exit 1 if any failed).
+
+    Example: deltahub compress-many jobs.yaml --ray
+    """
+    outcomes = _run(deltahub.compress_many, jobs, executor="ray" if ray or ray_address else "local", ray_address=ray_address,
+                    max_parallel=max_parallel, progress=_progress())
+    failed = [o for o in outcomes if not o.ok]
+    if as_json:
+        _print_json({"jobs": [o.to_dict() for o in outcomes], "failed": len(failed)})
+    else:
+        rows = [[o.job.out, "ok" if o.ok else "failed", f"{o.ratio:.4f}" if o.ratio is not None else "", human_bytes(o.stored_bytes) if o.stored_bytes else "",
+                 f"{o.seconds:.1f}", o.error or ""] for o in outcomes]
+        _table(["out", "status", "ratio", "stored", "seconds", "error"], rows, title=f"{len(outcomes) - len(failed)} of {len(outcomes)} jobs done",
+               right=("ratio", "stored", "seconds"))
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -10,7 +10,7 @@ True
 
 from .apply import apply
 from .base_id import BaseIdError, BaseIdNotCheckedWarning, set_base_id
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, DownloadError
 from .compress import CompressResult, compress
 from .encoding import EncodedTensor, decode_tensor, encode_tensor
 from .errors import (
@@ -29,6 +29,7 @@ from .format import FORMAT_VERSION, DeltaReader, DeltaWriter
 from .evaluate import EvalReport, evaluate
 from .diff import DiffError, DiffReport, diff
 from .hub import ConcurrentPushError, History, HubError, LocalBaseError, PushResult, UntaggedPushError, Version, history, pull, push, rollback
+from .jobs import Job, JobFileError, JobOutcome, compress_many, read_jobs
 from .inspect import DeltaInfo, VerifyReport, info, verify
 from .methods import get_method, list_methods
 from .model import DeltaModel
@@ -44,4 +45,5 @@ __all__ = [
     "EvalReport", "evaluate", "ConcurrentPushError", "UntaggedPushError", "LocalBaseError", "BaseIdError", "BaseIdNotCheckedWarning", "set_base_id", "History", "HubError", "PushResult", "Version", "history", "pull", "push", "rollback",
     "LoraExportReport", "ServingError", "UnsupportedMethodError", "UnknownDeltaError", "export_lora",
     "DiffError", "DiffReport", "diff",
+    "DownloadError", "Job", "JobFileError", "JobOutcome", "compress_many", "read_jobs",
 ]

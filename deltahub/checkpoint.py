@@ -53,6 +53,10 @@ class CheckpointError(DeltahubError, ValueError):
     """A checkpoint cannot be used: missing, pickle-only, or without safetensors weights."""
 
 
+class DownloadError(CheckpointError):
+    """Downloading a checkpoint from the Hub failed (an HTTP error): possibly transient."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str
@@ -122,7 +126,7 @@ def resolve(
             raise CheckpointError(f"{missing} and downloads are off ({off}); allow downloads once to fetch it") from None
         raise CheckpointError(f"{missing} and {constants.ENDPOINT} cannot be reached; check the network (or HF_ENDPOINT), or pass a local folder") from None
     except HfHubHTTPError as e:
-        raise CheckpointError(f"downloading {repo_id} failed: {e}") from None
+        raise DownloadError(f"downloading {repo_id} failed: {e}") from None
     local_path = Path(local)
     commit = local_path.name if _HEX40.match(local_path.name) else None
     return local_path, commit

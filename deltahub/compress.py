@@ -28,6 +28,7 @@ from .format.dtypes import itemsize, to_torch
 from .methods import Planned, get_method
 from .methods.linalg import compute_device
 from .planning import plan_ratios
+from .distributed import LocalEncoder, TensorTask
 from .policy import Policy, Rule
 from .version import __version__
 
@@ -138,6 +139,8 @@ def compress(
     parent: str | os.PathLike | None = None,
     parent_revision: str | None = None,
     parent_weights: Mapping[str, torch.Tensor] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
     progress: bool = True,
 ) -> CompressResult:
     """Compress ``finetuned - base`` into a delta repo at ``out_dir``, one tensor at a time.
@@ -175,6 +178,11 @@ def compress(
     parent's recorded digests instead of decoding the parent; a Hub parent is then read for its
     config only.
 
+    ``executor="ray"`` runs the per-tensor work as Ray tasks on the cluster at ``ray_address``
+    (default: ``RAY_ADDRESS``, or a local cluster), each reading its tensors from the
+    checkpoints where they are; the repo is the same, byte for byte (:mod:`deltahub.distributed`;
+    ``pip install deltahub[ray]``). Not with an in-memory fine-tune or a parent.
+
     Example::
 
         result = deltahub.compress("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct", "qwen-instruct-delta", ratio=1/8)
@@ -190,6 +198,13 @@ def compress(
         raise CheckpointError("compress needs a base (a folder or Hub id), or a parent version to store the fine-tune against (parent=...)")
     if parent is None and (parent_revision is not None or parent_weights is not None):
         raise ValueError("parent_revision and parent_weights describe a parent version: pass parent=... too")
+    if executor not in ("local", "ray"):
+        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if executor == "ray" and (ft_memory is not None or parent is not None):
+        raise ValueError("executor='ray' reads the checkpoints on the workers: it takes a fine-tune on disk or on the Hub, stored against "
+                         "the base (not a model in memory, not a parent version); drop executor='ray'")
+    if ray_address is not None and executor != "ray":
+        raise ValueError("ray_address is for executor='ray'")
     method = method or ("lossless" if parent is not None else "auto")
     rules = [r if isinstance(r, Rule) else Rule.parse(r) for r in rules]
     lossy = [method] if method != "lossless" else []
@@ -239,66 +254,62 @@ def compress(
             raise CalibrationError("calibration needs the base as a local folder or a downloaded Hub snapshot")
         cal = Calibration.collect(base_ckpt.path, text, max_tokens=calibration_tokens)
         cal_record = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "tokens": cal.tokens}
-    # A planning method (auto) sees every tensor's statistics first and spreads the model's budget.
-    planned = plan_ratios(planner, policy, base_ckpt, ft_ckpt, progress, cal) if planner.plans and ratio is not None else {}
-    names = ft_ckpt.names()
-    removed = [n for n in base_ckpt.names() if n not in ft_ckpt]
-    dtypes: dict[str, int] = {}
-    total = sum(itemsize(ft_ckpt.info(n).dtype) * math.prod(ft_ckpt.info(n).shape) for n in names)
-    samples: dict[str, str] = {}
-    with compute_device(device), DeltaWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer:
-        bar = progress_bar(total=total, unit="B", unit_scale=True, desc="Compressing", enabled=progress)
-        for name in names:
-            info = ft_ckpt.info(name)
-            if to_torch(info.dtype).is_floating_point:
-                dtypes[info.dtype] = dtypes.get(info.dtype, 0) + math.prod(info.shape)
-            # Both tensors are views of the files' pages, given back once the tensor is encoded.
-            with ft_ckpt.borrow(name) as ft, borrow_base(base_ckpt, name) as b:
-                if b is not None:
-                    samples[name] = sample_digest(b)
-                enc, used = _encode(name, b, ft, policy, seed, fallback_dense, planned.get(name), cal.hessian(name) if cal and name in planned else None, budget)
-                if used != policy.resolve(name, tuple(ft.shape))[0]:
-                    result.fallbacks.append(name)
-                decoded = enc.decode(b)
-                # The decoded tensor's digest (spec §5.1): what a child version checks its parent
-                # with, and what verify compares a decode with.
-                enc.record["sha256"] = tensor_sha256(decoded)
-                if budget is not None:
-                    budget.spend(name, _spent(enc, b is not None, name in result.fallbacks))
-                writer.add(name, enc.record, enc.tensors)
-                kind = enc.record["kind"]
-                report_method = None if kind == "unchanged" else enc.record.get("method", used)
-                stored = 0 if kind == "unchanged" else enc.nbytes
-                result.tensors.append(TensorReport(name, kind, report_method, tuple(ft.shape), enc.dense_nbytes, stored, relative_error(b, ft, decoded)))
-                bar.update(enc.dense_nbytes)
-                bar.set_postfix_str(name[-40:], refresh=False)
-                del enc, decoded  # before the next tensor is read
-        bar.close()
-        for name in removed:
-            info = base_ckpt.info(name)
-            record, _ = make_record("removed", info.shape, info.dtype)
-            writer.add(name, record, {})
-            result.tensors.append(TensorReport(name, "removed", None, info.shape, 0, 0, 0.0))
-        _copy_extra_files(writer, base_ckpt, ft_ckpt)
-        result.dense_bytes = sum(t.dense_bytes for t in result.tensors)
-        ft_dtype = max(dtypes, key=dtypes.get) if dtypes else None
-        config = {
-            **({"requires": ["parent"], "parent": chain} if chain is not None else {}),
-            "deltahub_version": __version__,
-            "base": {**base_record, "fingerprint": base_ckpt.fingerprint(), "samples": samples},
-            "finetuned": {**_recorded_name(finetuned, ft_ckpt), "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None, "fingerprint": ft_ckpt.fingerprint(), "weights": recorded_weights(writer.records)},
-            "method": {"name": method, "ratio": ratio, "params": get_method(method, **params).params(), **({"calibration": cal_record} if cal else {})},
-            "rules": [r.to_dict() for r in policy.rules],
-            "seed": seed,
-            "totals": {"dense_bytes": result.dense_bytes},
-            "summary": {
-                "mean_rel_error": round(result.mean_rel_error, 6),
-                "max_rel_error": round(result.max_rel_error, 6),
-                "worst": result.worst(),
-                "fallback_dense": result.fallbacks,
-            },
-        }
-        path = writer.finish(config, card=_checked_card(budget, method))
+    runner = LocalEncoder()
+    if executor == "ray":
+        from .distributed import RayExecutor
+
+        runner = RayExecutor(base_ckpt, ft_ckpt, hub, ray_address)
+    try:
+        # A planning method (auto) sees every tensor's statistics first and spreads the model's budget.
+        planned = plan_ratios(planner, policy, base_ckpt, ft_ckpt, progress, cal, runner) if planner.plans and ratio is not None else {}
+        names = ft_ckpt.names()
+        removed = [n for n in base_ckpt.names() if n not in ft_ckpt]
+        dtypes: dict[str, int] = {}
+        total = sum(itemsize(ft_ckpt.info(n).dtype) * math.prod(ft_ckpt.info(n).shape) for n in names)
+        samples: dict[str, str] = {}
+        with compute_device(device), DeltaWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer:
+            bar = progress_bar(total=total, unit="B", unit_scale=True, desc="Compressing", enabled=progress)
+            for name in names:
+                info = ft_ckpt.info(name)
+                if to_torch(info.dtype).is_floating_point:
+                    dtypes[info.dtype] = dtypes.get(info.dtype, 0) + math.prod(info.shape)
+
+            def prepare(name: str) -> TensorTask:  # called once the tensors before a budget-dependent one are written
+                info, item = ft_ckpt.info(name), budget.items.get(name) if budget is not None else None
+                return TensorTask(tensor_job(name, tuple(info.shape), policy, planned.get(name), budget), seed, fallback_dense,
+                                  bool(item and item.dense_instead), cal.hessian(name) if cal and name in planned else None)
+
+            # Each tensor read (views of the files' pages), encoded and written in the checkpoint's order.
+            for name, done in zip(names, runner.encoded(base_ckpt, ft_ckpt, names, prepare, lambda n: budget_dependent(n, planned.get(n), budget), device)):
+                _write_one(done, name, policy, ft_ckpt, base_ckpt, budget, writer, result, samples, bar)
+            bar.close()
+            for name in removed:
+                info = base_ckpt.info(name)
+                record, _ = make_record("removed", info.shape, info.dtype)
+                writer.add(name, record, {})
+                result.tensors.append(TensorReport(name, "removed", None, info.shape, 0, 0, 0.0))
+            _copy_extra_files(writer, base_ckpt, ft_ckpt)
+            result.dense_bytes = sum(t.dense_bytes for t in result.tensors)
+            ft_dtype = max(dtypes, key=dtypes.get) if dtypes else None
+            config = {
+                **({"requires": ["parent"], "parent": chain} if chain is not None else {}),
+                "deltahub_version": __version__,
+                "base": {**base_record, "fingerprint": base_ckpt.fingerprint(), "samples": samples},
+                "finetuned": {**_recorded_name(finetuned, ft_ckpt), "dtype": str(to_torch(ft_dtype)).removeprefix("torch.") if ft_dtype else None, "fingerprint": ft_ckpt.fingerprint(), "weights": recorded_weights(writer.records)},
+                "method": {"name": method, "ratio": ratio, "params": get_method(method, **params).params(), **({"calibration": cal_record} if cal else {})},
+                "rules": [r.to_dict() for r in policy.rules],
+                "seed": seed,
+                "totals": {"dense_bytes": result.dense_bytes},
+                "summary": {
+                    "mean_rel_error": round(result.mean_rel_error, 6),
+                    "max_rel_error": round(result.max_rel_error, 6),
+                    "worst": result.worst(),
+                    "fallback_dense": result.fallbacks,
+                },
+            }
+            path = writer.finish(config, card=_checked_card(budget, method))
+    finally:
+        runner.close()
     from .format import DeltaReader
 
     result.stored_bytes = DeltaReader(path).config["totals"]["stored_bytes"]
@@ -346,39 +357,113 @@ def _check_ratios(policy: Policy, dtypes: set[torch.dtype]) -> None:
                 m.check_ratio(ratio, dt)
 
 
-def _encode(
-    name: str, base: torch.Tensor | None, ft: torch.Tensor, policy: Policy, seed: int, fallback_dense: bool, planned: Planned | None = None,
-    hessian: torch.Tensor | None = None, budget: budgets.ModelBudget | None = None,
-) -> tuple[EncodedTensor, str]:
-    method, params, ratio = policy.resolve(name, tuple(ft.shape))
+@dataclass
+class Attempt:
+    """One tensor encoded, before the whole model's budget has its say: the record the method
+    gave, or the method's :class:`InfeasibleRatioError` and the dense record to fall back on.
+    What ``compress`` writes follows from it and the budget spent so far (:func:`_decide`)."""
+
+    name: str
+    method: str
+    encoded: EncodedTensor | None
+    error: InfeasibleRatioError | None = None
+    dense: EncodedTensor | None = None
+    # Filled by finish(): what the driver records without the tensors.
+    sha256: str | None = None
+    sample: str | None = None
+    rel_error: float = 0.0
+
+
+def tensor_job(name: str, ft_shape: tuple, policy: Policy, planned: Planned | None, budget: budgets.ModelBudget | None) -> tuple[str, dict, float | None, bool]:
+    """``(method, params, ratio, count_index)`` for tensor ``name``: the plan's ratio, or its
+    share of the whole model's budget (which depends on what the tensors before it took:
+    :func:`budget_dependent`), or the policy's."""
+    method, params, ratio = policy.resolve(name, ft_shape)
     item = budget.items.get(name) if budget is not None else None
-    count_index = False
     if planned is not None:
-        ratio, params = planned.ratio, {**params, **planned.params}
-    elif item is not None and item.scalable and base is not None:
+        return method, {**params, **planned.params}, planned.ratio, False
+    if item is not None and item.scalable:
         # Its share of the whole model's budget, its lines in the index and config included.
         # (+ 0.5: floor(ratio * dense) in the encoder gives back the byte count, not one less)
-        ratio, count_index = (budget.share(name) - item.extra + 0.5) / item.dense, True
+        return method, params, (budget.share(name) - item.extra + 0.5) / item.dense, True
+    return method, params, ratio, False
+
+
+def budget_dependent(name: str, planned: Planned | None, budget: budgets.ModelBudget | None) -> bool:
+    """Whether tensor ``name``'s ratio depends on the bytes the tensors before it took (a
+    non-planning method at a whole-model ratio): such tensors are encoded in order."""
+    item = budget.items.get(name) if budget is not None else None
+    return planned is None and item is not None and item.scalable and item.fixed_ratio is None
+
+
+def attempt(
+    name: str, base: torch.Tensor | None, ft: torch.Tensor, job: tuple[str, dict, float | None, bool], seed: int, fallback_dense: bool,
+    dense_instead: bool, hessian: torch.Tensor | None = None,
+) -> Attempt:
+    """Encode one tensor as ``job`` says (:func:`tensor_job`); no budget needed, so this runs anywhere."""
+    method, params, ratio, count_index = job
     if not ft.is_floating_point():
         if base is not None and base.dtype == ft.dtype and torch.equal(base, ft):
             from .format.dtypes import to_name
 
             record, tensors = make_record("unchanged", tuple(ft.shape), to_name(ft.dtype))
-            return EncodedTensor(name, record, tensors), method
+            return Attempt(name, method, EncodedTensor(name, record, tensors))
         raise CheckpointError(f"tensor {name!r} is {ft.dtype} and differs from the base; deltahub stores deltas of floating-point tensors only")
-    if item is not None and item.dense_instead and base is not None:
+    if dense_instead and base is not None:
         # Its dense record is smaller than the method's smallest one: dense is both exact and cheaper.
         enc = encode_tensor(name, base, ft, "dense", None, seed=seed)
-        return enc, ("dense" if enc.record["kind"] != "unchanged" else method)
+        return Attempt(name, "dense" if enc.record["kind"] != "unchanged" else method, enc)
     try:
-        return encode_tensor(name, base, ft, method, ratio, seed=seed, hessian=hessian, count_index=count_index, **params), method
+        return Attempt(name, method, encode_tensor(name, base, ft, method, ratio, seed=seed, hessian=hessian, count_index=count_index, **params))
     except InfeasibleRatioError as e:
         if not fallback_dense or base is None or base.shape != ft.shape:
-            raise _in_model(e, budget, name) from e
-        dense = encode_tensor(name, base, ft, "dense", None, seed=seed)
-        if budget is not None and not budget.affords(name, _spent(dense, True, True)):
-            raise _in_model(e, budget, name) from e
-        return dense, "dense"
+            return Attempt(name, method, None, e)
+        return Attempt(name, method, None, e, encode_tensor(name, base, ft, "dense", None, seed=seed))
+
+
+def finish(a: Attempt, base: torch.Tensor | None, ft: torch.Tensor) -> Attempt:
+    """Digests and error of what the attempt encoded (both candidates' decodes are not needed:
+    the dense fallback is exact)."""
+    enc = a.encoded or a.dense
+    if base is not None:
+        a.sample = sample_digest(base)
+    if enc is not None:
+        decoded = enc.decode(base)
+        # The decoded tensor's digest (spec §5.1): what a child version checks its parent
+        # with, and what verify compares a decode with.
+        a.sha256 = tensor_sha256(decoded)
+        a.rel_error = relative_error(base, ft, decoded)
+    return a
+
+
+def _decide(a: Attempt, budget: budgets.ModelBudget | None) -> tuple[EncodedTensor, str]:
+    """The record to write, given the budget spent so far: the method's, or its dense fallback
+    where the method cannot fit its share and the model can afford dense."""
+    if a.encoded is not None:
+        return a.encoded, a.method
+    if a.dense is None or (budget is not None and not budget.affords(a.name, _spent(a.dense, True, True))):
+        raise _in_model(a.error, budget, a.name) from a.error
+    return a.dense, "dense"
+
+
+def _write_one(done: Attempt, name: str, policy: Policy, ft_ckpt, base_ckpt, budget, writer: DeltaWriter, result: "CompressResult", samples: dict, bar) -> None:
+    """Write one finished tensor (in the checkpoint's order: the budget and the shards follow it)."""
+    info = ft_ckpt.info(name)
+    enc, used = _decide(done, budget)
+    if used != policy.resolve(name, tuple(info.shape))[0]:
+        result.fallbacks.append(name)
+    if done.sample is not None:
+        samples[name] = done.sample
+    enc.record["sha256"] = done.sha256
+    if budget is not None:
+        budget.spend(name, _spent(enc, name in base_ckpt, name in result.fallbacks))
+    writer.add(name, enc.record, enc.tensors)
+    kind = enc.record["kind"]
+    report_method = None if kind == "unchanged" else enc.record.get("method", used)
+    stored = 0 if kind == "unchanged" else enc.nbytes
+    result.tensors.append(TensorReport(name, kind, report_method, tuple(info.shape), enc.dense_nbytes, stored, done.rel_error))
+    bar.update(enc.dense_nbytes)
+    bar.set_postfix_str(name[-40:], refresh=False)
 
 
 def _in_model(e: InfeasibleRatioError, budget: budgets.ModelBudget | None, name: str) -> InfeasibleRatioError:
@@ -479,11 +564,16 @@ def _copy_extra_files(writer: DeltaWriter, base: Checkpoint, ft: Checkpoint) -> 
     """The fine-tune's ``config.json`` (as ``finetuned_config.json``), ``generation_config.json``
     and tokenizer files, whenever the fine-tune has them, even when they equal the base's: the
     delta repo is then self-contained (``AutoTokenizer.from_pretrained(delta)`` and pipelines
-    work on a delta id). They are a few MB at most, and not counted in ``stored_bytes``."""
+    work on a delta id). They are a few MB at most, and not counted in ``stored_bytes``. A
+    fine-tune with no tokenizer files at all (a training checkpoint) gets the base's: it reads
+    text as its base does, and vLLM and pipelines need them."""
     cfg = ft.file("config.json")
     if cfg is not None:
         writer.add_file(FINETUNED_CONFIG_NAME, cfg)
+    own_tokenizer = any(ft.file(name) is not None for name in TOKENIZER_FILES)
     for name in EXTRA_FILES + TOKENIZER_FILES:
         f = ft.file(name)
+        if f is None and name in TOKENIZER_FILES and not own_tokenizer and hasattr(base, "file"):
+            f = base.file(name)
         if f is not None:
             writer.add_file(name, f)

@@ -256,3 +256,24 @@ def test_loading_from_a_worker_thread_equals_loading_from_the_main_thread(pairs,
     assert seen["threads"] == 2
     x = tokens()
     assert torch.equal(_logits(seen["model"], x), _logits(here, x))
+
+
+def test_a_finetune_without_a_tokenizer_gets_the_bases(tmp_path):
+    """Training checkpoints often hold weights and config only: the delta then carries the base's
+    tokenizer, so AutoTokenizer, pipelines and vLLM can read it; a fine-tune's own tokenizer wins."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from deltahub.checkpoint import TOKENIZER_FILES
+    from deltahub.demo import build_pair
+
+    base, ft = build_pair(tmp_path / "pair", base_steps=1, finetune_steps=1, progress=False)
+    bare = tmp_path / "bare-ft"
+    shutil.copytree(ft, bare)
+    for name in TOKENIZER_FILES:
+        (bare / name).unlink(missing_ok=True)
+    deltahub.compress(base, bare, tmp_path / "d", ratio=1 / 2, progress=False)
+    copied = [n for n in TOKENIZER_FILES if (base / n).exists()]
+    assert copied and all((tmp_path / "d" / n).read_bytes() == (base / n).read_bytes() for n in copied)
+    assert AutoTokenizer.from_pretrained(tmp_path / "d")("Mr. Darcy").input_ids == AutoTokenizer.from_pretrained(base)("Mr. Darcy").input_ids

@@ -1,0 +1,175 @@
+"""Compress past one machine: the per-tensor work of :func:`deltahub.compress` as Ray tasks
+(``executor="ray"``, CLI ``--ray``).
+
+The statistics pass of a planning method (``auto``) and the encode pass run one tensor per
+task. Each task opens the checkpoints where they are (the same folder on a shared disk, or the
+Hub repo at the commit the driver resolved, downloaded into the worker's own Hugging Face
+cache) and reads its two tensors from them: no weights travel from the driver. The driver
+plans, collects the records in the checkpoint's order and writes the repo as a local run does,
+byte for byte, when each task uses the local run's thread count (torch's reductions depend on
+it; spec/FORMAT.md, "Determinism"). A tensor whose share of a whole-model ratio depends on
+what the tensors before it took (a non-planning method at ``--ratio``) waits for them; planned
+tensors (``auto``) and methods at their natural size run all at once.
+
+Tasks that fail on input/output (a download, a read) are retried (``RETRIES``); a task whose
+worker dies is retried by Ray; any other error stops the run with the task's own exception.
+With ``device="cuda"`` each task asks Ray for one GPU (untested here: no GPU).
+
+Ray is an optional extra (``pip install deltahub[ray]``): nothing here imports it until a Ray
+executor is made, and ``deltahub`` must be installed on every node, since tasks run this module.
+
+    deltahub compress BASE FT OUT --ray                    # a local cluster, or RAY_ADDRESS's
+    deltahub.compress(base, ft, out, executor="ray", ray_address="ray://head:10001")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .checkpoint import Checkpoint, DownloadError
+from .planning import Executor, tensor_statistics
+
+RETRIES = 3
+# Errors worth another try on another worker: reads and downloads.
+TRANSIENT: tuple[type[BaseException], ...] = (DownloadError, ConnectionError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """How a task opens a checkpoint the driver opened: the folder (same path on every node),
+    or the Hub id at the commit the driver resolved (each worker's own cache)."""
+
+    name_or_path: str
+    revision: str | None = None
+    token: str | bool | None = None
+    cache_dir: str | None = None
+    local_files_only: bool = False
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint, hub: dict) -> "CheckpointRef":
+        local = os.path.isdir(ckpt.source) and ckpt.revision is None
+        return cls(
+            str(ckpt.path) if local else ckpt.source, None if local else ckpt.revision, hub.get("token"),
+            None if hub.get("cache_dir") is None else str(hub["cache_dir"]), bool(hub.get("local_files_only")),
+        )
+
+    def open(self) -> Checkpoint:
+        """The checkpoint, opened once per worker process (its files stay mapped between tasks)."""
+        if self not in _OPENED:
+            _OPENED[self] = Checkpoint.open(self.name_or_path, revision=self.revision, token=self.token, cache_dir=self.cache_dir,
+                                            local_files_only=self.local_files_only)
+        return _OPENED[self]
+
+
+_OPENED: dict[CheckpointRef, Checkpoint] = {}
+
+
+@dataclass
+class TensorTask:
+    """What one tensor's encode needs besides the two tensors (:func:`deltahub.compress.tensor_job`)."""
+
+    job: tuple
+    seed: int
+    fallback_dense: bool
+    dense_instead: bool
+    hessian: torch.Tensor | None = None
+
+
+def encode_here(base: Checkpoint | None, finetuned: Checkpoint, name: str, task: TensorTask):
+    """Encode tensor ``name`` from its checkpoints, with its digests: one task's work."""
+    from .checkpoint import borrow_base
+    from .compress import attempt, finish
+
+    with finetuned.borrow(name) as ft, borrow_base(base, name) as b:
+        return finish(attempt(name, b, ft, task.job, task.seed, task.fallback_dense, task.dense_instead, task.hessian), b, ft)
+
+
+def _statistics_task(method, base: CheckpointRef, finetuned: CheckpointRef, name: str, hessian, threads: int):
+    torch.set_num_threads(threads)
+    return tensor_statistics(method, base.open(), finetuned.open(), name, hessian)
+
+
+def _encode_task(base: CheckpointRef, finetuned: CheckpointRef, name: str, task: TensorTask, threads: int, device: str):
+    from .methods.linalg import compute_device
+
+    torch.set_num_threads(threads)
+    with compute_device(device):
+        return encode_here(base.open(), finetuned.open(), name, task)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None) -> Iterator[Any]:
+    """Ray connected (to ``address``, ``RAY_ADDRESS``'s cluster, or a new local one) for the
+    block; a cluster started here is shut down after it."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("executor='ray' needs Ray: pip install 'deltahub[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+
+
+class LocalEncoder(Executor):
+    """One tensor after another in this process (what ``compress`` does without Ray)."""
+
+    def encoded(self, base: Checkpoint, finetuned: Checkpoint, names: list[str], prepare: Callable[[str], TensorTask],
+                dependent: Callable[[str], bool], device: str = "cpu") -> Iterator[Any]:
+        for name in names:
+            yield encode_here(base, finetuned, name, prepare(name))
+
+
+class RayExecutor(LocalEncoder):
+    """The per-tensor work as Ray tasks on the cluster at ``address`` (``None``: ``RAY_ADDRESS``,
+    or a new local cluster), each task with ``threads`` torch threads (default: this process's)."""
+
+    def __init__(self, base: Checkpoint, finetuned: Checkpoint, hub: dict, address: str | None = None, threads: int | None = None) -> None:
+        self._session = ray_session(address)
+        self.ray = ray = self._session.__enter__()
+        self.threads = threads or torch.get_num_threads()
+        self.base, self.finetuned = CheckpointRef.of(base, hub), CheckpointRef.of(finetuned, hub)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        # Enough tasks in flight to keep every CPU busy, few enough that the driver holds little.
+        self.window = max(2, 2 * cpus // self.threads)
+        retry = dict(max_retries=RETRIES, retry_exceptions=list(TRANSIENT))
+        self._stats = ray.remote(num_cpus=self.threads, **retry)(_statistics_task)
+        self._encode = ray.remote(num_cpus=self.threads, **retry)(_encode_task)
+
+    def close(self) -> None:
+        self._session.__exit__(None, None, None)
+
+    def _get(self, ref):
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as e:
+            # The task's own exception (a DeltahubError names file, field and fix), not Ray's wrapper.
+            raise e.cause if e.cause is not None else e from None
+
+    def statistics(self, method, base, finetuned, names, hessians) -> list:
+        refs = [self._stats.remote(method, self.base, self.finetuned, n, hessians.get(n), self.threads) for n in names]
+        return [self._get(r) for r in refs]
+
+    def encoded(self, base, finetuned, names, prepare, dependent, device: str = "cpu") -> Iterator[Any]:
+        options = {"num_gpus": 1} if device.startswith("cuda") else {}
+        pending: deque = deque()
+        for name in names:
+            if dependent(name):  # its share depends on what every tensor before it took
+                while pending:
+                    yield self._get(pending.popleft())
+            pending.append(self._encode.options(**options).remote(self.base, self.finetuned, name, prepare(name), self.threads, device))
+            while len(pending) > self.window:
+                yield self._get(pending.popleft())
+        while pending:
+            yield self._get(pending.popleft())

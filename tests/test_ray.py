@@ -1,0 +1,162 @@
+"""Compress on a Ray cluster (deltahub/distributed.py), for real: a local Ray cluster of 2 CPUs
+started here, whose workers use a Hugging Face cache of their own (as another machine would).
+The repo written through Ray is the local run's, byte for byte; a task whose download fails is
+retried; a job list with a bad job finishes the others; the CLI runs through a subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltahub
+from conftest import HUB_TOKEN
+
+from model_pairs import make_pair
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+
+    worker_home = tmp_path_factory.mktemp("ray-worker-hf-home")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"HF_HOME": str(worker_home), "HF_TOKEN": HUB_TOKEN}})
+    yield ray.get_runtime_context().gcs_address, worker_home
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair("llama", tmp_path_factory.mktemp("ray-pair"))
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "method, ratio, params",
+    [("auto", 1 / 2, {}), ("auto", 1 / 2, {"lora": True}), ("dqrelo", 1 / 2, {}), ("dare", None, {"p": 0.5}), ("lossless", None, {})],
+    ids=["auto", "auto-lora", "dqrelo-at-a-ratio", "dare-natural", "lossless"],
+)
+def test_ray_writes_the_local_runs_bytes(cluster, pair, tmp_path, method, ratio, params):
+    """Planned tensors (auto) run all at once; dqrelo's whole-model ratio makes each tensor wait
+    for the ones before it; both give the local bytes."""
+    base, ft = pair
+    local = deltahub.compress(base, ft, tmp_path / "local", method, ratio, params=params, progress=False)
+    remote = deltahub.compress(base, ft, tmp_path / "ray", method, ratio, params=params, executor="ray", progress=False)
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+    assert remote.stored_bytes == local.stored_bytes and [t.rel_error for t in remote.tensors] == [t.rel_error for t in local.tensors]
+
+
+def test_ray_with_calibration_writes_the_local_runs_bytes(cluster, tmp_path):
+    """Calibration: the driver runs the base over the text once; each task gets its layer's H."""
+    from deltahub.demo import DATA, build_pair
+
+    base, ft = build_pair(tmp_path / "pair", base_steps=3, finetune_steps=3, progress=False)  # a Llama with a real tokenizer
+    text = tmp_path / "cal.txt"
+    text.write_text((DATA / "austen_excerpt.txt").read_text()[:4000])
+    kw = dict(method="auto", ratio=1 / 8, calibration=text, calibration_tokens=256, progress=False)
+    deltahub.compress(base, ft, tmp_path / "local", **kw)
+    deltahub.compress(base, ft, tmp_path / "ray", executor="ray", **kw)
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+    assert json.loads((tmp_path / "ray" / "delta_config.json").read_text())["method"]["calibration"]["tokens"] > 0
+
+
+def test_a_task_whose_download_fails_is_retried(cluster, pair, hub, tmp_path):
+    """Base and fine-tune on the (local) Hub: the driver reads them in its cache, each worker
+    downloads them into its own. The first download of a weight file a worker asks for is
+    refused (HTTP 403): that task raises DownloadError, Ray runs it again, and the repo is the
+    local run's."""
+    from huggingface_hub import HfApi
+
+    base, ft = pair
+    api = HfApi(token=HUB_TOKEN)
+    repos = {}
+    for name, folder in (("base", base), ("ft", ft)):
+        repos[name] = f"tester/ray-{name}-{uuid.uuid4().hex[:6]}"
+        api.create_repo(repos[name])
+        api.upload_folder(repo_id=repos[name], folder_path=str(folder))
+    deltahub.compress(repos["base"], repos["ft"], tmp_path / "local", "auto", 1 / 2, token=HUB_TOKEN, progress=False)
+    refused_before = sum(1 for m, path, status in hub.requests if status == 403)
+    hub.fail_next("GET", r"/resolve/[0-9a-f]{40}/model\.safetensors$", status=403, times=1)
+    deltahub.compress(repos["base"], repos["ft"], tmp_path / "ray", "auto", 1 / 2, token=HUB_TOKEN, executor="ray", progress=False)
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+    assert sum(1 for m, path, status in hub.requests if status == 403) == refused_before + 1  # the refusal happened, in a worker
+    assert any((cluster[1] / "hub").glob(f"models--tester--ray-ft-*"))  # the workers' own cache
+
+
+def test_ray_refuses_what_workers_cannot_read(pair, tmp_path):
+    base, ft = pair
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="reads the checkpoints on the workers"):
+        deltahub.compress(base, model.state_dict(), tmp_path / "d", executor="ray", progress=False)
+    with pytest.raises(ValueError, match="executor must be 'local' or 'ray'"):
+        deltahub.compress(base, ft, tmp_path / "d", executor="dask", progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+def test_without_ray_nothing_imports_it(pair, tmp_path):
+    code = ("import sys, deltahub; deltahub.compress(sys.argv[1], sys.argv[2], sys.argv[3], ratio=1/2, progress=False); "
+            "print('ray' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, *map(str, pair), str(tmp_path / "d")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr[-2000:]
+
+
+def test_compress_many_finishes_the_good_jobs_and_reports_the_bad_one(cluster, pair, tmp_path):
+    base, ft = pair
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        f"- {{base: '{base}', finetuned: '{ft}', out: '{tmp_path / 'a'}', ratio: 1/2}}\n"
+        f"- {{base: '{base}', finetuned: '{tmp_path / 'missing'}', out: '{tmp_path / 'b'}'}}\n"
+        f"- {{base: '{base}', finetuned: '{ft}', out: '{tmp_path / 'c'}', method: dqrelo, ratio: natural, params: {{rank: 2}}}}\n"
+    )
+    outcomes = deltahub.compress_many(jobs, executor="ray", progress=False)
+    assert [o.ok for o in outcomes] == [True, False, True]
+    assert "CheckpointError" in outcomes[1].error and str(tmp_path / "missing") in outcomes[1].error
+    assert (tmp_path / "a" / "delta_config.json").exists() and (tmp_path / "c" / "delta_config.json").exists() and not (tmp_path / "b").exists()
+    deltahub.compress(base, ft, tmp_path / "a-local", ratio=1 / 2, progress=False)
+    assert _files(tmp_path / "a") == _files(tmp_path / "a-local")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("[]", "non-empty list"), ('[{"base": "b", "finetuned": "f"}]', "'out' must be a non-empty string"),
+     ('[{"base": "b", "finetuned": "f", "out": "o", "ratio": 2}]', "'ratio' must be a number in"),
+     ('[{"base": "b", "finetuned": "f", "out": "o", "colour": 1}]', "unknown field"),
+     ('[{"base": "b", "finetuned": "f", "out": "o"}, {"base": "b", "finetuned": "g", "out": "o"}]', "same output folder")],
+)
+def test_bad_job_files_are_refused_before_any_work(tmp_path, text, message):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(text)
+    with pytest.raises(deltahub.DeltahubError, match=message):
+        deltahub.compress_many(jobs, progress=False)
+
+
+def test_the_cli_through_a_subprocess(cluster, pair, tmp_path):
+    """`deltahub compress --ray` joins the running cluster (RAY_ADDRESS) and writes the local bytes;
+    `compress-many --json` prints one document and exits 1 when a job failed."""
+    base, ft = pair
+    # One torch thread, as this process (the bytes of a decomposition depend on the thread count).
+    env = {**os.environ, "RAY_ADDRESS": cluster[0], "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "deltahub"]
+    run = subprocess.run([*cli, "compress", str(base), str(ft), str(tmp_path / "ray"), "--ratio", "1/2", "--ray"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    deltahub.compress(base, ft, tmp_path / "local", ratio=1 / 2, progress=False)
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"base": str(base), "finetuned": str(ft), "out": str(tmp_path / "m1"), "ratio": "1/2"},
+                                {"base": str(base), "finetuned": str(tmp_path / "nope"), "out": str(tmp_path / "m2")}]))
+    run = subprocess.run([*cli, "compress-many", str(jobs), "--ray", "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 1, run.stderr[-3000:]
+    doc = json.loads(run.stdout)
+    assert doc["failed"] == 1 and [j["ok"] for j in doc["jobs"]] == [True, False]
