@@ -319,7 +319,7 @@ def compress(
     out: Path = typer.Argument(..., help="Folder to write the delta repo to."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help=f"One of: {', '.join(deltahub.list_methods())}. Default: auto (lossless with --parent).", show_default=False),
     ratio: Optional[str] = typer.Option(None, "--ratio", "-r", help="Target stored bytes / dense delta bytes of the whole repo, e.g. 1/8 (an unreachable target is an error naming the smallest reachable one); 'natural' (or 'none') for the method's natural size. Default: 1/8 (natural with --parent).", show_default=False),
-    param: List[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable), e.g. rank=64."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable), e.g. rank=64; auto takes lora=true (every matrix low rank, for export-lora) and max_rank=N. `deltahub methods` lists each method's parameters."),
     rule: List[str] = typer.Option([], "--rule", help="PATTERN=METHOD[:k=v,...] for matching tensor names (repeatable), e.g. '*.mlp.*=svd:rank=64'."),
     device: str = typer.Option("cpu", help="Where SVDs run: cpu or cuda."),
     revision: Optional[str] = typer.Option(None, help="Revision of the fine-tune (Hub)."),
@@ -753,17 +753,21 @@ def eval_(
 
 
 @app.command()
-def methods(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
-    """List the compression methods, one per line.
+def methods(
+    params: bool = typer.Option(False, "--params", help="Each method's parameters (for --param) with their defaults."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """List the compression methods, one per line (with --params, each with its parameters).
 
-    Example: deltahub methods
+    Example: deltahub methods --params
     """
     names = deltahub.list_methods()
+    defaults = {name: deltahub.get_method(name).params() for name in names} if params else {}
     if as_json:
-        _print_json({"methods": names})
+        _print_json({"methods": names, **({"params": defaults} if params else {})})
         return
     for name in names:
-        _echo(name)
+        _echo(f"{name}  " + " ".join(f"{k}={v!r}" for k, v in defaults[name].items()) if params else name)
 
 
 @app.command()
@@ -802,9 +806,9 @@ def demo(
 def export_lora(
     delta: str = typer.Argument(..., help="Delta repo: local folder or Hub id."),
     out: Path = typer.Argument(..., help="Folder for the PEFT adapter (adapter_config.json, adapter_model.safetensors)."),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="LoRA rank (default: exact for svd deltas, else the rank whose bytes match the delta's)."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="LoRA rank (default: the stored rank of low-rank records, exact; else the rank whose bytes match the record's)."),
     base: Optional[str] = typer.Option(None, help="Base model, read only for lossless tensors (default: the one recorded in the delta)."),
-    dtype: str = typer.Option("float32", help="Adapter dtype; float32 keeps svd exports exact."),
+    dtype: str = typer.Option("float32", help="Adapter dtype; float32 keeps exports of low-rank records exact (bfloat16 halves the files)."),
     embeddings: bool = typer.Option(True, help="Export embeddings and tied LM heads too (--no-embeddings for loaders without embedding LoRA)."),
     revision: Optional[str] = typer.Option(None, help="Revision of the delta."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
@@ -813,7 +817,9 @@ def export_lora(
 ) -> None:
     """Write a delta as a PEFT LoRA adapter, with each module's rank and relative error.
 
-    Exact for deltas made with the svd method; a truncated SVD of the decoded delta otherwise.
+    Exact for low-rank records (svd, deltacome, auto with -p lora=true, which stores every matrix
+    low rank for this); a truncated SVD of the decoded delta otherwise. The report names the
+    --max-lora-rank vLLM needs.
 
     Example: deltahub export-lora user/qwen-delta qwen-lora --rank 64
     """

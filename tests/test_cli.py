@@ -75,3 +75,13 @@ def test_real_subprocess(pair, tmp_path):
     assert p.returncode == 0 and json.loads(p.stdout)["method"]["name"] == "auto"
     p = subprocess.run(["deltahub", "info", str(tmp_path / "missing")], capture_output=True, text=True, env=env)
     assert p.returncode == 1 and p.stderr.strip().startswith("Error:") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_methods_lists_each_methods_parameters():
+    run = CliRunner().invoke(app, ["methods", "--params"])
+    assert run.exit_code == 0
+    auto = next(line for line in run.output.splitlines() if line.startswith("auto "))
+    assert "lora=False" in auto and "max_rank=None" in auto
+    doc = json.loads(CliRunner().invoke(app, ["methods", "--params", "--json"]).output)
+    assert doc["params"]["svd"]["rank"] is None and "lora" in doc["params"]["auto"]
+    assert CliRunner().invoke(app, ["methods"]).output.splitlines()[0] == "auto"  # plain: one name per line, as before
