@@ -34,11 +34,16 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .checkpoint import Checkpoint, DownloadError
+from .errors import DeltahubError
 from .planning import Executor, tensor_statistics
 
 RETRIES = 3
 # Errors worth another try on another worker: reads and downloads.
 TRANSIENT: tuple[type[BaseException], ...] = (DownloadError, ConnectionError, TimeoutError)
+
+
+class MissingDependencyError(DeltahubError, ImportError):
+    """An optional dependency (Ray) that the call needs is not installed."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
     try:
         import ray
     except ImportError:
-        raise ImportError("executor='ray' needs Ray: pip install 'deltahub[ray]'") from None
+        raise MissingDependencyError("executor='ray' (--ray) needs Ray, which is not installed: pip install 'deltahub[ray]'") from None
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
