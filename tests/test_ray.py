@@ -160,3 +160,13 @@ def test_the_cli_through_a_subprocess(cluster, pair, tmp_path):
     assert run.returncode == 1, run.stderr[-3000:]
     doc = json.loads(run.stdout)
     assert doc["failed"] == 1 and [j["ok"] for j in doc["jobs"]] == [True, False]
+
+
+def test_without_ray_installed_the_cli_names_the_extra(pair, tmp_path):
+    """Ray made unimportable in the child (as on a machine without it): --ray is the user's error,
+    exit 1, with the extra to install, and nothing is written."""
+    code = "import sys; sys.modules['ray'] = None; sys.argv = ['deltahub'] + sys.argv[1:]; from cli.main import run; run()"
+    run = subprocess.run([sys.executable, "-c", code, "compress", *map(str, pair), str(tmp_path / "d"), "--ratio", "1/2", "--ray"],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert run.returncode == 1 and "pip install 'deltahub[ray]'" in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "d").exists()
