@@ -261,7 +261,7 @@ def compress(
         runner = RayExecutor(base_ckpt, ft_ckpt, hub, ray_address)
     try:
         # A planning method (auto) sees every tensor's statistics first and spreads the model's budget.
-        planned = plan_ratios(planner, policy, base_ckpt, ft_ckpt, progress, cal, runner) if planner.plans and ratio is not None else {}
+        planned = plan_ratios(planner, policy, base_ckpt, ft_ckpt, progress, cal, runner, budget.fixed if budget else None) if planner.plans and ratio is not None else {}
         names = ft_ckpt.names()
         removed = [n for n in base_ckpt.names() if n not in ft_ckpt]
         dtypes: dict[str, int] = {}

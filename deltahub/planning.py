@@ -14,6 +14,7 @@ import math
 import torch
 from .progress import progress as progress_bar
 
+from .budget import samples_line
 from .calibration import Calibration
 from .checkpoint import Checkpoint
 from .encoding import same_bits, rms
@@ -32,16 +33,20 @@ _RECORD_OVERHEAD = 512
 
 def plan_ratios(
     method: Planner, policy: Policy, base: Checkpoint, finetuned: Checkpoint, progress: bool = False, calibration: Calibration | None = None,
-    executor: "Executor | None" = None,
+    executor: "Executor | None" = None, fixed: int | None = None,
 ) -> dict[str, Planned]:
     """Per-tensor ratios (and choices) for the tensors that ``policy`` gives to ``method`` (a planning method).
-    ``executor`` (:mod:`deltahub.distributed`) computes the statistics where it runs them; by default here."""
+    ``executor`` (:mod:`deltahub.distributed`) computes the statistics where it runs them; by default here.
+    ``fixed``: the repo's bytes outside the tensors' records (config, index, shard headers), as the
+    whole-model budget counts them (:attr:`deltahub.budget.ModelBudget.fixed`)."""
     ratio = policy.ratio
     if ratio is None:
         raise ValueError(f"{method.name} spreads a whole-model budget: give it a ratio")
     names = finetuned.names()
     total_dense = 0
-    other = _FIXED_OVERHEAD
+    # One shard per transformer block, each with its header and index line: on a 30-layer model
+    # that is 6 KB, which a fixed 4 KB estimate left out (1/32 on SmolLM2 missed by 405 bytes).
+    other = max(_FIXED_OVERHEAD, fixed or 0)
     planned_names: list[str] = []
     for name in names:
         info = finetuned.info(name)
@@ -71,7 +76,8 @@ def plan_ratios(
             other += _RECORD_OVERHEAD + _PER_TENSOR_OVERHEAD
             continue
         entries.append(entry)
-        other += _PER_TENSOR_OVERHEAD  # the method counts its own index entries (it knows its keys)
+        # Its base sample and decoded-tensor digests (the method counts its own index entries: it knows its keys).
+        other += max(_PER_TENSOR_OVERHEAD, samples_line(name))
         shape, n = tuple(info.shape), entry.shape[0] if entry.shape else 1
         if len(shape) and shape[0] > n:  # grown vocabulary: the new rows are stored dense
             other += itemsize(info.dtype) * (shape[0] - n) * math.prod(shape[1:]) + _RECORD_OVERHEAD

@@ -168,11 +168,16 @@ class Auto(Method):
 
     def _plan_sparse(self, entries: list[PlanEntry], budget: int, dense: dict[str, int]) -> dict[str, Planned]:
         values_meta = self._values_meta(8)
-        fixed = {e.name: self._overhead(e, [sparse_meta("seeded", e.numel, values_meta, {"kind": "bernoulli", "threshold": 1 << prng.KEY_BITS})]) for e in entries}
+        metas = {e.name: [sparse_meta("seeded", e.numel, values_meta, {"kind": "bernoulli", "threshold": 1 << prng.KEY_BITS})] for e in entries}
+        fixed = {e.name: self._overhead(e, metas[e.name]) for e in entries}
         # One keep rate for all: the value bytes are shared in proportion to the tensors' sizes.
         per_element = max(budget - sum(fixed.values()), 0) / max(sum(e.numel for e in entries), 1)
+        # The encoder measures the record alone (as for low-rank tensors): its index lines, which
+        # the budget counted in `fixed`, are not its to spend (they were once, and a plan that
+        # fills its budget to the byte then missed the target by ~100 bytes a tensor).
+        index = {e.name: e.blocks * PER_KEY * len(record_layout(e.name, self._block_record(e, metas[e.name]))) for e in entries}
         # At least one byte of values: a tensor that keeps nothing would not fit and fall back to dense.
-        return {e.name: Planned((fixed[e.name] + max(per_element * e.numel, 1)) / dense[e.name]) for e in entries}
+        return {e.name: Planned((fixed[e.name] - index[e.name] + max(per_element * e.numel, 1)) / dense[e.name]) for e in entries}
 
     def _plan_lowrank(self, entries: list[PlanEntry], budget: int, dense: dict[str, int]) -> dict[str, Planned]:
         spectra = [self._spectrum(e, e.stats["singular_values"]) for e in entries]
