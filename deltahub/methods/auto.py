@@ -26,9 +26,9 @@ Why this shape (measured on the SmolLM2/Austen pairs, ``benchmarks/README.md``):
   tensor at once (methods/widths.py).
 - D-QRELO's 1-bit sign part is a fixed price for a different spectrum (the residual's): the plan
   takes it where, at the model's marginal price of a byte, it leaves less error for its bytes.
-  On the heavy pair that is 2 tensors of 211 at 1/8, none at 1/4, and none at 1/16 or below (a
-  sign plane alone is 1/16 of a bf16 delta); on a delta of dense +-c noise, whose spectrum is
-  flat, it is taken.
+  On the heavy pair it was 2 tensors of 211 at 1/8 and none at 1/4 when first measured, and is
+  37 at 1/16 since the width allocator's fix (benchmarks/README.md, "LoRA-exact auto"); on a
+  delta of dense +-c noise, whose spectrum is flat, it is taken.
 
 - Served as LoRA adapters (``lora=True``): every matrix takes the low-rank family and no sign
   part, so ``export_lora`` writes exactly the stored factors (a LoRA adapter holds a low-rank
