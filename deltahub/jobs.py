@@ -156,6 +156,12 @@ def compress_many(
     outs = [Path(j.out).resolve() for j in todo]
     if len(set(outs)) < len(outs):
         raise JobFileError("two jobs write the same output folder: give each its own 'out'")
+    # Jobs run side by side: no job may write where another reads (each compress checks its own inputs).
+    inputs = [(i, Path(p).resolve()) for i, j in enumerate(todo) for p in (j.base, j.finetuned) if os.path.exists(p)]
+    for k, out in enumerate(outs):
+        for i, src in inputs:
+            if i != k and (out == src or out in src.parents or src in out.parents):
+                raise JobFileError(f"job {k + 1} writes {todo[k].out}, where job {i + 1} reads {src}: give it another 'out'")
 
     def run(job: Job) -> JobOutcome:
         t0 = time.perf_counter()

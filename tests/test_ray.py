@@ -170,3 +170,12 @@ def test_without_ray_installed_the_cli_names_the_extra(pair, tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert run.returncode == 1 and "pip install 'deltahub[ray]'" in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "d").exists()
+
+
+def test_a_job_may_not_write_where_another_reads(pair, tmp_path):
+    base, ft = pair
+    jobs = [{"base": str(base), "finetuned": str(ft), "out": str(tmp_path / "a")},
+            {"base": str(base), "finetuned": str(ft), "out": str(ft / "sub")}]
+    with pytest.raises(deltahub.JobFileError, match="job 2 writes .* where job 1 reads"):
+        deltahub.compress_many(jobs, progress=False)
+    assert not (tmp_path / "a").exists() and not (ft / "sub").exists()
