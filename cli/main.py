@@ -285,8 +285,8 @@ def _print_json(obj: object) -> None:
 
 
 JSON_HELP = "Print one JSON document on stdout (and nothing else)."
-RAY_HELP = "Run the per-tensor work as Ray tasks (pip install 'deltahub[ray]'): on RAY_ADDRESS's cluster, or a new local one. Same output, byte for byte."
-RAY_ADDRESS_HELP = "The Ray cluster to run on (e.g. ray://head:10001 or auto); implies --ray."
+RAY_HELP = "Run the per-tensor work as Ray tasks (pip install 'deltahub\\[ray]'): on RAY_ADDRESS's cluster, or a new local one. Same output, byte for byte."
+RAY_ADDRESS_HELP = "The Ray cluster to run on: HEAD:6379, auto, or ray://HEAD:10001 (that one needs pip install 'ray\\[client]'); implies --ray."
 
 
 def _ratio(text: str | None) -> float | None:

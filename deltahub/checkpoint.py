@@ -245,6 +245,9 @@ class Checkpoint:
                 raise CheckpointError(f"{self.source}: shard(s) {missing} named in {SAFETENSORS_INDEX} are missing; download the checkpoint again")
             return files
         files = sorted(self._confined(p.name, "the folder") for p in self.path.glob("*.safetensors") if not p.name.startswith("delta-"))
+        odd = [f.name for f in files if not f.is_file()]  # a FIFO or device would block the read forever
+        if odd:
+            raise CheckpointError(f"{self.source}: {odd[0]} is not a regular file; the checkpoint is corrupted or hostile")
         if files:
             return files
         pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)

@@ -118,6 +118,8 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
     except ImportError:
         raise MissingDependencyError("executor='ray' (--ray) needs Ray, which is not installed: pip install 'deltahub[ray]'") from None
     started = not ray.is_initialized()
+    if started or address:
+        _check_reachable(address or os.environ.get("RAY_ADDRESS"))
     if started:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
@@ -125,6 +127,23 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
+
+
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """A ``HOST:PORT`` cluster address must answer (Ray itself retries for minutes): a typed
+    error naming the address otherwise. ``auto``, ``local`` and ``ray://`` addresses are Ray's to resolve."""
+    import socket
+
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"Ray address {address[:80]!r} (--ray-address or RAY_ADDRESS) must be HOST:PORT, auto, or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise DeltahubError(f"no Ray cluster answers at {address} (--ray-address or RAY_ADDRESS): {e.strerror or e}; start one with "
+                            "'ray start --head', or drop the address for a local cluster") from None
 
 
 class LocalEncoder(Executor):

@@ -76,6 +76,13 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
     the row and field)."""
     path = Path(path)
     where = str(path)
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise JobFileError(f"{where} is not a regular file; give a JSON or YAML job file")
+    except OSError as e:
+        raise JobFileError(f"{where} cannot be read ({e.strerror or e})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
@@ -85,6 +92,8 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
             if len(raw) > MAX_JOB_FILE_BYTES:
                 raise JobFileError(f"{where}: over the {MAX_JOB_FILE_BYTES} bytes a job file may have")
             data = yaml.safe_load(raw.decode("utf-8"))
+        except RecursionError:
+            raise JobFileError(f"{where}: YAML nested too deep to be a job file") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise JobFileError(f"{where}: not a readable YAML job file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     else:
@@ -114,9 +123,15 @@ def _job(row: Any, where: str) -> Job:
         ratio = None if ratio.strip().lower() in ("natural", "none") else parse_value(ratio)
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
         raise JobFileError(f"{where}: 'ratio' must be a number in (0, 1], a fraction like 1/16, or natural; got {row.get('ratio')!r}")
+    for key in ("base", "finetuned", "out"):
+        if "\x00" in row[key]:
+            raise JobFileError(f"{where}: '{key}' holds a NUL character; the file is corrupted or hostile")
     params = row.get("params", {})
     if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
         raise JobFileError(f"{where}: 'params' must be a mapping of parameter names to values")
+    for key, value in params.items():
+        if value is not None and not isinstance(value, (bool, int, float, str)) or (isinstance(value, (int, str)) and len(str(value)) > 200):
+            raise JobFileError(f"{where}: params.{key[:40]} must be a number, true/false, null or a short string")
     rules = row.get("rules", [])
     if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
         raise JobFileError(f"{where}: 'rules' must be a list of PATTERN=METHOD[:k=v,...] strings")
@@ -154,8 +169,10 @@ def compress_many(
     else:
         todo = [j if isinstance(j, Job) else _job(dict(j), f"job {i + 1}") for i, j in enumerate(jobs)]
     outs = [Path(j.out).resolve() for j in todo]
-    if len(set(outs)) < len(outs):
-        raise JobFileError("two jobs write the same output folder: give each its own 'out'")
+    for k, out in enumerate(outs):
+        for i, other in enumerate(outs[:k]):
+            if out == other or out in other.parents or other in out.parents:
+                raise JobFileError(f"jobs {i + 1} and {k + 1} write {todo[i].out} and {todo[k].out}, the same folder or one inside the other: give each its own 'out'")
     # Jobs run side by side: no job may write where another reads (each compress checks its own inputs).
     inputs = [(i, Path(p).resolve()) for i, j in enumerate(todo) for p in (j.base, j.finetuned) if os.path.exists(p)]
     for k, out in enumerate(outs):

@@ -133,7 +133,7 @@ def test_compress_many_finishes_the_good_jobs_and_reports_the_bad_one(cluster, p
     [("[]", "non-empty list"), ('[{"base": "b", "finetuned": "f"}]', "'out' must be a non-empty string"),
      ('[{"base": "b", "finetuned": "f", "out": "o", "ratio": 2}]', "'ratio' must be a number in"),
      ('[{"base": "b", "finetuned": "f", "out": "o", "colour": 1}]', "unknown field"),
-     ('[{"base": "b", "finetuned": "f", "out": "o"}, {"base": "b", "finetuned": "g", "out": "o"}]', "same output folder")],
+     ('[{"base": "b", "finetuned": "f", "out": "o"}, {"base": "b", "finetuned": "g", "out": "o"}]', "jobs 1 and 2 write o and o, the same folder")],
 )
 def test_bad_job_files_are_refused_before_any_work(tmp_path, text, message):
     jobs = tmp_path / "jobs.json"
@@ -179,3 +179,42 @@ def test_a_job_may_not_write_where_another_reads(pair, tmp_path):
     with pytest.raises(deltahub.JobFileError, match="job 2 writes .* where job 1 reads"):
         deltahub.compress_many(jobs, progress=False)
     assert not (tmp_path / "a").exists() and not (ft / "sub").exists()
+
+
+def test_hostile_job_files_and_addresses_are_refused_with_one_line(pair, tmp_path):
+    """From an attacker review: nested outputs, deep YAML, non-scalar params, NUL in paths, a FIFO
+    as job file, an address nobody answers at: each a DeltahubError naming what to fix, fast."""
+    import time
+
+    base, ft = pair
+    row = {"base": str(base), "finetuned": str(ft)}
+    cases = [
+        ([{**row, "out": str(tmp_path / "o")}, {**row, "out": str(tmp_path / "o" / "in")}], "one inside the other"),
+        ([{**row, "out": str(tmp_path / "o"), "method": "dare", "params": {"p": [1, 2]}}], "params.p must be"),
+        ([{**row, "out": str(tmp_path / "o\x00x")}], "NUL character"),
+    ]
+    for jobs, message in cases:
+        with pytest.raises(deltahub.JobFileError, match=message):
+            deltahub.compress_many(jobs, progress=False)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(deltahub.JobFileError, match="nested too deep"):
+        deltahub.read_jobs(deep)
+    fifo = tmp_path / "jobs.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(deltahub.JobFileError, match="not a regular file"):
+        deltahub.read_jobs(fifo)
+    t0 = time.monotonic()
+    with pytest.raises(deltahub.DeltahubError, match="no Ray cluster answers at 127.0.0.1:1"):
+        deltahub.compress(base, ft, tmp_path / "d", ratio=1 / 2, executor="ray", ray_address="127.0.0.1:1", progress=False)
+    assert time.monotonic() - t0 < 30 and not (tmp_path / "d").exists()
+
+
+def test_a_fifo_as_weights_is_refused_not_waited_on(pair, tmp_path):
+    base, ft = pair
+    bad = tmp_path / "fifo-ft"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((ft / "config.json").read_bytes())
+    os.mkfifo(bad / "model.safetensors")
+    with pytest.raises(deltahub.CheckpointError, match="model.safetensors is not a regular file"):
+        deltahub.compress(base, bad, tmp_path / "d", ratio=1 / 2, progress=False)
