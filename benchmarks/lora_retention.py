@@ -54,7 +54,7 @@ from .peers import (
     extract_lora,
     file_bytes,
     held_out_ids,
-    lora_bytes_model,
+    mergekit_plan,
     lora_nlls,
     merge_lora,
     nll_of,
@@ -66,7 +66,6 @@ from .peers import (
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 SEED = 0
-RESERVE = 4096  # bytes more for auto's planner to reserve, only after deltahub refused a repo (compress_auto)
 
 
 def target_label(ratio: float | None) -> str:
@@ -128,31 +127,11 @@ def nll_adapter_with(base: Path, adapter: Path, tensors: dict[str, torch.Tensor]
 def compress_auto(base: Path, ft: Path, out: Path, ratio: float, params: dict[str, Any], ids: torch.Tensor,
                   note=print) -> dict[str, Any]:
     """``auto`` at ``ratio`` with ``params``; the held-out NLL of ``DeltaModel.from_pretrained``
-    (as ``peers.deltahub_row``, which takes no params).
-
-    Workaround: when deltahub's own final check refuses the repo for a few hundred bytes over
-    the target (``auto``'s planner, ``deltahub.planning``, reserves slightly less for the index
-    and config than they take; see benchmarks/README.md), compress once more with
-    ``RESERVE`` more bytes reserved, and say so in the notes."""
-    from deltahub import planning
-    from deltahub.errors import InfeasibleRatioError
-
+    (as ``peers.deltahub_row``, which takes no params). (The rows in results/ were taken before
+    auto's planner fix, b0370ab, with a work-around reserving 4 KB more on refusal: the notes there say where.)"""
     shutil.rmtree(out, ignore_errors=True)
     reserved = 0
-    try:
-        result, seconds = timed(deltahub.compress, base, ft, out, method="auto", ratio=ratio, params=params, seed=SEED, progress=False)
-    except InfeasibleRatioError as e:
-        if "nothing was written" not in str(e) or "stored" not in str(e):
-            raise
-        note(f"auto{''.join(f' {k}={v}' for k, v in params.items())} at {ratio_label(ratio)} refused by deltahub's final check: {e}. Compressed again with "
-             f"{RESERVE} more bytes reserved for the index and config (deltahub.planning._FIXED_OVERHEAD + {RESERVE}, in this process)")
-        shutil.rmtree(out, ignore_errors=True)
-        planning._FIXED_OVERHEAD += RESERVE
-        try:
-            result, seconds = timed(deltahub.compress, base, ft, out, method="auto", ratio=ratio, params=params, seed=SEED, progress=False)
-        finally:
-            planning._FIXED_OVERHEAD -= RESERVE
-        reserved = RESERVE
+    result, seconds = timed(deltahub.compress, base, ft, out, method="auto", ratio=ratio, params=params, seed=SEED, progress=False)
     gc.collect()
     model = DeltaModel.from_pretrained(out)
     nll = mean_nll(model, ids)
@@ -221,16 +200,7 @@ def run(model: str, ratios: list[float], max_rank: int, eval_tokens: int, mergek
     print(f"{label}: dense delta {dense / 1e6:.1f} MB; NLL base {nll_base:.4f}, fine-tune {nll_ft:.4f} "
           f"({ids.numel() - 1} tokens)", flush=True)
 
-    mk_version = None
-    try:
-        import mergekit  # noqa: F401
-        from importlib.metadata import version
-
-        mk_version = version("mergekit")
-        per_rank, fixed = lora_bytes_model(ft)
-    except Exception as e:  # ImportError, or a model mergekit cannot plan
-        note(f"mergekit rows skipped: {type(e).__name__}: {e}. Install with "
-             "`pip install -c constraints.txt -e \".[peers]\"` (see benchmarks/README.md).")
+    mk_version, per_rank, fixed = mergekit_plan(ft, note, "mergekit rows")
 
     rows: list[dict[str, Any]] = []
     families: list[str] = []

@@ -150,6 +150,20 @@ def lora_bytes_model(finetuned: Path, embed_lora: bool = True) -> tuple[int, int
     return per_rank, fixed + entries * SAFETENSORS_ENTRY_BYTES + 1024
 
 
+def mergekit_plan(ft: Path, note, what: str) -> tuple[str | None, int, int]:
+    """``(mergekit's version, bytes per unit of rank, fixed bytes)`` of its LoRA adapters of
+    ``ft``, or ``(None, 0, 0)`` with a note when mergekit is missing or cannot plan the model."""
+    try:
+        import mergekit  # noqa: F401
+        from importlib.metadata import version
+
+        return version("mergekit"), *lora_bytes_model(ft)
+    except Exception as e:  # ImportError, or a model mergekit cannot plan
+        note(f"{what} skipped: {type(e).__name__}: {e}. Install with "
+             "`pip install -c constraints.txt -e \".[peers]\"` (see benchmarks/README.md).")
+        return None, 0, 0
+
+
 def rank_for_budget(budget: int, per_rank: int, fixed: int) -> int:
     """The largest uniform rank whose estimated adapter bytes fit ``budget`` (at least 1)."""
     return max(1, (budget - fixed) // per_rank)
@@ -372,16 +386,7 @@ def run(model: str, ratios: list[float], methods: list[str], eval_tokens: int, o
 
     # ---- lossy, at the same bytes
     lossy: list[list[object]] = []
-    mk_version = None
-    try:
-        import mergekit  # noqa: F401
-        from importlib.metadata import version
-
-        mk_version = version("mergekit")
-        per_rank, fixed = lora_bytes_model(ft)
-    except Exception as e:  # ImportError, or a model mergekit cannot plan
-        note(f"mergekit LoRA extraction skipped: {type(e).__name__}: {e}. Install with "
-             "`pip install -c constraints.txt -e \".[peers]\"` (see benchmarks/README.md).")
+    mk_version, per_rank, fixed = mergekit_plan(ft, note, "mergekit LoRA extraction")
     for ratio in ratios:
         budget = int(ratio * dense)
         if mk_version is not None:

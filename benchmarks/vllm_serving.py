@@ -195,7 +195,7 @@ def run(sizes: list[int], fleet: Path, command: str) -> str:
     base, members = prepare(fleet)
     import vllm
 
-    lines = [f"# vLLM serving of many deltas (issue #18)", "", f"`{command}`", "",
+    lines = ["# vLLM serving of many deltas (issue #18)", "", f"`{command}`", "",
              f"vLLM {vllm.__version__} on this machine's CPU ({os.cpu_count()} cores, bf16, eager, KV cache 1 GiB). Base {base.name}; "
              f"deltas: `auto` at 1/{round(1 / RATIO)} with lora=true, max_rank={MAX_RANK}; workload per concurrency level: {REQUESTS} requests "
              f"cycling over the deltas, {PROMPT_TOKENS}-token prompts, {NEW_TOKENS} greedy new tokens; tokens/s = generated tokens / wall time.", ""]

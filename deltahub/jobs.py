@@ -16,7 +16,6 @@ sharing its workers; locally they run one after another.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field

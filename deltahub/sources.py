@@ -6,7 +6,6 @@ before anything is decoded (:func:`check_records_against_base`) or used
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import re
