@@ -275,6 +275,24 @@ def test_tensors_tile_the_data_without_aliasing(tmp_path, header, message):
         MappedSafetensors(tmp_path / "x.safetensors")
 
 
+def test_a_tensor_named_twice_in_a_header_is_refused(tmp_path):
+    """Python's json keeps the last of two equal keys; another library reading the same shard may
+    keep the first, and would load another tensor than the one deltahub checked."""
+    entry = '{"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'
+    header = ('{"a": %s, "a": %s}' % (entry, entry.replace("[2]", "[1]").replace("8]", "4]"))).encode()
+    header += b" " * (-len(header) % 8)
+    (tmp_path / "x.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(FormatError, match="the key 'a' appears twice"):
+        MappedSafetensors(tmp_path / "x.safetensors")
+
+
+def test_a_config_with_a_key_given_twice_is_refused(repo):
+    cfg = repo[0] / CONFIG_NAME
+    cfg.write_text(cfg.read_text().replace("{", '{"format_version": "9.9", ', 1))
+    with pytest.raises(FormatError, match="delta_config.json: the key 'format_version' appears twice"):
+        DeltaReader(repo[0])
+
+
 def test_what_safetensors_writes_is_read(tmp_path):
     save_file({"a": torch.ones(3), "z": torch.zeros(0), "b": torch.ones(2, 2, dtype=torch.float16)}, tmp_path / "x.safetensors", metadata={"format": "pt"})
     f = MappedSafetensors(tmp_path / "x.safetensors")

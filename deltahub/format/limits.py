@@ -9,6 +9,10 @@ from a file is checked against these bounds first, and every file is opened thro
 Traceback (most recent call last):
 ...
 deltahub.errors.FormatError: x.json: JSON nested 100 deep, deeper than the 64 levels deltahub reads; the file is corrupted or hostile
+>>> loads_json(b'{"a": 1, "a": 2}', "x.json")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+deltahub.errors.FormatError: x.json: the key 'a' appears twice in one object; ...
 """
 
 from __future__ import annotations
@@ -84,9 +88,26 @@ def loads_json(data: bytes | str, where: str, *, max_bytes: int = MAX_SMALL_JSON
     if depth > max_depth:
         raise FormatError(f"{where}: JSON nested {depth} deep, deeper than the {max_depth} levels deltahub reads; the file is corrupted or hostile")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise FormatError(f"{where}: the key {e.args[0][:80]!r} appears twice in one object; readers that keep the first and readers "
+                          "that keep the last would see different files, so deltahub reads neither: the file is corrupted or hostile") from None
     except (ValueError, RecursionError) as e:
         raise FormatError(f"{where} is not valid JSON ({e}); the file is truncated or corrupted") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    # Python keeps the last of two equal keys; other parsers (a safetensors header read by another
+    # library) may keep the first: a key given twice is refused.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
 
 
 def read_json(path: str | os.PathLike, where: str | None = None, *, max_bytes: int = MAX_SMALL_JSON_BYTES):
