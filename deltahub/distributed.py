@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -38,6 +40,11 @@ from .errors import DeltahubError
 from .planning import Executor, tensor_statistics
 
 RETRIES = 3
+# How often a driver thread waiting on a task looks at STOP (seconds).
+POLL_SECONDS = 0.25
+# Set to stop every Ray run of this process: each raises KeyboardInterrupt in its own thread at
+# its next wait, so that its writer removes its partial output (compress_many on Ctrl-C/SIGTERM).
+STOP = threading.Event()
 # Errors worth another try on another worker: reads and downloads.
 TRANSIENT: tuple[type[BaseException], ...] = (DownloadError, ConnectionError, TimeoutError)
 
@@ -121,12 +128,31 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
     if started or address:
         _check_reachable(address or os.environ.get("RAY_ADDRESS"))
     if started:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        with _signal_handlers_kept():
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         yield ray
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Keep this process's SIGTERM and SIGINT handlers across ``ray.init``, which installs a C++
+    handler that aborts the process on SIGTERM (exit 134, no Python cleanup): with Python's
+    handler back, SIGTERM ends the run as it does without Ray, partial output removed, and a
+    cluster started here is shut down rather than left running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in kept.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(s, handler)
 
 
 def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
@@ -176,24 +202,42 @@ class RayExecutor(LocalEncoder):
 
     def _get(self, ref):
         try:
-            return self.ray.get(ref)
+            while True:  # in short waits, so that STOP is seen (ray.get in a thread cannot be interrupted)
+                try:
+                    return self.ray.get(ref, timeout=POLL_SECONDS)
+                except self.ray.exceptions.GetTimeoutError:
+                    if STOP.is_set():
+                        raise KeyboardInterrupt("stopped: another job of this run was interrupted") from None
         except self.ray.exceptions.RayTaskError as e:
             # The task's own exception (a DeltahubError names file, field and fix), not Ray's wrapper.
             raise e.cause if e.cause is not None else e from None
 
     def statistics(self, method, base, finetuned, names, hessians) -> list:
         refs = [self._stats.remote(method, self.base, self.finetuned, n, hessians.get(n), self.threads) for n in names]
-        return [self._get(r) for r in refs]
+        try:
+            return [self._get(r) for r in refs]
+        except BaseException:
+            self._cancel(refs)
+            raise
+
+    def _cancel(self, refs) -> None:
+        # Tasks nobody will collect (a failed or interrupted run) stop, on a cluster that outlives the run too.
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(ref)
 
     def encoded(self, base, finetuned, names, prepare, dependent, device: str = "cpu") -> Iterator[Any]:
         options = {"num_gpus": 1} if device.startswith("cuda") else {}
         pending: deque = deque()
-        for name in names:
-            if dependent(name):  # its share depends on what every tensor before it took
-                while pending:
+        try:
+            for name in names:
+                if dependent(name):  # its share depends on what every tensor before it took
+                    while pending:
+                        yield self._get(pending.popleft())
+                pending.append(self._encode.options(**options).remote(self.base, self.finetuned, name, prepare(name), self.threads, device))
+                while len(pending) > self.window:
                     yield self._get(pending.popleft())
-            pending.append(self._encode.options(**options).remote(self.base, self.finetuned, name, prepare(name), self.threads, device))
-            while len(pending) > self.window:
+            while pending:
                 yield self._get(pending.popleft())
-        while pending:
-            yield self._get(pending.popleft())
+        finally:
+            self._cancel(pending)

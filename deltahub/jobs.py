@@ -66,7 +66,7 @@ class JobOutcome:
     error: str | None = None
 
     def to_dict(self) -> dict:
-        return {"out": self.job.out, "finetuned": self.job.finetuned, "ok": self.ok, "seconds": round(self.seconds, 2), "ratio": self.ratio,
+        return {"out": self.job.out, "base": self.job.base, "finetuned": self.job.finetuned, "method": self.job.method, "ok": self.ok, "seconds": round(self.seconds, 2), "ratio": self.ratio,
                 "stored_bytes": self.stored_bytes, "error": self.error}
 
 
@@ -90,7 +90,7 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
                 raw = fh.read(MAX_JOB_FILE_BYTES + 1)
             if len(raw) > MAX_JOB_FILE_BYTES:
                 raise JobFileError(f"{where}: over the {MAX_JOB_FILE_BYTES} bytes a job file may have")
-            data = yaml.safe_load(raw.decode("utf-8"))
+            data = yaml.load(raw.decode("utf-8"), Loader=_unique_key_loader())
         except RecursionError:
             raise JobFileError(f"{where}: YAML nested too deep to be a job file") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -103,6 +103,22 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
     if len(rows) > MAX_JOBS:
         raise JobFileError(f"{where}: {len(rows)} jobs, over the {MAX_JOBS} one file may hold; split it")
     return [_job(row, f"{where}: job {i + 1}") for i, row in enumerate(rows)]
+
+
+def _unique_key_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last silently,
+    so a row with two ``out`` keys would write where its author did not look)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=True) for k, _ in node.value]
+            for i, key in enumerate(keys):
+                if key in keys[:i]:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {str(key)[:80]!r} appears twice in one mapping", node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def _job(row: Any, where: str) -> Job:
@@ -191,7 +207,15 @@ def compress_many(
 
     if executor == "local":
         return [run(job) for job in todo]
-    from .distributed import ray_session
+    from .distributed import STOP, ray_session
 
+    STOP.clear()
     with ray_session(ray_address), ThreadPoolExecutor(max(1, max_parallel)) as pool:
-        return list(pool.map(run, todo))
+        futures = [pool.submit(run, job) for job in todo]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:  # Ctrl-C or SIGTERM here: every running job stops and removes its partial output
+            STOP.set()
+            for f in futures:
+                f.cancel()
+            raise

@@ -29,7 +29,8 @@ def cluster(tmp_path_factory):
     import ray
 
     worker_home = tmp_path_factory.mktemp("ray-worker-hf-home")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"HF_HOME": str(worker_home), "HF_TOKEN": HUB_TOKEN}})
+    # address="local": a cluster of its own, even where another was started with `ray start`.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"HF_HOME": str(worker_home), "HF_TOKEN": HUB_TOKEN}})
     yield ray.get_runtime_context().gcs_address, worker_home
     ray.shutdown()
 
@@ -200,6 +201,14 @@ def test_hostile_job_files_and_addresses_are_refused_with_one_line(pair, tmp_pat
     deep.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(deltahub.JobFileError, match="nested too deep"):
         deltahub.read_jobs(deep)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(f"- {{base: {base}, finetuned: {ft}, out: {tmp_path / 'a'}, out: {tmp_path / 'b'}}}\n")
+    with pytest.raises(deltahub.JobFileError, match="the key 'out' appears twice"):
+        deltahub.read_jobs(twice)
+    twice_json = tmp_path / "twice.json"
+    twice_json.write_text(json.dumps([{"base": str(base), "finetuned": str(ft)}])[:-2] + f', "out": "a", "out": "b"}}]')
+    with pytest.raises(deltahub.DeltahubError, match="the key 'out' appears twice"):
+        deltahub.read_jobs(twice_json)
     fifo = tmp_path / "jobs.yaml"
     os.mkfifo(fifo)
     with pytest.raises(deltahub.JobFileError, match="not a regular file"):
@@ -218,3 +227,117 @@ def test_a_fifo_as_weights_is_refused_not_waited_on(pair, tmp_path):
     os.mkfifo(bad / "model.safetensors")
     with pytest.raises(deltahub.CheckpointError, match="model.safetensors is not a regular file"):
         deltahub.compress(base, bad, tmp_path / "d", ratio=1 / 2, progress=False)
+
+
+# ------------------------------------------------------------------ lost workers, signals
+def _busy_workers() -> list[int]:
+    """Pids of Ray workers running one of our tasks now (Ray titles a busy worker ``ray::<function>``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if title.startswith((b"ray::_encode_task", b"ray::_statistics_task")):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def larger_pair(tmp_path_factory):
+    """A Llama-shaped pair whose largest tensors take about a second each to plan and encode (one
+    thread), so that a run can be caught mid-task."""
+    from benchmarks.generated import build
+
+    return build(512, 2, cache=tmp_path_factory.mktemp("ray-larger-pair"))
+
+
+def test_a_worker_killed_mid_task_does_not_lose_the_run(cluster, larger_pair, tmp_path):
+    """The first worker seen running one of our tasks is killed (SIGKILL, as a lost node): Ray
+    runs its task again on another worker and the repo is the local run's, byte for byte."""
+    import signal
+    import threading
+    import time
+
+    base, ft = larger_pair
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_one() -> None:
+        while not done.is_set() and not killed:
+            for pid in _busy_workers()[:1]:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    try:
+        deltahub.compress(base, ft, tmp_path / "ray", "auto", 1 / 16, executor="ray", progress=False)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no task was caught running"
+    deltahub.compress(base, ft, tmp_path / "local", "auto", 1 / 16, progress=False)
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+
+
+def _terminate_when_writing(cmd: list[str], env: dict, outs: list[Path]) -> subprocess.CompletedProcess:
+    """Run ``cmd``; send SIGTERM once a partial folder of one of ``outs`` exists (the run is writing)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(out.parent.glob(f".{out.name}.partial-*") for out in outs):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _raylets() -> int:
+    """Ray clusters running on this machine (one raylet each)."""
+    return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit() and _title(p).split(b"\x00")[0].endswith(b"/raylet"))
+
+
+def _title(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_sigterm_under_ray_removes_the_partial_output_and_the_cluster(larger_pair, tmp_path):
+    """SIGTERM while `compress --ray` writes (Ray's own handler would abort the process, exit 134,
+    leaving the partial folder and the cluster it started): exit 143, no output, no partial
+    folder, and the local cluster it started is gone."""
+    import time
+
+    base, ft = larger_pair
+    env = {**os.environ, "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1"}
+    raylets = _raylets()
+    out = tmp_path / "d"
+    run = _terminate_when_writing([sys.executable, "-m", "deltahub", "compress", str(base), str(ft), str(out), "--ratio", "1/16", "--ray"], env, [out])
+    assert run.returncode == 143, run.stderr[-3000:]
+    assert "terminated (SIGTERM); no unfinished output is left behind" in run.stderr
+    assert list(tmp_path.iterdir()) == []
+    for _ in range(100):  # the cluster's processes may take a moment to exit after the driver
+        if _raylets() == raylets:
+            break
+        time.sleep(0.1)
+    assert _raylets() == raylets
+
+
+def test_sigterm_under_compress_many_stops_every_job(cluster, larger_pair, tmp_path):
+    """Jobs run side by side in threads: SIGTERM stops all of them, each removing its partial folder."""
+    base, ft = larger_pair
+    outs = [tmp_path / "a", tmp_path / "b"]
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"base": str(base), "finetuned": str(ft), "out": str(o), "ratio": "1/16"} for o in outs]))
+    env = {**os.environ, "RAY_ADDRESS": cluster[0], "OMP_NUM_THREADS": "1"}
+    run = _terminate_when_writing([sys.executable, "-m", "deltahub", "compress-many", str(jobs), "--ray"], env, outs)
+    assert run.returncode == 143, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.json"]
