@@ -143,7 +143,7 @@ def cost_model(threads: int, disk_gbps: float) -> str:
         f"thread(s)); reads: base and fine-tune, twice (plan and encode), from one disk at {disk_gbps} GB/s shared by all workers.", "",
         markdown_table(["model", "workers", "compute min", "reads min", "total min (the larger)", "bound by"], rows), "",
         "compute = max(all tensors' time / workers, the largest tensor's time): one tensor is one task, so the embedding and LM head "
-        "(128256 rows) set a floor that more workers do not lower; splitting a tensor's decomposition is not built. The driver only "
+        "(128256 rows) set a floor that more workers do not lower; one matrix's decomposition is one task (fused experts are split, matrices are not). The driver only "
         "writes the records (1/16 of the weights at most) in order: it is not the bottleneck at these sizes.", ""])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ray-cost-model.md").write_text(text)

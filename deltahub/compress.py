@@ -19,7 +19,7 @@ from .card import human_bytes, render_card
 from .chain import chain_inputs, check_same_names, parent_reference, recorded_weights, tensor_sha256
 from .checkpoint import TOKENIZER_FILES, Checkpoint, CheckpointError, borrow_base, cached_snapshot, sample_digest
 from . import budget as budgets
-from .encoding import EncodedTensor, encode_tensor, same_bits
+from .encoding import EncodedTensor, assemble_experts, encode_tensor, same_bits
 from .errors import DeltahubError, InfeasibleRatioError, ShapeMismatchError
 from .format import FINETUNED_CONFIG_NAME, DeltaWriter, make_record
 from .format.repo import check_out_dir
@@ -258,7 +258,7 @@ def compress(
     if executor == "ray":
         from .distributed import RayExecutor
 
-        runner = RayExecutor(base_ckpt, ft_ckpt, hub, ray_address)
+        runner = RayExecutor(base_ckpt, ft_ckpt, hub, ray_address, device=device)
     try:
         # A planning method (auto) sees every tensor's statistics first and spreads the model's budget.
         planned = plan_ratios(planner, policy, base_ckpt, ft_ckpt, progress, cal, runner, budget.fixed if budget else None) if planner.plans and ratio is not None else {}
@@ -267,7 +267,8 @@ def compress(
         dtypes: dict[str, int] = {}
         total = sum(itemsize(ft_ckpt.info(n).dtype) * math.prod(ft_ckpt.info(n).shape) for n in names)
         samples: dict[str, str] = {}
-        with compute_device(device), DeltaWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer:
+        # Under Ray the driver decomposes nothing: the tasks take the device (a CPU head may drive GPU workers).
+        with compute_device(device if executor == "local" else "cpu"), DeltaWriter(out_dir, max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs) as writer:
             bar = progress_bar(total=total, unit="B", unit_scale=True, desc="Compressing", enabled=progress)
             for name in names:
                 info = ft_ckpt.info(name)
@@ -419,6 +420,37 @@ def attempt(
         if not fallback_dense or base is None or base.shape != ft.shape:
             return Attempt(name, method, None, e)
         return Attempt(name, method, None, e, encode_tensor(name, base, ft, "dense", None, seed=seed))
+
+
+def splits_by_expert(shape: tuple, job: tuple[str, dict, float | None, bool], dense_instead: bool) -> bool:
+    """Whether a tensor's encode may be split by expert (:func:`attempt_from_experts`): a fused
+    3-D tensor of several experts, by a method that encodes the delta block by block."""
+    if len(shape) != 3 or shape[0] < 2 or dense_instead:
+        return False
+    m = get_method(job[0], **job[1])
+    return m.kind != "dense" and not m.needs_weights
+
+
+def attempt_from_experts(
+    name: str, base: torch.Tensor | None, ft: torch.Tensor, job: tuple[str, dict, float | None, bool], seed: int, fallback_dense: bool,
+    parts: list,
+) -> Attempt:
+    """:func:`attempt` for a fused 3-D tensor whose experts were encoded apart
+    (:func:`deltahub.encoding.encode_experts`; ``parts`` in expert order, an
+    :class:`InfeasibleRatioError` where a range did not fit): the same Attempt. Every case the
+    parts cannot decide alone (an unchanged tensor, a base of another shape, an expert that did
+    not fit, a non-finite weight) is the whole tensor's :func:`attempt`, as a local run does it."""
+    method, params, ratio, count_index = job
+    plain = (
+        base is not None and ft.is_floating_point() and base.shape == ft.shape and not any(isinstance(p, BaseException) for p in parts)
+        and not (base.dtype == ft.dtype and same_bits(base, ft)) and bool(torch.isfinite(base).all()) and bool(torch.isfinite(ft).all())
+    )
+    if not plain:
+        return attempt(name, base, ft, job, seed, fallback_dense, False)
+    try:
+        return Attempt(name, method, assemble_experts(name, tuple(ft.shape), ft.dtype, parts, method, ratio, count_index, **params))
+    except InfeasibleRatioError:
+        return attempt(name, base, ft, job, seed, fallback_dense, False)
 
 
 def finish(a: Attempt, base: torch.Tensor | None, ft: torch.Tensor) -> Attempt:

@@ -2,7 +2,8 @@
 (``executor="ray"``, CLI ``--ray``).
 
 The statistics pass of a planning method (``auto``) and the encode pass run one tensor per
-task. Each task opens the checkpoints where they are (the same folder on a shared disk, or the
+task; a fused 3-D tensor of several experts (an MoE checkpoint's layout) is encoded by a task
+per range of experts, and put together by one more. Each task opens the checkpoints where they are (the same folder on a shared disk, or the
 Hub repo at the commit the driver resolved, downloaded into the worker's own Hugging Face
 cache) and reads its two tensors from them: no weights travel from the driver. The driver
 plans, collects the records in the checkpoint's order and writes the repo as a local run does,
@@ -116,6 +117,38 @@ def _encode_task(base: CheckpointRef, finetuned: CheckpointRef, name: str, task:
         return encode_here(base.open(), finetuned.open(), name, task)
 
 
+def expert_ranges(shape: tuple, slots: int) -> list[tuple[int, int]]:
+    """The expert ranges a fused 3-D tensor's encode is split into, one Ray task each: about two
+    per task slot of the cluster (so that one tensor of many experts is not one long task), and
+    no range of less than one expert."""
+    count = min(shape[0], 2 * max(1, slots))
+    bounds = [round(i * shape[0] / count) for i in range(count + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def _experts_task(base: CheckpointRef, finetuned: CheckpointRef, name: str, first: int, last: int, task: TensorTask, threads: int, device: str):
+    from .encoding import encode_experts
+    from .methods.linalg import compute_device
+
+    torch.set_num_threads(threads)
+    method, params, ratio, count_index = task.job
+    with compute_device(device), finetuned.open().borrow(name) as ft, base.open().borrow(name) as b:
+        try:
+            return encode_experts(name, b[first:last], ft[first:last], tuple(ft.shape), first, method, ratio, seed=task.seed,
+                                  count_index=count_index, **params)
+        except DeltahubError as e:  # decided with the whole tensor in view (attempt_from_experts)
+            return e
+
+
+def _assemble_task(base: CheckpointRef, finetuned: CheckpointRef, name: str, task: TensorTask, threads: int, *parts):
+    from .checkpoint import borrow_base
+    from .compress import attempt_from_experts, finish
+
+    torch.set_num_threads(threads)
+    with finetuned.open().borrow(name) as ft, borrow_base(base.open(), name) as b:
+        return finish(attempt_from_experts(name, b, ft, task.job, task.seed, task.fallback_dense, list(parts)), b, ft)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None) -> Iterator[Any]:
     """Ray connected (to ``address``, ``RAY_ADDRESS``'s cluster, or a new local one) for the
@@ -185,17 +218,26 @@ class RayExecutor(LocalEncoder):
     """The per-tensor work as Ray tasks on the cluster at ``address`` (``None``: ``RAY_ADDRESS``,
     or a new local cluster), each task with ``threads`` torch threads (default: this process's)."""
 
-    def __init__(self, base: Checkpoint, finetuned: Checkpoint, hub: dict, address: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, base: Checkpoint, finetuned: Checkpoint, hub: dict, address: str | None = None, threads: int | None = None,
+                 device: str = "cpu") -> None:
         self._session = ray_session(address)
         self.ray = ray = self._session.__enter__()
+        if device.startswith("cuda") and not ray.cluster_resources().get("GPU"):
+            # Ray would queue tasks that ask for a GPU forever, warning only in its logs.
+            self.close()
+            raise DeltahubError(f"device={device!r} (--device) asks each Ray task for a GPU, and the cluster has none; drop --device "
+                                "cuda, or join a cluster with GPU nodes (--ray-address)")
         self.threads = threads or torch.get_num_threads()
         self.base, self.finetuned = CheckpointRef.of(base, hub), CheckpointRef.of(finetuned, hub)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         # Enough tasks in flight to keep every CPU busy, few enough that the driver holds little.
         self.window = max(2, 2 * cpus // self.threads)
         retry = dict(max_retries=RETRIES, retry_exceptions=list(TRANSIENT))
+        self.slots = max(1, cpus // self.threads)
         self._stats = ray.remote(num_cpus=self.threads, **retry)(_statistics_task)
         self._encode = ray.remote(num_cpus=self.threads, **retry)(_encode_task)
+        self._experts = ray.remote(num_cpus=self.threads, **retry)(_experts_task)
+        self._assemble = ray.remote(num_cpus=self.threads, **retry)(_assemble_task)
 
     def close(self) -> None:
         self._session.__exit__(None, None, None)
@@ -220,6 +262,26 @@ class RayExecutor(LocalEncoder):
             self._cancel(refs)
             raise
 
+    def _submit(self, finetuned: Checkpoint, name: str, task: TensorTask, options: dict, device: str):
+        """One tensor's encode: one task, or, for a fused 3-D tensor of several experts, a task per
+        range of experts and one that puts the record together (the same bytes)."""
+        from .compress import splits_by_expert
+
+        shape = tuple(finetuned.info(name).shape)
+        if name not in self._base_names or not splits_by_expert(shape, task.job, task.dense_instead):
+            return self._encode.options(**options).remote(self.base, self.finetuned, name, task, self.threads, device)
+        parts = [self._experts.options(**options).remote(self.base, self.finetuned, name, a, b, task, self.threads, device)
+                 for a, b in expert_ranges(shape, self.slots)]
+        ref = self._assemble.remote(self.base, self.finetuned, name, task, self.threads, *parts)
+        self._parts_of[ref] = parts  # held until the record is collected, to cancel them with it
+        return ref
+
+    def _collect(self, ref):
+        try:
+            return self._get(ref)
+        finally:
+            self._parts_of.pop(ref, None)
+
     def _cancel(self, refs) -> None:
         # Tasks nobody will collect (a failed or interrupted run) stop, on a cluster that outlives the run too.
         for ref in refs:
@@ -228,16 +290,19 @@ class RayExecutor(LocalEncoder):
 
     def encoded(self, base, finetuned, names, prepare, dependent, device: str = "cpu") -> Iterator[Any]:
         options = {"num_gpus": 1} if device.startswith("cuda") else {}
+        self._base_names = set(base.names())
+        self._parts_of: dict = {}
         pending: deque = deque()
         try:
             for name in names:
                 if dependent(name):  # its share depends on what every tensor before it took
                     while pending:
-                        yield self._get(pending.popleft())
-                pending.append(self._encode.options(**options).remote(self.base, self.finetuned, name, prepare(name), self.threads, device))
+                        yield self._collect(pending.popleft())
+                pending.append(self._submit(finetuned, name, prepare(name), options, device))
                 while len(pending) > self.window:
-                    yield self._get(pending.popleft())
+                    yield self._collect(pending.popleft())
             while pending:
-                yield self._get(pending.popleft())
+                yield self._collect(pending.popleft())
         finally:
-            self._cancel(pending)
+            self._cancel([*pending, *(part for parts in self._parts_of.values() for part in parts)])
+            self._parts_of.clear()

@@ -157,13 +157,37 @@ def encode_tensor(
         record, tensors = make_record("dense", shape, to_name(dtype), m.encode(delta, _context(name, dtype, shape, None, seed, m, None, None)))
         return EncodedTensor(name, record, tensors)
 
+    components = _components(name, base, delta, shape, overlap, dtype, m, ratio, seed, hessian, count_index)
+    if shape and overlap < shape[0]:
+        new_rows = encode_dense(finetuned[overlap:], dtype)
+        new_rows.meta["rows"] = [overlap, shape[0]]
+        components.append(new_rows)
+    extra = {"base_shape": list(bshape)} if bshape != shape else {}
+    record, tensors = make_record("compressed", shape, to_name(dtype), components, method=m.name, **extra)
+    enc = EncodedTensor(name, record, tensors)
+    # Each block met its own budget with its own copy of the record's JSON wrapper counted, so
+    # the whole record meets the tensor's budget; check it anyway, a broken promise is a bug.
+    spent = enc.nbytes + (enc.index_nbytes if count_index else 0)
+    if ratio is not None and m.takes_ratio and bshape == shape and spent > math.floor(ratio * enc.dense_nbytes):
+        raise InfeasibleRatioError(f"tensor {name!r}: {m.name} produced {spent} bytes, over its budget; please report this bug")
+    return enc
+
+
+def _components(name: str, base: torch.Tensor, delta: torch.Tensor, shape: tuple[int, ...], overlap: int, dtype: torch.dtype, m: Method,
+                ratio: float | None, seed: int, hessian: torch.Tensor | None, count_index: bool, first: int = 0,
+                held: int | None = None) -> list[Component]:
+    """The components of every block of ``delta``; with ``held``, only experts ``first .. first +
+    held`` of a fused 3-D tensor, which are all ``base`` and ``delta`` hold."""
     components: list[Component] = []
     for rows, view in _blocks(shape, overlap):
-        block = delta if rows is None else delta[rows[0] : rows[1]]
+        if held is not None and (rows is None or not first <= rows[0] < first + held):
+            continue
+        at = None if rows is None else (rows[0] - first, rows[1] - first)
+        block = delta if rows is None else delta[at[0] : at[1]]
         p_q = view or ([block.numel() // block.shape[-1], block.shape[-1]] if block.dim() else [1, 1])
         ctx = _context(name, dtype, shape, ratio if m.takes_ratio else None, seed, m, rows, view, block.numel(), count_index=count_index)
         if m.plans:
-            ctx.base = base[:overlap] if rows is None else base[rows[0] : rows[1]]
+            ctx.base = base[:overlap] if rows is None else base[at[0] : at[1]]
             ctx.base_rms = rms(ctx.base)
             if hessian is not None and rows is None and view is None and len(shape) == 2 and hessian.shape[0] == shape[1]:
                 ctx.hessian = hessian
@@ -177,17 +201,34 @@ def encode_tensor(
             if view is not None:
                 c.meta["view"] = list(view)
             components.append(c)
-    if shape and overlap < shape[0]:
-        new_rows = encode_dense(finetuned[overlap:], dtype)
-        new_rows.meta["rows"] = [overlap, shape[0]]
-        components.append(new_rows)
-    extra = {"base_shape": list(bshape)} if bshape != shape else {}
-    record, tensors = make_record("compressed", shape, to_name(dtype), components, method=m.name, **extra)
+    return components
+
+
+def encode_experts(name: str, base: torch.Tensor, finetuned: torch.Tensor, shape: tuple[int, ...], first: int, method: str | Method,
+                   ratio: float | None, *, seed: int = 0, count_index: bool = False, **params: Any) -> list[Component]:
+    """The components of experts ``first .. first + len(finetuned)`` of a fused 3-D tensor of
+    ``shape`` (``base`` and ``finetuned`` hold those experts only), exactly as :func:`encode_tensor`
+    makes them for the whole tensor: each expert is its own block, with its own budget and seed,
+    so a tensor's experts can be encoded apart (a Ray task each share) and put together by
+    :func:`assemble_experts`."""
+    m = method if isinstance(method, Method) else get_method(method, **params)
+    if len(shape) != 3 or tuple(base.shape) != tuple(finetuned.shape) or tuple(finetuned.shape[1:]) != tuple(shape[1:]):
+        raise ValueError(f"tensor {name!r}: encode_experts takes expert slices of one fused 3-D tensor")
+    delta = finetuned.to(torch.float32) - base.to(torch.float32)
+    if not bool(torch.isfinite(delta).all()):
+        raise InvalidTensorError(f"tensor {name!r}: the delta overflows float32; the base and fine-tune are not related")
+    return _components(name, base, delta, tuple(shape), shape[0], finetuned.dtype, m, ratio, seed, None, count_index, first, len(delta))
+
+
+def assemble_experts(name: str, shape: tuple[int, ...], dtype: torch.dtype, parts: list[list[Component]], method: str | Method, ratio: float | None,
+                     count_index: bool = False, **params: Any) -> EncodedTensor:
+    """The record of a fused 3-D tensor from its experts' components in order
+    (:func:`encode_experts`): the bytes :func:`encode_tensor` writes for the whole tensor."""
+    m = method if isinstance(method, Method) else get_method(method, **params)
+    record, tensors = make_record("compressed", tuple(shape), to_name(dtype), [c for part in parts for c in part], method=m.name)
     enc = EncodedTensor(name, record, tensors)
-    # Each block met its own budget with its own copy of the record's JSON wrapper counted, so
-    # the whole record meets the tensor's budget; check it anyway, a broken promise is a bug.
     spent = enc.nbytes + (enc.index_nbytes if count_index else 0)
-    if ratio is not None and m.takes_ratio and bshape == shape and spent > math.floor(ratio * enc.dense_nbytes):
+    if ratio is not None and m.takes_ratio and spent > math.floor(ratio * enc.dense_nbytes):
         raise InfeasibleRatioError(f"tensor {name!r}: {m.name} produced {spent} bytes, over its budget; please report this bug")
     return enc
 

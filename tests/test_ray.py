@@ -341,3 +341,36 @@ def test_sigterm_under_compress_many_stops_every_job(cluster, larger_pair, tmp_p
     run = _terminate_when_writing([sys.executable, "-m", "deltahub", "compress-many", str(jobs), "--ray"], env, outs)
     assert run.returncode == 143, run.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.json"]
+
+
+def test_device_cuda_on_a_cluster_without_gpus_is_refused(cluster, pair, tmp_path):
+    """Ray would queue tasks that ask for a GPU forever on a CPU-only cluster."""
+    base, ft = pair
+    with pytest.raises(deltahub.DeltahubError, match="asks each Ray task for a GPU, and the cluster has none"):
+        deltahub.compress(base, ft, tmp_path / "d", ratio=1 / 2, executor="ray", device="cuda", progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("method, ratio, params", [("auto", 1 / 2, {}), ("dqrelo", None, {"rank": 2}), ("dare", None, {"p": 0.5})])
+def test_fused_experts_are_split_over_tasks_and_give_the_local_bytes(cluster, tmp_path, method, ratio, params):
+    """A fused 3-D expert tensor (an MoE checkpoint's layout) is encoded by several tasks, a range
+    of experts each, and put together by one more: the repo is the local run's, byte for byte."""
+    from deltahub.distributed import expert_ranges
+
+    base, ft = make_pair("qwen3_moe", tmp_path / "pair", fused=True)
+    shapes = [tuple(deltahub.Checkpoint.open(ft).info(n).shape) for n in deltahub.Checkpoint.open(ft).names()]
+    fused = [s for s in shapes if len(s) == 3]
+    assert fused and all(len(expert_ranges(s, 2)) == s[0] for s in fused)  # 4 experts, 2 slots: one task per expert
+    local = deltahub.compress(base, ft, tmp_path / "local", method, ratio, params=params, progress=False)
+    remote = deltahub.compress(base, ft, tmp_path / "ray", method, ratio, params=params, executor="ray", progress=False)
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+    assert [t.rel_error for t in remote.tensors] == [t.rel_error for t in local.tensors]
+
+
+def test_expert_ranges_cover_every_expert_once():
+    from deltahub.distributed import expert_ranges
+
+    for experts, slots in ((2, 1), (5, 2), (128, 4), (128, 64), (3, 100)):
+        ranges = expert_ranges((experts, 8, 8), slots)
+        assert ranges[0][0] == 0 and ranges[-1][1] == experts and all(a < b for a, b in ranges)
+        assert all(r[1] == n[0] for r, n in zip(ranges, ranges[1:])) and len(ranges) == min(experts, 2 * slots)
