@@ -286,7 +286,8 @@ def _print_json(obj: object) -> None:
 
 JSON_HELP = "Print one JSON document on stdout (and nothing else)."
 RAY_HELP = "Run the per-tensor work as Ray tasks (pip install 'deltahub\\[ray]'): on RAY_ADDRESS's cluster, or a new local one. Same output, byte for byte."
-RAY_ADDRESS_HELP = "The Ray cluster to run on: HEAD:6379, auto, or ray://HEAD:10001 (that one needs pip install 'ray\\[client]'); implies --ray."
+RAY_ADDRESS_HELP = ("The Ray cluster to run on: HEAD:6379, auto (the one `ray start` started on this machine), local (a new one), or "
+                    "ray://HEAD:10001 (that one needs pip install 'ray\\[client]'); implies --ray. Default: RAY_ADDRESS, else local.")
 
 
 def _ratio(text: str | None) -> float | None:
@@ -352,7 +353,7 @@ def compress(
             deltahub.compress, base, finetuned, out, method, _ratio(ratio), params=_params(param), rules=rule, seed=seed, device=device,
             revision=revision, base_revision=base_revision, token=token, cache_dir=cache_dir, max_shard_size=max_shard_size, overwrite=overwrite,
             calibration=calibration, calibration_tokens=calibration_tokens, progress=_progress(), base_id=base_id, parent=parent,
-            parent_revision=parent_revision, executor="ray" if ray or ray_address else "local", ray_address=ray_address,
+            parent_revision=parent_revision, executor="ray" if ray or ray_address is not None else "local", ray_address=ray_address,
         )
     warned = _warn(caught)
     if as_json:
@@ -376,7 +377,7 @@ def compress_many(
 
     Example: deltahub compress-many jobs.yaml --ray
     """
-    outcomes = _run(deltahub.compress_many, jobs, executor="ray" if ray or ray_address else "local", ray_address=ray_address,
+    outcomes = _run(deltahub.compress_many, jobs, executor="ray" if ray or ray_address is not None else "local", ray_address=ray_address,
                     max_parallel=max_parallel, progress=_progress())
     failed = [o for o in outcomes if not o.ok]
     if as_json:

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -151,23 +152,27 @@ def _assemble_task(base: CheckpointRef, finetuned: CheckpointRef, name: str, tas
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None) -> Iterator[Any]:
-    """Ray connected (to ``address``, ``RAY_ADDRESS``'s cluster, or a new local one) for the
-    block; a cluster started here is shut down after it."""
+    """Ray connected (to ``address``, else ``RAY_ADDRESS``'s cluster, else a new local one: never
+    one that ``ray start`` left running unless asked with ``auto``) for the block; a cluster
+    started here is shut down after it."""
     try:
         import ray
     except ImportError:
         raise MissingDependencyError("executor='ray' (--ray) needs Ray, which is not installed: pip install 'deltahub[ray]'") from None
     started = not ray.is_initialized()
-    if started or address:
-        _check_reachable(address or os.environ.get("RAY_ADDRESS"))
+    if address is not None or started:
+        address = _checked_address(address if address is not None else os.environ.get("RAY_ADDRESS"))
     if started:
         with _signal_handlers_kept():
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            # "local" when no address is given: without it Ray joins whatever cluster `ray start`
+            # last left on this machine (/tmp/ray/ray_current_cluster), someone else's perhaps.
+            ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         yield ray
     finally:
         if started and ray.is_initialized():
-            ray.shutdown()
+            with _signal_handlers_kept():  # ray.shutdown resets SIGTERM to the default (die, no cleanup)
+                ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -188,21 +193,34 @@ def _signal_handlers_kept() -> Iterator[None]:
                 signal.signal(s, handler)
 
 
-def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
-    """A ``HOST:PORT`` cluster address must answer (Ray itself retries for minutes): a typed
-    error naming the address otherwise. ``auto``, ``local`` and ``ray://`` addresses are Ray's to resolve."""
-    import socket
-
-    if not address or address in ("auto", "local") or "://" in address:
-        return
+def _checked_address(address: str | None, timeout: float = 10.0) -> str | None:
+    """``address`` (``--ray-address`` or ``RAY_ADDRESS``) as Ray takes it, checked: ``None``,
+    ``local``, ``auto``, ``ray://HOST:PORT``, or a ``HOST:PORT`` that answers (Ray itself
+    retries an unanswered one for minutes). A typed error naming the address otherwise."""
+    if address is None:
+        return None
+    shown = repr(address[:80])
+    address = address.strip()
+    where = "(--ray-address or RAY_ADDRESS)"
+    if address.lower() in ("local", "auto"):
+        return address.lower()
+    if len(address) > 300:
+        raise DeltahubError(f"Ray address {shown}... {where} is {len(address)} characters long; give HOST:PORT, auto, local, or ray://HOST:PORT")
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "ray":
+        raise DeltahubError(f"Ray address {shown} {where}: only ray:// addresses take a scheme; give HOST:PORT, auto, local, or ray://HOST:PORT")
+    if sep:
+        return address
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"Ray address {address[:80]!r} (--ray-address or RAY_ADDRESS) must be HOST:PORT, auto, or ray://HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:6379
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DeltahubError(f"Ray address {shown} {where} must be HOST:PORT, auto, local, or ray://HOST:PORT")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise DeltahubError(f"no Ray cluster answers at {address} (--ray-address or RAY_ADDRESS): {e.strerror or e}; start one with "
-                            "'ray start --head', or drop the address for a local cluster") from None
+    except (OSError, UnicodeError) as e:
+        raise DeltahubError(f"no Ray cluster answers at {address} {where}: {getattr(e, 'strerror', None) or e}; start one with "
+                            "'ray start --head', or drop the address for a new local cluster") from None
+    return address
 
 
 class LocalEncoder(Executor):
@@ -227,7 +245,11 @@ class RayExecutor(LocalEncoder):
             self.close()
             raise DeltahubError(f"device={device!r} (--device) asks each Ray task for a GPU, and the cluster has none; drop --device "
                                 "cuda, or join a cluster with GPU nodes (--ray-address)")
-        self.threads = threads or torch.get_num_threads()
+        # A task asks for as many CPUs as it runs torch threads; more than the largest node has
+        # would leave it queued forever, so the thread count is capped there (the bytes are then
+        # those of a local run at that count: spec/FORMAT.md §13).
+        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+        self.threads = max(1, min(threads or torch.get_num_threads(), int(largest)))
         self.base, self.finetuned = CheckpointRef.of(base, hub), CheckpointRef.of(finetuned, hub)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         # Enough tasks in flight to keep every CPU busy, few enough that the driver holds little.
@@ -250,6 +272,13 @@ class RayExecutor(LocalEncoder):
                 except self.ray.exceptions.GetTimeoutError:
                     if STOP.is_set():
                         raise KeyboardInterrupt("stopped: another job of this run was interrupted") from None
+        except SystemError as e:
+            # A signal handler's exception (Ctrl-C, SIGTERM) raised inside ray.get's C code comes
+            # out wrapped: the interrupt is what happened.
+            inner = e.__cause__ or e.__context__
+            if isinstance(inner, BaseException) and not isinstance(inner, Exception):
+                raise inner from None
+            raise
         except self.ray.exceptions.RayTaskError as e:
             # The task's own exception (a DeltahubError names file, field and fix), not Ray's wrapper.
             raise e.cause if e.cause is not None else e from None

@@ -66,7 +66,7 @@ class JobOutcome:
     error: str | None = None
 
     def to_dict(self) -> dict:
-        return {"out": self.job.out, "base": self.job.base, "finetuned": self.job.finetuned, "method": self.job.method, "ok": self.ok, "seconds": round(self.seconds, 2), "ratio": self.ratio,
+        return {"out": self.job.out, "base": self.job.base, "finetuned": self.job.finetuned, "method": self.job.method or "auto", "ok": self.ok, "seconds": round(self.seconds, 2), "ratio": self.ratio,
                 "stored_bytes": self.stored_bytes, "error": self.error}
 
 
@@ -183,13 +183,22 @@ def compress_many(
         todo = read_jobs(jobs)
     else:
         todo = [j if isinstance(j, Job) else _job(dict(j), f"job {i + 1}") for i, j in enumerate(jobs)]
+    from .methods import get_method
+
+    for k, job in enumerate(todo):  # a typo in the last job is found before the first one runs
+        try:
+            get_method(job.method or "auto", **job.params)
+        except (DeltahubError, ValueError, TypeError, KeyError) as e:
+            raise JobFileError(f"job {k + 1} ({job.out}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     outs = [Path(j.out).resolve() for j in todo]
     for k, out in enumerate(outs):
         for i, other in enumerate(outs[:k]):
             if out == other or out in other.parents or other in out.parents:
                 raise JobFileError(f"jobs {i + 1} and {k + 1} write {todo[i].out} and {todo[k].out}, the same folder or one inside the other: give each its own 'out'")
     # Jobs run side by side: no job may write where another reads (each compress checks its own inputs).
-    inputs = [(i, Path(p).resolve()) for i, j in enumerate(todo) for p in (j.base, j.finetuned) if os.path.exists(p)]
+    # Inputs that do not exist yet count too: a job reading another's output would race it (and
+    # a Hub id spelled like a job's output folder would be read from that folder).
+    inputs = [(i, Path(p).resolve()) for i, j in enumerate(todo) for p in (j.base, j.finetuned)]
     for k, out in enumerate(outs):
         for i, src in inputs:
             if i != k and (out == src or out in src.parents or src in out.parents):
@@ -210,12 +219,15 @@ def compress_many(
     from .distributed import STOP, ray_session
 
     STOP.clear()
-    with ray_session(ray_address), ThreadPoolExecutor(max(1, max_parallel)) as pool:
-        futures = [pool.submit(run, job) for job in todo]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:  # Ctrl-C or SIGTERM here: every running job stops and removes its partial output
-            STOP.set()
-            for f in futures:
-                f.cancel()
-            raise
+    try:
+        with ray_session(ray_address), ThreadPoolExecutor(max(1, max_parallel)) as pool:
+            futures = [pool.submit(run, job) for job in todo]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:  # Ctrl-C or SIGTERM here: every running job stops and removes its partial output
+                STOP.set()
+                for f in futures:
+                    f.cancel()
+                raise
+    finally:
+        STOP.clear()  # the jobs have stopped: later runs of this process go on

@@ -161,6 +161,7 @@ def test_the_cli_through_a_subprocess(cluster, pair, tmp_path):
     assert run.returncode == 1, run.stderr[-3000:]
     doc = json.loads(run.stdout)
     assert doc["failed"] == 1 and [j["ok"] for j in doc["jobs"]] == [True, False]
+    assert doc["jobs"][0]["base"] == str(base) and doc["jobs"][1]["finetuned"] == str(tmp_path / "nope")
 
 
 def test_without_ray_installed_the_cli_names_the_extra(pair, tmp_path):
@@ -290,7 +291,7 @@ def _terminate_when_writing(cmd: list[str], env: dict, outs: list[Path]) -> subp
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if any(out.parent.glob(f".{out.name}.partial-*") for out in outs):
+        if any(next(out.parent.glob(f".{out.name}.partial-*"), None) for out in outs):
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.02)
@@ -320,7 +321,9 @@ def test_sigterm_under_ray_removes_the_partial_output_and_the_cluster(larger_pai
     env = {**os.environ, "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1"}
     raylets = _raylets()
     out = tmp_path / "d"
-    run = _terminate_when_writing([sys.executable, "-m", "deltahub", "compress", str(base), str(ft), str(out), "--ratio", "1/16", "--ray"], env, [out])
+    # dqrelo at a whole-model ratio encodes each tensor after the one before: the write lasts the whole run.
+    run = _terminate_when_writing([sys.executable, "-m", "deltahub", "compress", str(base), str(ft), str(out), "--method", "dqrelo", "--ratio", "1/8",
+                                   "--ray"], env, [out])
     assert run.returncode == 143, run.stderr[-3000:]
     assert "terminated (SIGTERM); no unfinished output is left behind" in run.stderr
     assert list(tmp_path.iterdir()) == []
@@ -336,7 +339,7 @@ def test_sigterm_under_compress_many_stops_every_job(cluster, larger_pair, tmp_p
     base, ft = larger_pair
     outs = [tmp_path / "a", tmp_path / "b"]
     jobs = tmp_path / "jobs.json"
-    jobs.write_text(json.dumps([{"base": str(base), "finetuned": str(ft), "out": str(o), "ratio": "1/16"} for o in outs]))
+    jobs.write_text(json.dumps([{"base": str(base), "finetuned": str(ft), "out": str(o), "method": "dqrelo", "ratio": "1/8"} for o in outs]))
     env = {**os.environ, "RAY_ADDRESS": cluster[0], "OMP_NUM_THREADS": "1"}
     run = _terminate_when_writing([sys.executable, "-m", "deltahub", "compress-many", str(jobs), "--ray"], env, outs)
     assert run.returncode == 143, run.stderr[-3000:]
@@ -374,3 +377,72 @@ def test_expert_ranges_cover_every_expert_once():
         ranges = expert_ranges((experts, 8, 8), slots)
         assert ranges[0][0] == 0 and ranges[-1][1] == experts and all(a < b for a, b in ranges)
         assert all(r[1] == n[0] for r, n in zip(ranges, ranges[1:])) and len(ranges) == min(experts, 2 * slots)
+
+
+# ------------------------------------------------------------------ from the second review
+def test_more_driver_threads_than_any_node_has_cpus_does_not_queue_forever(cluster, pair, tmp_path):
+    """A task asks for as many CPUs as torch threads: 3 on a 2-CPU cluster was queued forever.
+    The thread count is capped at the largest node's CPUs, and the bytes are a local run's at 2."""
+    base, ft = pair
+    torch.set_num_threads(3)
+    try:
+        deltahub.compress(base, ft, tmp_path / "ray", "auto", 1 / 2, executor="ray", progress=False)
+        torch.set_num_threads(2)
+        deltahub.compress(base, ft, tmp_path / "local", "auto", 1 / 2, progress=False)
+    finally:
+        torch.set_num_threads(1)
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+
+
+@pytest.mark.parametrize(
+    "address, message",
+    [("", "must be HOST:PORT, auto, local"), ("file:///etc/passwd", "only ray:// addresses take a scheme"), ("h:99999", "must be HOST:PORT"),
+     ("x" * 5000 + ":1", "characters long"), ("[::1]:1", "no Ray cluster answers at \\[::1\\]:1")],
+)
+def test_hostile_ray_addresses_are_one_line_errors(pair, tmp_path, address, message):
+    base, ft = pair
+    with pytest.raises(deltahub.DeltahubError, match=message):
+        deltahub.compress(base, ft, tmp_path / "d", ratio=1 / 2, executor="ray", ray_address=address, progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+def test_jobs_are_checked_together_before_any_runs(pair, tmp_path):
+    """A typo in the last job is found before the first runs; a job may not read what another
+    will write, even before it exists."""
+    base, ft = pair
+    row = {"base": str(base), "finetuned": str(ft)}
+    with pytest.raises(deltahub.JobFileError, match="job 2 .*unknown method"):
+        deltahub.compress_many([{**row, "out": str(tmp_path / "a")}, {**row, "out": str(tmp_path / "b"), "method": "autoo"}], progress=False)
+    with pytest.raises(deltahub.JobFileError, match="job 2 .*rnak"):
+        deltahub.compress_many([{**row, "out": str(tmp_path / "a")}, {**row, "out": str(tmp_path / "b"), "method": "svd", "params": {"rnak": 2}}], progress=False)
+    with pytest.raises(deltahub.JobFileError, match="job 1 writes .* where job 2 reads"):
+        deltahub.compress_many([{**row, "out": str(tmp_path / "a")}, {"base": str(base), "finetuned": str(tmp_path / "a"), "out": str(tmp_path / "b")}], progress=False)
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_interrupted_compress_many_does_not_stop_later_runs(cluster, larger_pair, tmp_path):
+    """Ctrl-C during compress_many(executor="ray") in a long-lived process (a notebook): the jobs
+    stop, and a later Ray run of the same process goes on."""
+    base, ft = larger_pair
+    code = f"""
+import os, signal, threading, time, sys
+from pathlib import Path
+import torch, deltahub
+torch.set_num_threads(1)
+tmp = Path({str(tmp_path)!r})
+def interrupt_when_writing():
+    while not list(tmp.glob(".a.partial-*")):
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+threading.Thread(target=interrupt_when_writing, daemon=True).start()
+try:
+    deltahub.compress_many([dict(base={str(base)!r}, finetuned={str(ft)!r}, out=str(tmp / "a"), method="dqrelo", ratio="1/8")], executor="ray")
+    sys.exit("not interrupted")
+except KeyboardInterrupt:
+    pass
+assert not (tmp / "a").exists() and not list(tmp.glob(".a.*")), list(tmp.iterdir())
+deltahub.compress({str(base)!r}, {str(ft)!r}, tmp / "b", "auto", 1 / 16, executor="ray", progress=False)
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": cluster[0]})
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

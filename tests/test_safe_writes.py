@@ -132,12 +132,35 @@ def test_overwrite_of_an_unrelated_output_still_works(pair, delta, tmp_path):
     base, _ = pair
     out = tmp_path / "full"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an older model written there
     (out / "old.txt").write_text("old")
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         deltahub.apply(delta, out, progress=False)
     deltahub.apply(delta, out, overwrite=True, progress=False)
     assert (out / "model.safetensors").is_file() and not (out / "old.txt").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the old copy is gone too
+
+
+def test_overwrite_never_replaces_a_folder_deltahub_could_not_have_written(pair, delta, tmp_path):
+    """From a review: `--overwrite` (or a shared job file's `overwrite: true`) naming a home
+    directory, a folder of photos or a Hugging Face cache would have deleted all of it."""
+    base, ft = pair
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"jpeg")
+    cache = tmp_path / "cache"
+    (cache / "models--org--m" / "snapshots" / "abc").mkdir(parents=True)
+    (cache / "config.json").write_text("{}")  # even beside a marker file
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for out, message in ((photos, "not a delta, adapter or model folder"), (cache, "holds a Hugging Face cache"), (a_file, "is a file")):
+        with pytest.raises(OutputError, match=message):
+            deltahub.compress(base, ft, out, method="svd", ratio=1 / 4, overwrite=True, progress=False)
+        with pytest.raises(OutputError, match=message):
+            deltahub.apply(delta, out, overwrite=True, progress=False)
+    assert (photos / "a.jpg").read_bytes() == b"jpeg" and (cache / "models--org--m" / "snapshots" / "abc").is_dir() and a_file.read_text() == "mine"
+    deltahub.compress(base, ft, tmp_path / "d", method="svd", ratio=1 / 4, progress=False)
+    deltahub.compress(base, ft, tmp_path / "d", method="svd", ratio=1 / 3, overwrite=True, progress=False)  # a delta is replaced
 
 
 def test_cli_overwrite_onto_the_base_is_refused_and_the_base_kept(pair, tmp_path):
@@ -178,6 +201,7 @@ def test_stale_partial_and_old_folders_are_removed_only_for_dead_writers(tmp_pat
         (tmp_path / f".delta.partial-{dead}-11111111").symlink_to(target, target_is_directory=True)
         out.mkdir()  # with ``out`` present a dead writer's old copy is not needed
         (out / "a.txt").write_text("current")
+        (out / "config.json").write_text("{}")  # a model folder: overwrite may replace it
         with atomic_dir(out, overwrite=True) as tmp:
             (tmp / "a.txt").write_text("new")
         for name, kept in names.items():

@@ -66,9 +66,36 @@ def check_out_dir(path: str | os.PathLike, overwrite: bool, inputs: Iterable[str
     p = Path(path)
     _check_not_input(p, inputs)
     clean_stale(p)
-    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
-        raise FileExistsError(f"{p} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{p} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
+        _check_replaceable(p)
     return p
+
+
+# What overwrite may replace: a folder holding a delta, an adapter or a model (what deltahub
+# writes), never any other folder (a home directory, a Hugging Face cache) a typo or a shared job
+# file may name.
+REPLACEABLE_MARKERS = ("delta_config.json", "adapter_config.json", "config.json")
+
+
+def _check_replaceable(out: Path) -> None:
+    fix = "remove it yourself if it should go, or choose another folder"
+    if not out.is_dir():
+        raise OutputError(f"the output {out} is a file, not a folder; overwrite replaces folders deltahub wrote only: {fix}")
+    names = {child.name for child in out.iterdir()}
+    if not names & set(REPLACEABLE_MARKERS):
+        raise OutputError(f"the output {out} holds no {', '.join(REPLACEABLE_MARKERS)}: not a delta, adapter or model folder, so overwrite "
+                          f"will not replace it (it would delete everything in it): {fix}")
+    from huggingface_hub import constants
+
+    real = Path(os.path.realpath(out))
+    cache = Path(os.path.realpath(constants.HF_HUB_CACHE))
+    if any(_CACHE_REPO_NAME.match(n) for n in names) or real == cache or real in cache.parents:
+        raise OutputError(f"the output {out} holds a Hugging Face cache; overwrite would delete the cached models: {fix}")
+
+
+_CACHE_REPO_NAME = re.compile(r"^(models|datasets|spaces)--")
 
 
 def _check_not_input(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
