@@ -657,11 +657,11 @@ def train(
     return losses, seconds
 
 
-def _build_finetune(recipe: Recipe, base: Path, tmp: Path) -> None:
+def train_and_save(recipe: Recipe, model: Any, tokenizer: Any, tokens: Any, tmp: Path) -> tuple[list[float], float, Any, Any]:
+    """Train ``model`` on ``tokens`` by ``recipe``, save it in bfloat16 with ``tokenizer`` into
+    ``tmp`` and load it back as it was saved: ``(losses, training seconds, model, tokenizer)``."""
     import torch
 
-    model, tokenizer = _load(base)
-    tokens = _train_tokens(tokenizer)
     _log(f"{recipe.name}: {len(tokens)} training tokens, {recipe.steps} steps of {recipe.batch_size}x{recipe.seq_len}")
     start = time.time()
     losses, _ = train(recipe, model, tokens)
@@ -669,8 +669,13 @@ def _build_finetune(recipe: Recipe, base: Path, tmp: Path) -> None:
     model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     del model
+    return (losses, seconds, *_load(tmp))
 
-    model, tokenizer = _load(tmp)
+
+def _build_finetune(recipe: Recipe, base: Path, tmp: Path) -> None:
+    model, tokenizer = _load(base)
+    tokens = _train_tokens(tokenizer)
+    losses, seconds, model, tokenizer = train_and_save(recipe, model, tokenizer, tokens, tmp)
     _log(f"{recipe.name}: evaluating")
     meta = {
         "kind": "finetune",
