@@ -430,16 +430,19 @@ from pathlib import Path
 import torch, deltahub
 torch.set_num_threads(1)
 tmp = Path({str(tmp_path)!r})
+done = threading.Event()
 def interrupt_when_writing():
     while not list(tmp.glob(".a.partial-*")):
         time.sleep(0.02)
-    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+    while not done.is_set():  # Ctrl-C, again if the first lands where Python cannot raise it
+        os.kill(os.getpid(), signal.SIGINT)
+        done.wait(1.0)
 threading.Thread(target=interrupt_when_writing, daemon=True).start()
 try:
-    deltahub.compress_many([dict(base={str(base)!r}, finetuned={str(ft)!r}, out=str(tmp / "a"), method="dqrelo", ratio="1/8")], executor="ray")
-    sys.exit("not interrupted")
+    outcomes = deltahub.compress_many([dict(base={str(base)!r}, finetuned={str(ft)!r}, out=str(tmp / "a"), method="dqrelo", ratio="1/8")], executor="ray")
+    sys.exit(f"not interrupted: {{[o.to_dict() for o in outcomes]}}")
 except KeyboardInterrupt:
-    pass
+    done.set()
 assert not (tmp / "a").exists() and not list(tmp.glob(".a.*")), list(tmp.iterdir())
 deltahub.compress({str(base)!r}, {str(ft)!r}, tmp / "b", "auto", 1 / 16, executor="ray", progress=False)
 print("ok")
