@@ -91,11 +91,9 @@ def _check_replaceable(out: Path) -> None:
 
     real = Path(os.path.realpath(out))
     cache = Path(os.path.realpath(constants.HF_HUB_CACHE))
-    if any(_CACHE_REPO_NAME.match(n) for n in names) or real == cache or real in cache.parents:
+    if any(_CACHE_REPO.match(n) for n in names) or real == cache or real in cache.parents:
         raise OutputError(f"the output {out} holds a Hugging Face cache; overwrite would delete the cached models: {fix}")
 
-
-_CACHE_REPO_NAME = re.compile(r"^(models|datasets|spaces)--")
 
 
 def _check_not_input(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
