@@ -427,6 +427,9 @@ def test_an_interrupted_compress_many_does_not_stop_later_runs(cluster, larger_p
     code = f"""
 import os, signal, threading, time, sys
 from pathlib import Path
+# Python ignores Ctrl-C when started with SIGINT ignored (a background job of a shell script, as
+# CI may run it): take it as an interactive session does.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import torch, deltahub
 torch.set_num_threads(1)
 tmp = Path({str(tmp_path)!r})
