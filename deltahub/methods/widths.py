@@ -7,7 +7,8 @@ once. A step raises a tensor's next vector below some width straight to that wid
 segment's overhead is paid only for the segments the record keeps. Storing vector pair ``i`` at ``b`` bits leaves about ``σ_i² · e(b)`` of its energy as
 error, ``e(b) = 2 · 2.25 / (2^b - 1)²``: round-to-nearest in groups of 128 leaves 0.25, 0.046,
 0.010 and 0.00003 of a unit vector's energy at 2, 3, 4 and 8 bits (measured on random orthonormal
-vectors of lengths 576 to 8192), once in U and once in V. Widths never increase along the
+vectors of lengths 576 to 8192), once in U and once in V; ``auto`` counts that noise at a weight
+below 1 against a dropped vector's error (methods/auto.py). Widths never increase along the
 spectrum, so each tensor's choice is a handful of contiguous segments, as the spec stores them.
 """
 
@@ -26,9 +27,10 @@ from ..format.components import Segment
 SEGMENT_OVERHEAD = 720
 
 
-def width_error(bits: int) -> float:
-    """Fraction of a singular vector pair's energy left as error when stored at ``bits`` (0: dropped)."""
-    return 1.0 if bits == 0 else min(1.0, 4.5 / ((1 << bits) - 1) ** 2)
+def width_error(bits: int, noise_weight: float = 1.0) -> float:
+    """Fraction of a singular vector pair's energy left as error when stored at ``bits`` (0: dropped),
+    the rounding noise counted ``noise_weight`` times."""
+    return 1.0 if bits == 0 else min(1.0, noise_weight * 4.5 / ((1 << bits) - 1) ** 2)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Spectrum:
     group_size: int = 128
     counts: list[int] = field(default_factory=list)  # counts[j]: vectors with at least levels[j] bits
     segment_bytes: int = SEGMENT_OVERHEAD  # what a new segment costs besides its data
+    noise_weight: float = 1.0  # rounding noise's weight against a dropped vector's error
 
     def _tables(self, levels: Sequence[int]) -> None:
         # The allocator asks millions of times: per-level costs and error factors computed once.
@@ -56,7 +59,7 @@ class Spectrum:
             if j == 0:  # a stored vector pays its group scales and zero points, and its singular value
                 cost += (math.ceil(self.p / self.group_size) + math.ceil(self.q / self.group_size)) * 3 + 4
             self._cost.append(cost)
-            self._factor.append(width_error(prev) - width_error(bits))
+            self._factor.append(width_error(prev, self.noise_weight) - width_error(bits, self.noise_weight))
 
     def _width_of_next(self, j: int) -> int:
         """The level index of vector ``counts[j]`` now (-1: dropped)."""
@@ -97,7 +100,7 @@ class Spectrum:
         bits = [0] * len(self.singular_values)
         for j, c in enumerate(self.counts):
             bits[:c] = [levels[j]] * c
-        return sum(float(sv) ** 2 * width_error(b) for sv, b in zip(self.singular_values, bits)) * self.blocks
+        return sum(float(sv) ** 2 * width_error(b, self.noise_weight) for sv, b in zip(self.singular_values, bits)) * self.blocks
 
     def segments(self, levels: Sequence[int]) -> list[Segment]:
         """The rank segments, widest first: ``[counts[j+1], counts[j])`` at ``levels[j]`` bits."""
@@ -195,5 +198,7 @@ def allocate_measured(
             s.counts = counts
 
 
-def spectrum_of(singular_values: torch.Tensor, p: int, q: int, blocks: int = 1, group_size: int = 128, segment_bytes: int = SEGMENT_OVERHEAD) -> Spectrum:
-    return Spectrum(singular_values.double().tolist(), p, q, blocks, group_size, segment_bytes=segment_bytes)
+def spectrum_of(
+    singular_values: torch.Tensor, p: int, q: int, blocks: int = 1, group_size: int = 128, segment_bytes: int = SEGMENT_OVERHEAD, noise_weight: float = 1.0
+) -> Spectrum:
+    return Spectrum(singular_values.double().tolist(), p, q, blocks, group_size, segment_bytes=segment_bytes, noise_weight=noise_weight)
