@@ -8,6 +8,13 @@ does with its calibration set: the low-rank part is the best one in that norm (a
 each column's rounding error is spread over the columns not yet quantized, through the
 Cholesky factor of ``H⁻¹``), and the budget is spread by output error instead of weight error.
 
+When it pays (benchmarks/README.md, "Retention where it is hard"): ``H`` weighs each input
+direction by how often the text uses it, so calibration keeps what its text exercises and spends
+less on rare directions. On a fine-tune that learned 120 facts and a skill, its own training text
+as calibration raised the skill kept at 1/64 (0.955 against 0.920 held-out accuracy) and lost
+facts (34% kept against 64%); text unrelated to the fine-tune lost both. Use it for a skill or a
+style, with the fine-tune's own data.
+
 Memory: the base model is loaded once in float32, and one ``q x q`` matrix is kept per linear
 layer (layers that read the same input share it).
 """
@@ -87,8 +94,18 @@ class Calibration:
             for h in hooks:
                 h.remove()
         n = int(ids.numel())
-        hessians = {name: (sums[key] / n).to(torch.float32) for name, key in names.items()}
+        # Each H scaled to a mean diagonal of 1: the weighting then shapes which directions of a
+        # tensor's error count, not how much one tensor counts against another. The allocation
+        # compares errors across every tensor, the embeddings' measured without H; unscaled, a
+        # layer's share followed the size of its inputs (the MLP's down_proj, whose inputs are
+        # small, starved). The weighted SVD and GPTQ do not depend on H's scale.
+        hessians = {name: _unit_mean_diagonal(sums[key] / n).to(torch.float32) for name, key in names.items()}
         return cls(hessians, n)
+
+
+def _unit_mean_diagonal(h: torch.Tensor) -> torch.Tensor:
+    mean = float(h.diagonal().mean())
+    return h / mean if mean > 0 else h
 
 
 def cholesky_factor(h: torch.Tensor) -> torch.Tensor:

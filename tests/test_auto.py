@@ -265,3 +265,41 @@ def test_auto_meets_its_target_on_a_model_of_many_layers(tmp_path):
         save_file(state, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
     result = deltahub.compress(tmp_path / "base", tmp_path / "ft", tmp_path / "d", method="auto", ratio=1 / 8, progress=False)
     assert 0.9 / 8 < result.ratio <= 1 / 8
+
+
+def test_noise_weight_buys_more_rank_at_narrower_widths():
+    """Rounding noise counted at a tenth of a dropped vector's error (the default): the same bytes
+    hold more singular vectors at lower widths, and the error model follows the weight."""
+    from deltahub.methods.widths import width_error
+
+    assert width_error(0, 0.1) == 1.0 and width_error(2, 0.1) == pytest.approx(0.1 * width_error(2))
+    g = torch.Generator().manual_seed(0)
+    delta = _lowrank(512, 768, [1.0 / (1 + i) ** 0.5 for i in range(256)], 5) * 0.05
+    base = torch.randn(512, 768, generator=g) * 0.02
+    records = {}
+    for weight in (1.0, 0.1):
+        enc = deltahub.encode_tensor("w", base, base + delta, "auto", ratio=1 / 32, sign_part="never", noise_weight=weight)
+        assert enc.ratio <= 1 / 32
+        records[weight] = enc.record["components"][-1]
+    widths = {w: [seg["bits"] for seg in r["u"] for _ in range(seg["end"] - seg["start"])] for w, r in records.items()}
+    assert records[0.1]["rank"] > 1.2 * records[1.0]["rank"]
+    assert sum(widths[0.1]) / len(widths[0.1]) < sum(widths[1.0]) / len(widths[1.0])
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), "0.1", True])
+def test_noise_weight_is_checked(bad):
+    with pytest.raises(ValueError, match="noise_weight"):
+        deltahub.get_method("auto", noise_weight=bad)
+
+
+def test_calibration_weights_every_layer_alike(demo_pair, tmp_path):
+    """Each layer's H is scaled to a mean diagonal of 1, so the whole-model allocation compares
+    the layers' output errors in one currency (unscaled, a layer's share followed the size of its
+    inputs, and the MLP's down projections starved)."""
+    from deltahub.calibration import Calibration
+    from deltahub.demo import DATA
+
+    base, _ = demo_pair
+    cal = Calibration.collect(base, (DATA / "austen_excerpt.txt").read_text()[:4000], max_tokens=256)
+    means = {n: float(h.diagonal().mean()) for n, h in cal.hessians.items()}
+    assert len(means) > 3 and all(m == pytest.approx(1.0, rel=1e-5) for m in means.values()), means
