@@ -213,3 +213,24 @@ def test_demo_explains_pr_its_range_and_the_natural_size_rows(tmp_path):
     assert '  base + delta:  "My dear Mr. Bennet," said' in comparison and "base 1.0e-06, base + delta 2.0e-01 (200,000 times the base's)" in comparison
     text = str(r)
     assert text.index("dare") < text.index("PR (performance retention)") < text.index("base + delta:")
+
+
+@pytest.mark.parametrize("pair", ["knowledge", "smollm2-heavy"])
+def test_retention_report_redraws_from_the_json(tmp_path, pair):
+    """``benchmarks.knowledge --plot-only`` writes the table and plot of the saved rows: facts and
+    skill for the knowledge pair, PR alone for an Austen pair, every method variant a row."""
+    import json
+    import shutil
+
+    name = "knowledge-retention" if pair == "knowledge" else f"retention-{pair}"
+    shutil.copy(ROOT / "benchmarks" / "results" / f"{name}.json", tmp_path / f"{name}.json")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.knowledge", "--pair", pair, "--plot-only", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / f"{name}.md").read_text()
+    rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+    for method in {row["method"] for row in rows}:
+        assert f"| {method} | " in md, method
+    assert ("facts retention" in md) == (pair == "knowledge")
+    png = tmp_path / f"{name}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
