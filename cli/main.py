@@ -320,7 +320,7 @@ def compress(
     out: Path = typer.Argument(..., help="Folder to write the delta repo to."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help=f"One of: {', '.join(deltahub.list_methods())}. Default: auto (lossless with --parent).", show_default=False),
     ratio: Optional[str] = typer.Option(None, "--ratio", "-r", help="Target stored bytes / dense delta bytes of the whole repo, e.g. 1/8 (an unreachable target is an error naming the smallest reachable one); 'natural' (or 'none') for the method's natural size. Default: 1/8 (natural with --parent).", show_default=False),
-    param: List[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable), e.g. rank=64; auto takes lora=true (every matrix low rank, for export-lora) and max_rank=N. `deltahub methods` lists each method's parameters."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable), e.g. rank=64; auto takes lora=true (every matrix low rank, for export-lora), max_rank=N and noise_weight=W (0 < W <= 1; lower: more singular vectors at fewer bits). `deltahub methods` lists each method's parameters."),
     rule: List[str] = typer.Option([], "--rule", help="PATTERN=METHOD[:k=v,...] for matching tensor names (repeatable), e.g. '*.mlp.*=svd:rank=64'."),
     device: str = typer.Option("cpu", help="Where SVDs run: cpu or cuda."),
     revision: Optional[str] = typer.Option(None, help="Revision of the fine-tune (Hub)."),

@@ -1,8 +1,8 @@
 """Calibration for activation-aware compression (``auto --calibration FILE``).
 
 The base model runs once over a calibration text; each linear layer's inputs give
-``H = E[x xᵀ]``, so a tensor's error can be measured where it matters, on the layer's output:
-``E||(Δ̂ - Δ) x||² = tr((Δ̂ - Δ) H (Δ̂ - Δ)ᵀ)``. ``auto`` then uses it three ways, as Delta-CoMe
+``H = E[x xᵀ]`` (scaled to a mean diagonal of 1), so a tensor's error can be measured where it
+matters, on the layer's output: ``E||(Δ̂ - Δ) x||² ∝ tr((Δ̂ - Δ) H (Δ̂ - Δ)ᵀ)``. ``auto`` then uses it three ways, as Delta-CoMe
 does with its calibration set: the low-rank part is the best one in that norm (an SVD of
 ``Δ L`` with ``H = L Lᵀ``), the factor ``V`` is quantized GPTQ-style (Frantar et al., 2023:
 each column's rounding error is spread over the columns not yet quantized, through the
@@ -12,8 +12,7 @@ When it pays (benchmarks/README.md, "Retention where it is hard"): ``H`` weighs 
 direction by how often the text uses it, so calibration keeps what its text exercises and spends
 less on rare directions. On a fine-tune that learned 120 facts and a skill, its own training text
 as calibration raised the skill kept at 1/64 (0.955 against 0.920 held-out accuracy) and lost
-facts (34% kept against 64%); text unrelated to the fine-tune lost both. Use it for a skill or a
-style, with the fine-tune's own data.
+facts (34% kept against 64%). Use it for a skill or a style, with the fine-tune's own data.
 
 Memory: the base model is loaded once in float32, and one ``q x q`` matrix is kept per linear
 layer (layers that read the same input share it).
@@ -21,6 +20,7 @@ layer (layers that read the same input share it).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,8 @@ class CalibrationError(DeltahubError, ValueError):
 
 @dataclass
 class Calibration:
-    """``H = E[x xᵀ]`` of each linear layer's input, by the name of the layer's weight.
+    """``H = E[x xᵀ]`` of each linear layer's input scaled to a mean diagonal of 1, by the name of
+    the layer's weight (a layer whose inputs were all zero gets the identity: no direction known).
 
     Example::
 
@@ -99,13 +100,19 @@ class Calibration:
         # compares errors across every tensor, the embeddings' measured without H; unscaled, a
         # layer's share followed the size of its inputs (the MLP's down_proj, whose inputs are
         # small, starved). The weighted SVD and GPTQ do not depend on H's scale.
-        hessians = {name: _unit_mean_diagonal(sums[key] / n).to(torch.float32) for name, key in names.items()}
+        hessians = {name: _unit_mean_diagonal(name, sums[key] / n).to(torch.float32) for name, key in names.items()}
         return cls(hessians, n)
 
 
-def _unit_mean_diagonal(h: torch.Tensor) -> torch.Tensor:
+def _unit_mean_diagonal(name: str, h: torch.Tensor) -> torch.Tensor:
+    """``h`` over its mean diagonal; the identity when the inputs were all zero (a layer the text
+    never reached, e.g. an expert no token was routed to: nothing is known of its directions)."""
     mean = float(h.diagonal().mean())
-    return h / mean if mean > 0 else h
+    if not math.isfinite(mean) or not torch.isfinite(h).all():
+        raise CalibrationError(f"the base's activations at {name} are not finite over the calibration text; the base model overflows in float32 there")
+    if mean <= 0:
+        return torch.eye(h.shape[0], dtype=h.dtype)
+    return h / mean
 
 
 def cholesky_factor(h: torch.Tensor) -> torch.Tensor:

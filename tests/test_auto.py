@@ -303,3 +303,23 @@ def test_calibration_weights_every_layer_alike(demo_pair, tmp_path):
     cal = Calibration.collect(base, (DATA / "austen_excerpt.txt").read_text()[:4000], max_tokens=256)
     means = {n: float(h.diagonal().mean()) for n, h in cal.hessians.items()}
     assert len(means) > 3 and all(m == pytest.approx(1.0, rel=1e-5) for m in means.values()), means
+
+
+def test_calibration_scaling_of_layers_without_inputs_or_with_overflow():
+    """A layer the text never reached (all-zero inputs) is weighed by the identity, not starved by
+    a zero H; activations that overflowed are refused with the layer's name."""
+    from deltahub.calibration import CalibrationError, _unit_mean_diagonal
+
+    assert torch.equal(_unit_mean_diagonal("a.weight", torch.zeros(4, 4)), torch.eye(4))
+    h = torch.diag(torch.tensor([2.0, 4.0, 6.0]))
+    assert float(_unit_mean_diagonal("a.weight", h).diagonal().mean()) == pytest.approx(1.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(CalibrationError, match="b.weight"):
+            _unit_mean_diagonal("b.weight", torch.full((3, 3), bad))
+
+
+def test_noise_weight_accepts_any_real_number_type():
+    import numpy as np
+
+    for value in (np.float32(0.5), np.float64(0.5), 1, 0.25):
+        assert isinstance(deltahub.get_method("auto", noise_weight=value).noise_weight, float)

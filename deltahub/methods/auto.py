@@ -28,10 +28,10 @@ Why this shape (measured on the SmolLM2/Austen pairs, ``benchmarks/README.md``):
   vector's error, for the reason the sparse family is unbiased: the model loses less to
   zero-mean noise than to a missing direction. Weighed equally (Frobenius error), the bytes went
   to fewer vectors at 3-4 bits, and a fine-tune that learned facts lost them first: its MLP
-  deltas need rank ~64 of 576 to keep them (``benchmarks/knowledge_pair.py``). At 0.1 instead of
+  deltas need rank ~64 of 576 to keep them (benchmarks/results/knowledge-diagnosis.md). At 0.1 instead of
   1, facts kept went from 0.93/0.38/0.04 to 0.99/0.64/0.14 at 1/32, 1/64, 1/128, and PR on the
   heavy Austen pair from 0.953/0.861 to 0.958/0.894 at 1/64, 1/128, for 0.01 of PR at 1/16
-  (1.008 to 0.998). 0.03 to 0.3 measured alike at 1/64; 0.3 kept less at 1/128.
+  (1.008 to 0.998). At 1/64, 0.03 kept 0.675, 0.1 0.642 and 0.3 0.583; at 1/128, 0.3 kept 0.100.
 - D-QRELO's 1-bit sign part is a fixed price for a different spectrum (the residual's): the plan
   takes it where, at the model's marginal price of a byte, it leaves less error for its bytes.
   On the heavy pair it was 2 tensors of 211 at 1/8 and none at 1/4 when first measured, and is
@@ -50,6 +50,7 @@ Bernoulli mask and k-bit values), so every reader decodes it.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -124,8 +125,9 @@ class Auto(Method):
             if self.sign_part == "always":
                 raise ValueError("auto lora=true stores no sign part (a LoRA adapter cannot hold it); drop sign_part=always")
             self.sign_part = "never"
-        if isinstance(self.noise_weight, bool) or not isinstance(self.noise_weight, (int, float)) or not 0 < self.noise_weight <= 1:
+        if isinstance(self.noise_weight, bool) or not isinstance(self.noise_weight, numbers.Real) or not 0 < self.noise_weight <= 1:
             raise ValueError(f"auto noise_weight must be a number in (0, 1], got {self.noise_weight!r}")
+        self.noise_weight = float(self.noise_weight)
         if self.max_rank is not None and (isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1):
             raise ValueError(f"auto max_rank must be a positive integer, got {self.max_rank!r}")
 

@@ -8,7 +8,7 @@ segment's overhead is paid only for the segments the record keeps. Storing vecto
 error, ``e(b) = 2 · 2.25 / (2^b - 1)²``: round-to-nearest in groups of 128 leaves 0.25, 0.046,
 0.010 and 0.00003 of a unit vector's energy at 2, 3, 4 and 8 bits (measured on random orthonormal
 vectors of lengths 576 to 8192), once in U and once in V; ``auto`` counts that noise at a weight
-below 1 against a dropped vector's error (methods/auto.py). Widths never increase along the
+(``noise_weight``, 0.1 by default) against a dropped vector's error (methods/auto.py). Widths never increase along the
 spectrum, so each tensor's choice is a handful of contiguous segments, as the spec stores them.
 """
 
