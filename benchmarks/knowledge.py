@@ -78,9 +78,9 @@ class Scorer:
                 from .knowledge_pair import evaluate
 
                 return evaluate(model, self.tokenizer)
-            from deltahub.evaluate import mean_nll
+            from .methods import heldout_nll
 
-            return {"nll": mean_nll(model.float(), self.ids)}
+            return {"nll": heldout_nll(model, self.ids)}
 
 
 def split_variant(method: str) -> tuple[str, dict[str, Any]]:

@@ -1,32 +1,14 @@
 # One-off diagnosis of the knowledge pair (issue #20), kept as run; outputs in benchmarks/results/knowledge-diagnosis.md.
+from benchmarks.diagnosis.common import base, exact, ft, group, layer, model, params, set_deltas, tok, bp, ftp  # noqa: F401
 import torch, time, sys, json, shutil
 from pathlib import Path
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 import deltahub
-from benchmarks.knowledge_pair import knowledge_path, evaluate, score, facts
-from benchmarks.real_pair import base_path
-torch.set_grad_enabled(False)
-ftp, bp = knowledge_path(), base_path()
-ft = load_file(str(ftp/"model.safetensors")); base = load_file(str(bp/"model.safetensors"))
-tok = AutoTokenizer.from_pretrained(ftp)
-model = AutoModelForCausalLM.from_pretrained(bp).float().eval()
-params = dict(model.named_parameters())
-def group(k):
-    if 'embed' in k: return 'embed'
-    if 'layers' in k:
-        part=k.split('.')[-2]
-        if part.endswith('proj'): return 'attn' if part[0] in 'qkvo' else 'mlp'
-        return 'norm'
-    return 'norm'
+from benchmarks.knowledge_pair import score, facts
 def run(deltas, label):
     t=time.time()
-    for k,p in params.items():
-        key=k if k in base else k
-        p.copy_(base[k].float()+deltas[k].float())
+    set_deltas(deltas)
     f,_=score(model,tok,facts())
     print(f"{label:40s} facts {f:.3f}  ({time.time()-t:.0f}s)", flush=True); return f
-exact={k: ft[k].float()-base[k].float() for k in base}
 spec = sys.argv[1]; ratio=eval(sys.argv[2]); params_m=json.loads(sys.argv[3]) if len(sys.argv)>3 else {}
 import hashlib
 from benchmarks.pairs import CACHE
@@ -47,7 +29,5 @@ for g in groups:
     run({k:(exact[k] if group(k)==g else dec[k]) for k in base}, f"exact {g}")
 for g in groups:
     run({k:(dec[k] if group(k)==g else exact[k]) for k in base}, f"compressed only {g}")
-def layer(k):
-    return int(k.split('.')[2]) if 'layers' in k else -1
 for lo,hi in ((0,10),(10,20),(20,30)):
     run({k:(exact[k] if lo<=layer(k)<hi else dec[k]) for k in base}, f"exact layers {lo}-{hi}")

@@ -1,22 +1,9 @@
 # One-off diagnosis of the knowledge pair (issue #20), kept as run; outputs in benchmarks/results/knowledge-diagnosis.md.
+from benchmarks.diagnosis.common import base, exact, ft, group, layer, model, params, set_deltas, tok, bp, ftp  # noqa: F401
 import torch, sys, math
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from benchmarks.knowledge_pair import knowledge_path, score, facts, problems
-from benchmarks.real_pair import base_path
-torch.set_grad_enabled(False)
-ftp, bp = knowledge_path(), base_path()
-ft = load_file(str(ftp/"model.safetensors")); base = load_file(str(bp/"model.safetensors"))
-tok = AutoTokenizer.from_pretrained(ftp)
-model = AutoModelForCausalLM.from_pretrained(bp).float().eval()
-params = dict(model.named_parameters())
-exact={k: ft[k].float()-base[k].float() for k in base}
+from benchmarks.knowledge_pair import score, facts, problems
 mats=[k for k in base if exact[k].ndim==2]
 svd={k: torch.linalg.svd(exact[k],full_matrices=False) for k in mats}
-def group(k):
-    if 'embed' in k: return 'embed'
-    part=k.split('.')[-2]; return 'attn' if part[0] in 'qkvo' else 'mlp'
-def layer(k): return int(k.split('.')[2]) if 'layers' in k else -1
 dense_bytes=sum(exact[k].numel()*2 for k in base)
 def alloc(ratio, weight):
     budget=ratio*dense_bytes - sum(exact[k].numel()*2 for k in base if k not in mats)
@@ -39,7 +26,7 @@ def build(rank):
 def run(label, weight, ratio):
     rank=alloc(ratio, weight)
     d=build(rank)
-    for k,p in params.items(): p.copy_(base[k].float()+d[k])
+    set_deltas(d)
     f,_=score(model,tok,facts())
     g={gr: sum(rank[k]*(sum(exact[k].shape)) for k in mats if group(k)==gr) for gr in ('embed','attn','mlp')}
     tot=sum(g.values())

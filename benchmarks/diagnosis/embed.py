@@ -1,16 +1,7 @@
 # One-off diagnosis of the knowledge pair (issue #20), kept as run; outputs in benchmarks/results/knowledge-diagnosis.md.
+from benchmarks.diagnosis.common import base, exact, ft, group, layer, model, params, set_deltas, tok, bp, ftp  # noqa: F401
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from benchmarks.knowledge_pair import knowledge_path, score, facts, problems
-from benchmarks.real_pair import base_path
-torch.set_grad_enabled(False)
-ftp, bp = knowledge_path(), base_path()
-ft = load_file(str(ftp/"model.safetensors")); base = load_file(str(bp/"model.safetensors"))
-tok = AutoTokenizer.from_pretrained(ftp)
-model = AutoModelForCausalLM.from_pretrained(bp).float().eval()
-params = dict(model.named_parameters())
-exact={k: ft[k].float()-base[k].float() for k in base}
+from benchmarks.knowledge_pair import score, facts, problems
 E=exact['model.embed_tokens.weight']
 m=E.mean(0,keepdim=True)
 print("mean-row energy share", float((m.expand_as(E)**2).sum()/(E**2).sum()))
@@ -21,7 +12,7 @@ R=E-m
 ur,sr,vr=torch.linalg.svd(R,full_matrices=False)
 print("residual sv", sr[:6].tolist(), "energy share rank8", float((sr[:8]**2).sum()/(sr**2).sum()))
 def run(deltas, label):
-    for k,p in params.items(): p.copy_(base[k].float()+deltas[k])
+    set_deltas(deltas)
     f,_=score(model,tok,facts()); s_,nll=score(model,tok,problems()[1])
     print(f"{label:40s} facts {f:.3f} skill {s_:.3f} nll {nll:.4f}", flush=True)
 run({**exact,'model.embed_tokens.weight':m.expand_as(E).clone()}, "embed = mean row only")

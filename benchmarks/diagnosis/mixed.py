@@ -2,7 +2,7 @@
 import sys, shutil, tempfile, torch
 import deltahub
 from transformers import AutoTokenizer
-from benchmarks.knowledge_pair import knowledge_path, evaluate
+from benchmarks.knowledge_pair import evaluate, knowledge_path
 from benchmarks.real_pair import base_path
 torch.set_grad_enabled(False)
 ft, base = knowledge_path(), base_path()

@@ -1,19 +1,10 @@
 # One-off diagnosis of the knowledge pair (issue #20), kept as run; outputs in benchmarks/results/knowledge-diagnosis.md.
+from benchmarks.diagnosis.common import base, exact, ft, group, layer, model, params, set_deltas, tok, bp, ftp  # noqa: F401
 import torch, time, sys
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from benchmarks.knowledge_pair import knowledge_path, score, facts, problems
-from benchmarks.real_pair import base_path
-torch.set_grad_enabled(False)
-ftp, bp = knowledge_path(), base_path()
-ft = load_file(str(ftp/"model.safetensors")); base = load_file(str(bp/"model.safetensors"))
-tok = AutoTokenizer.from_pretrained(ftp)
-model = AutoModelForCausalLM.from_pretrained(bp).float().eval()
-params = dict(model.named_parameters())
-exact={k: ft[k].float()-base[k].float() for k in base}
+from benchmarks.knowledge_pair import score, facts, problems
 svds={k: torch.linalg.svd(v, full_matrices=False) for k,v in exact.items() if v.ndim==2}
 def run(deltas, label):
-    for k,p in params.items(): p.copy_(base[k].float()+deltas[k])
+    set_deltas(deltas)
     f,_=score(model,tok,facts()); s,nll=score(model,tok,problems()[1])
     print(f"{label:40s} facts {f:.3f} skill {s:.3f} nll {nll:.4f}", flush=True)
 def trunc(k,r):

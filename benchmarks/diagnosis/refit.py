@@ -1,18 +1,9 @@
 # One-off diagnosis of the knowledge pair (issue #20), kept as run; outputs in benchmarks/results/knowledge-diagnosis.md.
+from benchmarks.diagnosis.common import base, exact, ft, group, layer, model, params, set_deltas, tok, bp, ftp  # noqa: F401
 import torch, sys
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 import deltahub
 from deltahub.format.quant import quantize_groups, dequantize_groups
-from benchmarks.knowledge_pair import knowledge_path, score, facts, problems
-from benchmarks.real_pair import base_path
-torch.set_grad_enabled(False)
-ftp, bp = knowledge_path(), base_path()
-ft = load_file(str(ftp/"model.safetensors")); base = load_file(str(bp/"model.safetensors"))
-tok = AutoTokenizer.from_pretrained(ftp)
-model = AutoModelForCausalLM.from_pretrained(bp).float().eval()
-params = dict(model.named_parameters())
-exact={k: ft[k].float()-base[k].float() for k in base}
+from benchmarks.knowledge_pair import score, facts, problems
 r=deltahub.DeltaReader(sys.argv[1])
 plan={}
 for k,rec in r.records.items():
@@ -58,7 +49,7 @@ def build(mode):
         d[k]=((Uq*S)@Vq.T).float()
     return d
 def run(deltas, label):
-    for k,p in params.items(): p.copy_(base[k].float()+deltas[k])
+    set_deltas(deltas)
     f,_=score(model,tok,facts()); s_,nll=score(model,tok,problems()[1])
     num=sum(float((deltas[k]-exact[k]).pow(2).sum()) for k in plan); den=sum(float(exact[k].pow(2).sum()) for k in plan)
     print(f"{label:20s} facts {f:.3f} skill {s_:.3f} nll {nll:.4f} relerr {(num/den)**0.5:.4f}", flush=True)

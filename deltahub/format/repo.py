@@ -95,7 +95,6 @@ def _check_replaceable(out: Path) -> None:
         raise OutputError(f"the output {out} holds a Hugging Face cache; overwrite would delete the cached models: {fix}")
 
 
-
 def _check_not_input(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
     real = Path(os.path.realpath(out))
     repo = _cache_repo(real)
