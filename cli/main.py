@@ -331,7 +331,7 @@ def compress(
     token: Optional[str] = typer.Option(None, help=TOKEN_HELP, show_default=False),
     cache_dir: Optional[Path] = typer.Option(None, help="Hugging Face cache folder."),
     calibration: Optional[Path] = typer.Option(None, help="Plain-text file (the fine-tune's own training text): auto measures errors on the base's activations over it (loads the base model once). Keeps a skill or style better, learned facts worse."),
-    calibration_tokens: int = typer.Option(2048, help="Tokens of the calibration text to use."),
+    calibration_tokens: int = typer.Option(2048, help="Tokens of the calibration text to use (the file is read no further than 64 bytes a token)."),
     base_id: Optional[str] = typer.Option(None, "--base-id", help="Record this Hub id (ORG/NAME or ORG/NAME@REV) as the base of a local base folder. Checked against the Hub's safetensors headers (no weights downloaded) where it answers; offline it is recorded unchecked (base.id_checked false). A base given as a Hugging Face cache snapshot is recorded as its repo id and commit without this."),
     parent: Optional[str] = typer.Option(None, "--parent", help="Store FINETUNED against this version (a delta folder, or a Hub repo id at --parent-revision) instead of BASE: bit-exact (lossless), and small when the two are a few training steps apart. BASE is then the base of the chain's keyframe."),
     parent_revision: Optional[str] = typer.Option(None, help="Revision (commit or tag) of a --parent on the Hub."),

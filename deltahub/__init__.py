@@ -18,6 +18,7 @@ from .errors import (
     DeltahubError,
     FormatError,
     InfeasibleRatioError,
+    InvalidParameterError,
     InvalidTensorError,
     OutputError,
     ShapeMismatchError,
@@ -39,7 +40,7 @@ from .version import __version__
 
 __all__ = [
     "FORMAT_VERSION", "BaseMismatchError", "Checkpoint", "CheckpointError", "CompressResult", "DeltaInfo", "DeltaModel",
-    "DeltaReader", "DeltaWriter", "DeltahubError", "EncodedTensor", "FormatError", "InfeasibleRatioError", "InvalidTensorError",
+    "DeltaReader", "DeltaWriter", "DeltahubError", "EncodedTensor", "FormatError", "InfeasibleRatioError", "InvalidParameterError", "InvalidTensorError",
     "OutputError", "Policy", "Rule", "ShapeMismatchError", "UnknownComponentError", "UnknownMethodError", "UnsupportedFormatVersionError",
     "VerifyReport", "__version__", "apply", "compress", "decode_tensor", "encode_tensor", "get_method", "info", "list_methods", "verify",
     "EvalReport", "evaluate", "ConcurrentPushError", "UntaggedPushError", "LocalBaseError", "BaseIdError", "BaseIdNotCheckedWarning", "set_base_id", "History", "HubError", "PushResult", "Version", "history", "pull", "push", "rollback",

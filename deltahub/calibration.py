@@ -171,11 +171,44 @@ def gptq_quantizer(h: torch.Tensor) -> Callable[[torch.Tensor, int, int], GroupQ
     return quantize
 
 
-def read_text(path: str | os.PathLike) -> str:
+# A token of the byte-level BPE tokenizers covers at least one byte and rarely more than a few
+# dozen (runs of spaces or digits); reading this many bytes a token holds every token a
+# calibration asks for without reading a whole file that may be gigabytes.
+BYTES_PER_TOKEN = 64
+
+
+def read_text(path: str | os.PathLike, max_tokens: int = 2048) -> str:
+    """The first ``max_tokens * BYTES_PER_TOKEN`` bytes of the UTF-8 text file at ``path``
+    (enough for ``max_tokens`` tokens): a calibration file is read no further than it is used.
+
+    >>> import tempfile, os
+    >>> f = os.path.join(tempfile.mkdtemp(), "t.txt"); _ = open(f, "w").write("It is a truth.")
+    >>> read_text(f, max_tokens=2048)
+    'It is a truth.'
+    """
     p = Path(path)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
+        raise CalibrationError(f"calibration_tokens must be an integer of at least 2, got {max_tokens!r}")
     if not p.is_file():
         raise CalibrationError(f"calibration file {p} does not exist; give a plain-text file")
+    limit = max_tokens * BYTES_PER_TOKEN
+    with open(p, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        # Cut at the limit, and drop a character the cut split (at most 3 continuation bytes).
+        data = data[:limit]
+        for back in range(min(4, len(data))):
+            if data[len(data) - 1 - back] & 0xC0 != 0x80:  # the last character's first byte
+                width = _utf8_width(data[len(data) - 1 - back])
+                if width > back + 1:
+                    data = data[: len(data) - 1 - back]
+                break
     try:
-        return p.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise CalibrationError(f"calibration file {p} is not UTF-8 text") from None
+
+
+def _utf8_width(first: int) -> int:
+    """How many bytes a UTF-8 character that starts with byte ``first`` takes (1 for a bad byte)."""
+    return 2 if first >> 5 == 0b110 else 3 if first >> 4 == 0b1110 else 4 if first >> 3 == 0b11110 else 1

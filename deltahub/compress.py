@@ -249,7 +249,7 @@ def compress(
     if calibration is not None:
         if not planner.plans:
             raise ValueError(f"--calibration is used by the 'auto' method only, not {method!r}; drop it or use --method auto")
-        text = read_text(calibration)
+        text = read_text(calibration, calibration_tokens)
         if base_ckpt.path is None or not Path(base_ckpt.path).is_dir():
             raise CalibrationError("calibration needs the base as a local folder or a downloaded Hub snapshot")
         cal = Calibration.collect(base_ckpt.path, text, max_tokens=calibration_tokens)

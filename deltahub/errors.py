@@ -34,6 +34,10 @@ class UnknownParameterError(DeltahubError, TypeError, ValueError):
     """A method was given a parameter it does not take (a TypeError, as a Python call would raise)."""
 
 
+class InvalidParameterError(DeltahubError, ValueError):
+    """A method was given a parameter value it cannot take (out of range, or of the wrong type)."""
+
+
 class InfeasibleRatioError(DeltahubError, ValueError):
     """The requested ratio cannot be met by the method on this tensor."""
 

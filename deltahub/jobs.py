@@ -3,7 +3,9 @@
 A job file is JSON or YAML: a list of rows (or ``{"jobs": [...]}``), each with ``base``,
 ``finetuned`` and ``out``, and optionally ``method``, ``ratio`` (a number, ``"1/16"`` or
 ``"natural"``), ``params``, ``rules``, ``seed``, ``revision``, ``base_revision``, ``base_id``,
-``overwrite``::
+``overwrite``. A string in ``params`` reads as it would after ``-p`` on the command line
+(``"1/4"``, ``"true"``, ``"8"``), and every job's method, params and rules are checked before the
+first job runs::
 
     - {base: HuggingFaceTB/SmolLM2-135M, finetuned: org/sft-a, out: deltas/sft-a, ratio: 1/16}
     - {base: HuggingFaceTB/SmolLM2-135M, finetuned: org/sft-b, out: deltas/sft-b, method: dqrelo}
@@ -24,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 from .errors import DeltahubError
 from .format.limits import read_json
-from .policy import parse_value
+from .policy import Rule, parse_value
 
 # A job file larger than this is not a job list (1 MiB holds thousands of rows).
 MAX_JOB_FILE_BYTES = 1 << 20
@@ -155,7 +157,9 @@ def _job(row: Any, where: str) -> Job:
         raise JobFileError(f"{where}: 'seed' must be a non-negative integer")
     if not isinstance(row.get("overwrite", False), bool):
         raise JobFileError(f"{where}: 'overwrite' must be true or false")
-    return Job(row["base"], row["finetuned"], row["out"], row.get("method"), ratio, dict(params), list(rules), seed, row.get("revision"),
+    # String values read as on the command line (-p noise_weight=1/10): "1/10", "true", "4".
+    params = {k: parse_value(v) if isinstance(v, str) else v for k, v in params.items()}
+    return Job(row["base"], row["finetuned"], row["out"], row.get("method"), ratio, params, list(rules), seed, row.get("revision"),
                row.get("base_revision"), row.get("base_id"), row.get("overwrite", False))
 
 
@@ -188,6 +192,8 @@ def compress_many(
     for k, job in enumerate(todo):  # a typo in the last job is found before the first one runs
         try:
             get_method(job.method or "auto", **job.params)
+            for rule in job.rules:
+                Rule.parse(rule)
         except (DeltahubError, ValueError, TypeError, KeyError) as e:
             raise JobFileError(f"job {k + 1} ({job.out}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     outs = [Path(j.out).resolve() for j in todo]

@@ -233,6 +233,36 @@ def test_calibration_refuses_bad_input(demo_pair, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_calibration_reads_no_more_of_a_file_than_its_tokens_need(tmp_path):
+    from deltahub.calibration import BYTES_PER_TOKEN, CalibrationError, read_text
+
+    big = tmp_path / "big.txt"
+    # 3-byte characters, so that the cut falls inside one: it is dropped, not decoded half.
+    big.write_text("é" * 10 + "€" * 100_000, encoding="utf-8")
+    text = read_text(big, max_tokens=16)
+    assert len(text.encode("utf-8")) <= 16 * BYTES_PER_TOKEN
+    assert len(text.encode("utf-8")) > 16 * BYTES_PER_TOKEN - 4
+    assert text.startswith("é" * 10) and set(text[10:]) == {"€"}
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"text \xff\xfe more")
+    with pytest.raises(CalibrationError, match="not UTF-8"):
+        read_text(bad)
+    for tokens in (0, 1, -5, 2.5, True, "100"):
+        with pytest.raises(CalibrationError, match="calibration_tokens"):
+            read_text(big, max_tokens=tokens)
+
+
+def test_compress_refuses_a_bad_calibration_token_count(demo_pair, tmp_path):
+    from deltahub.calibration import CalibrationError
+
+    base, ft = demo_pair
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged. " * 20)
+    with pytest.raises(CalibrationError, match="calibration_tokens"):
+        deltahub.compress(base, ft, tmp_path / "x", method="auto", ratio=1 / 8, calibration=text, calibration_tokens=0, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_gptq_quantizer_lowers_the_output_error_of_rounding():
     from deltahub.calibration import gptq_quantizer
     from deltahub.format.quant import dequantize_groups, quantize_groups

@@ -116,6 +116,19 @@ def test_unknown_method_parameter_is_a_type_error(method, param):
         get_method(method, **{param: 1})
 
 
+@pytest.mark.parametrize("method,param,value", [
+    ("auto", "noise_weight", 2.0), ("auto", "value_bits", "4"), ("auto", "sign_part", "sometimes"), ("auto", "max_rank", 0),
+    ("dare", "p", 1.5), ("deltadq", "bits", 9), ("magnitude", "density", 0), ("deltacome", "bits", (9,)),
+])
+def test_bad_method_parameter_value_is_a_typed_error_naming_the_method(method, param, value):
+    from deltahub import DeltahubError, InvalidParameterError
+
+    with pytest.raises(InvalidParameterError) as info:
+        get_method(method, **{param: value})
+    assert isinstance(info.value, DeltahubError) and isinstance(info.value, ValueError)
+    assert f"method {method!r}" in str(info.value) and param.split("_")[0] in str(info.value)
+
+
 @pytest.mark.parametrize("method", ["auto", "svd", "dqrelo", "bitdelta", "deltacome", "deltadq", "dare", "magnitude"])
 def test_infeasible_ratio_names_the_tensor(method):
     base, ft = model_pair((32, 48), torch.bfloat16)

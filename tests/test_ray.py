@@ -174,6 +174,15 @@ def test_without_ray_installed_the_cli_names_the_extra(pair, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_job_file_params_read_as_on_the_command_line(tmp_path):
+    """A string value in a job file means what it means after -p on the command line."""
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("- {base: b, finetuned: f, out: o, params: {noise_weight: '1/4', lora: 'true', max_rank: '8', sign_part: never}}\n")
+    (job,) = deltahub.read_jobs(jobs)
+    assert job.params == {"noise_weight": 0.25, "lora": True, "max_rank": 8, "sign_part": "never"}
+    assert deltahub.get_method("auto", **job.params).noise_weight == 0.25
+
+
 def test_a_job_may_not_write_where_another_reads(pair, tmp_path):
     base, ft = pair
     jobs = [{"base": str(base), "finetuned": str(ft), "out": str(tmp_path / "a")},
@@ -415,6 +424,10 @@ def test_jobs_are_checked_together_before_any_runs(pair, tmp_path):
         deltahub.compress_many([{**row, "out": str(tmp_path / "a")}, {**row, "out": str(tmp_path / "b"), "method": "autoo"}], progress=False)
     with pytest.raises(deltahub.JobFileError, match="job 2 .*rnak"):
         deltahub.compress_many([{**row, "out": str(tmp_path / "a")}, {**row, "out": str(tmp_path / "b"), "method": "svd", "params": {"rnak": 2}}], progress=False)
+    with pytest.raises(deltahub.JobFileError, match="job 2 .*rule .*must look like"):
+        deltahub.compress_many([{**row, "out": str(tmp_path / "a")}, {**row, "out": str(tmp_path / "b"), "rules": ["*.mlp.*svd"]}], progress=False)
+    with pytest.raises(deltahub.JobFileError, match="job 2 .*noise_weight"):
+        deltahub.compress_many([{**row, "out": str(tmp_path / "a")}, {**row, "out": str(tmp_path / "b"), "rules": ["*.mlp.*=auto:noise_weight=3"]}], progress=False)
     with pytest.raises(deltahub.JobFileError, match="job 1 writes .* where job 2 reads"):
         deltahub.compress_many([{**row, "out": str(tmp_path / "a")}, {"base": str(base), "finetuned": str(tmp_path / "a"), "out": str(tmp_path / "b")}], progress=False)
     assert not (tmp_path / "a").exists()

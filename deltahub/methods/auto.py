@@ -113,8 +113,8 @@ class Auto(Method):
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
-        if self.value_bits is not None and not 1 <= self.value_bits <= 8:
-            raise ValueError(f"auto value_bits must be in 1..8 (or None: 2, 4 or 8 by expected error), got {self.value_bits}")
+        if self.value_bits is not None and (isinstance(self.value_bits, bool) or not isinstance(self.value_bits, int) or not 1 <= self.value_bits <= 8):
+            raise ValueError(f"auto value_bits must be an integer in 1..8 (or None: 2, 4 or 8 by expected error), got {self.value_bits!r}")
         if not self.levels or list(self.levels) != sorted(set(self.levels)) or not all(2 <= b <= 8 for b in self.levels):
             raise ValueError(f"auto levels must be increasing bit widths in 2..8, got {self.levels}")
         if self.sign_part not in ("auto", "always", "never"):

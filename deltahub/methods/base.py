@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
-from ..errors import InfeasibleRatioError, UnknownMethodError, UnknownParameterError
+from ..errors import DeltahubError, InfeasibleRatioError, InvalidParameterError, UnknownMethodError, UnknownParameterError
 from ..format.components import Component
 
 
@@ -156,7 +156,14 @@ def get_method(name: str, **params: Any) -> Method:
     unknown = sorted(set(params) - fields)
     if unknown:
         raise UnknownParameterError(f"method {name!r} has no parameter(s) {[u[:40] for u in unknown]}; it takes {sorted(fields)}")
-    return cls(**params)
+    try:
+        return cls(**params)
+    except DeltahubError:
+        raise
+    except (ValueError, TypeError) as e:
+        # The methods check their values in __post_init__ with plain ValueErrors; callers get one
+        # typed error that names the method (a TypeError is a value of the wrong type, e.g. "4" < 8).
+        raise InvalidParameterError(f"method {name!r}: {e}") from None
 
 
 def list_methods() -> list[str]:

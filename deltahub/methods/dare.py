@@ -7,6 +7,8 @@ the one that fills the budget exactly: the survivors are the elements with the s
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,12 @@ class DARE(Method):
     storage: str = "seeded"
     value_dtype: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.storage not in ("seeded", "csr"):
+            raise ValueError(f"dare storage must be 'seeded' or 'csr', got {self.storage!r}")
+        if self.p is not None and (isinstance(self.p, bool) or not isinstance(self.p, numbers.Real) or not 0 <= self.p < 1):
+            raise ValueError(f"dare p must be in [0, 1), got {self.p!r}")
+
     def smallest(self, p: int, q: int) -> list[dict] | None:
         if self.p is not None:  # a random number of survivors: no size known in advance
             return None
@@ -36,14 +44,10 @@ class DARE(Method):
         return [sparse_meta(self.storage, 1, float_values(vdt), {"kind": "bernoulli", "threshold": 1 << prng.KEY_BITS})]
 
     def encode(self, delta: torch.Tensor, ctx: EncodeContext) -> list[Component]:
-        if self.storage not in ("seeded", "csr"):
-            raise ValueError(f"dare storage must be 'seeded' or 'csr', got {self.storage!r}")
         p, q = delta.shape
         n = p * q
         full = 1 << prng.KEY_BITS
         if self.p is not None:
-            if not 0 <= self.p < 1:
-                raise ValueError(f"dare p must be in [0, 1), got {self.p}")
             threshold = prng.keep_probability_threshold(1 - self.p)
         else:
             if ctx.budget is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,10 @@ class Magnitude(Method):
     density: float | None = None
     value_dtype: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.density is not None and (isinstance(self.density, bool) or not isinstance(self.density, numbers.Real) or not 0 < self.density <= 1):
+            raise ValueError(f"magnitude density must be in (0, 1], got {self.density!r}")
+
     def smallest(self, p: int, q: int) -> list[dict]:
         nnz = max(1, round(self.density * p * q)) if self.density is not None else 1
         # float32 values: the widest the encoder picks (float16 overflows on extreme deltas).
@@ -32,8 +38,6 @@ class Magnitude(Method):
         vdt = float_value_dtype(float(delta.abs().max()) if n else 0.0, self.value_dtype)
         metas = lambda k: [sparse_meta("csr", k, float_values(vdt))]  # noqa: E731
         if self.density is not None:
-            if not 0 < self.density <= 1:
-                raise ValueError(f"magnitude density must be in (0, 1], got {self.density}")
             nnz = max(1, round(self.density * n))
             if not ctx.fits(metas(nnz)):
                 raise ctx.infeasible("magnitude", metas(nnz), "lower the density or raise the ratio")
