@@ -55,7 +55,7 @@ NATURAL = ("bitdelta",)
 RANDOM = ("auto", "dare", "deltadq")
 # Variants drawn in the plot (dashed) besides the methods: auto before the noise weight, and
 # auto with its sparse family forced.
-PLOTTED_VARIANTS = ("auto:noise_weight=1", "auto:lowrank_above=1000")
+PLOTTED_VARIANTS = ("auto:zstd_codes=false", "auto:noise_weight=1,zstd_codes=false", "auto:lowrank_above=1000")
 
 
 EVAL_TOKENS = 8192  # held-out Austen tokens for the PR of the Austen pairs (as benchmarks.methods)

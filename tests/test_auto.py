@@ -353,3 +353,43 @@ def test_noise_weight_accepts_any_real_number_type():
 
     for value in (np.float32(0.5), np.float64(0.5), 1, 0.25):
         assert isinstance(deltahub.get_method("auto", noise_weight=value).noise_weight, float)
+
+
+def test_coded_codes_buy_more_vectors_within_the_same_bytes():
+    """zstd-coded codes (format 1.2, the default) take fewer bytes than packed ones: the encoder
+    spends them on more singular vectors, within the same honest budget, for less error; the
+    coded record decodes as its uncoded form does."""
+    from deltahub.format.components import LowRank
+
+    g = torch.Generator().manual_seed(3)
+    delta = _lowrank(512, 768, [1.0 / (1 + i) ** 0.5 for i in range(256)], 6) * 0.05
+    base = torch.randn(512, 768, generator=g) * 0.02
+    ft = base + delta
+    encs = {z: deltahub.encode_tensor("w", base, ft, "auto", ratio=1 / 64, sign_part="never", zstd_codes=z) for z in (False, True)}
+    for z, enc in encs.items():
+        assert enc.ratio <= 1 / 64 and enc.ratio > 0.95 / 64, (z, enc.ratio)
+    plain, coded = (encs[z].record["components"][-1] for z in (False, True))
+    assert not any("coding" in seg for seg in plain["u"] + plain["v"])
+    assert any(seg.get("coding") == "zstd" for seg in coded["u"] + coded["v"])
+    assert coded["rank"] > 1.1 * plain["rank"], (coded["rank"], plain["rank"])
+    errors = {z: float((enc.decode(base.clone()) - ft).norm() / delta.norm()) for z, enc in encs.items()}
+    assert errors[True] < errors[False], errors
+    stored = {k.split(".", 1)[1]: t for k, t in encs[True].tensors.items()}
+    meta, packed = LowRank.uncoded(coded, stored, 512, 768)
+    assert not any("coding" in seg for seg in meta["u"] + meta["v"])
+    assert torch.equal(LowRank.decode(meta, packed, (512, 768)), LowRank.decode(coded, stored, (512, 768)))
+
+
+def test_a_repo_requires_zstd_codes_only_when_it_holds_them(pair):
+    """compress writes format 1.2 and lists `zstd-codes` in `requires` when a segment is coded, so
+    an older reader refuses the repo by name; with zstd_codes=false nothing is required."""
+    base, ft, root = pair
+    coded = deltahub.compress(base, ft, root / "coded", method="auto", ratio=1 / 32, progress=False)
+    plain = deltahub.compress(base, ft, root / "plain", method="auto", ratio=1 / 32, params={"zstd_codes": False}, progress=False)
+    cfg = {k: DeltaReader(r.path).config for k, r in (("coded", coded), ("plain", plain))}
+    assert cfg["coded"]["format_version"] == "1.2" and cfg["coded"]["requires"] == ["zstd-codes"]
+    assert "requires" not in cfg["plain"] and cfg["plain"]["method"]["params"]["zstd_codes"] is False
+    segs = [seg for r in cfg["coded"]["tensors"].values() for c in r.get("components", []) if c["type"] == "lowrank" for seg in c["u"] + c["v"]]
+    assert any("coding" in seg for seg in segs)
+    assert coded.ratio <= 1 / 32 and plain.ratio <= 1 / 32
+    assert deltahub.verify(coded.path, base=base).ok and deltahub.verify(plain.path, base=base).ok

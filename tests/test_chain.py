@@ -66,7 +66,7 @@ def test_every_position_of_a_chain_applies_and_loads_bit_exactly(run, chain, tmp
 def test_a_chain_member_names_its_parent_and_is_smaller_than_a_delta_against_the_base(run, chain, tmp_path):
     root, base, ckpts = run
     cfg = DeltaReader(chain[2]).config
-    assert cfg["requires"] == ["parent"] and cfg["format_version"] == "1.1"
+    assert cfg["requires"] == ["parent"] and cfg["format_version"] == deltahub.FORMAT_VERSION
     assert cfg["parent"]["name_or_path"] == "../v1" and cfg["parent"]["depth"] == 2  # a sibling: relative, the run folder can move
     assert cfg["parent"]["weights"] == DeltaReader(chain[1]).config["finetuned"]["weights"]
     assert cfg["base"]["name_or_path"] == str(base.resolve())  # the chain's keyframe's base

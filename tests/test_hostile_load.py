@@ -435,6 +435,63 @@ print("peak RSS MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     _no_output(tmp_path / "lora")
 
 
+@pytest.mark.parametrize("bomb", ["claim", "undeclared", "long", "coding"])
+def test_coded_codes_that_lie_are_refused_before_they_are_decompressed(llama, tmp_path, bomb):
+    """Format 1.2's coded codes (spec §6.3) from an attacker: a 17-byte frame declaring 1 TiB, a
+    frame without a content size that holds more than the packed codes, a frame longer than any
+    coded plane needs (``nbytes`` over its bound), an unknown coding. Every path that decodes
+    the record, and verify, refuses it with a FormatError naming the tensor and the field, under
+    a 4 GiB address space."""
+    base, delta = llama
+    rec = json.loads((delta / "delta_config.json").read_text())["tensors"][LOWRANK]
+    p, q = rec["shape"]
+    packed = (p * 2 + 7) // 8  # one 2-bit vector of length p
+    frame = {"claim": _zstd_frame(0, 1 << 40), "undeclared": _zstd_frame(4 * packed, None), "long": _zstd_frame(1 << 32, None),
+             "coding": _zstd_frame(packed, packed)}[bomb]
+    seg = {"start": 0, "end": 1, "bits": 2, "group_size": 128, "scale_dtype": "F16", "coding": "brotli" if bomb == "coding" else "zstd", "nbytes": len(frame)}
+    g = -(-p // 128)
+    bad = _rewrite_record(
+        _copy(delta, tmp_path / "bomb"), LOWRANK,
+        {"kind": "compressed", "shape": rec["shape"], "dtype": rec["dtype"], "method": "auto",
+         "components": [{"type": "lowrank", "rank": 1, "u": [seg], "v": [{"start": 0, "end": 1, "dtype": "F16"}]}]},
+        {"0.s": torch.ones(1), "0.u.0.codes": torch.frombuffer(bytearray(frame), dtype=torch.uint8),
+         "0.u.0.scale": torch.full((1, g), 0.01, dtype=torch.float16), "0.u.0.zero": torch.ones((1, g), dtype=torch.uint8),
+         "0.v.0.values": torch.full((1, q), 0.01, dtype=torch.float16)},
+    )
+    out = tmp_path / "out"
+    code = f"""
+import resource, sys, warnings
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+warnings.simplefilter("ignore")
+import deltahub
+from deltahub import DeltaModel
+from deltahub.errors import FormatError
+report = deltahub.verify({str(bad)!r})
+print("verify", "OK" if report.ok else "REFUSED", " ".join(report.problems))
+for what, call in (("apply", lambda: deltahub.apply({str(bad)!r}, {str(out)!r}, progress=False)),
+                   ("load", lambda: DeltaModel.from_pretrained({str(bad)!r})),
+                   ("unmerged", lambda: DeltaModel.from_pretrained({str(bad)!r}, merge=False)),
+                   ("export-lora", lambda: deltahub.export_lora({str(bad)!r}, {str(tmp_path / "lora")!r}, progress=False))):
+    try:
+        call()
+    except FormatError as e:
+        print(what, "REFUSED", e)
+    else:
+        sys.exit(what + " accepted lying coded codes")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 5, run.stdout
+    want = {"claim": "declares 1099511627776 bytes", "undeclared": f"decompresses to more than {packed} bytes",
+            "long": "u.0.nbytes", "coding": "'brotli', which this deltahub does not read"}[bomb]
+    for line in lines:
+        assert "REFUSED" in line and LOWRANK in line and want in line, line
+        assert bomb in ("long", "coding") or "field 'u.0.codes'" in line, line
+    _no_output(out)
+    _no_output(tmp_path / "lora")
+
+
 _EVIL_MODULE = '''
 from pathlib import Path
 Path({marker!r}).write_text("remote code from attacker/evil ran")

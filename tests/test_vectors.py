@@ -101,3 +101,17 @@ def test_chain_vector_decodes_bit_for_bit_and_its_digests_hold() -> None:
         reference = expected
     member = DeltaReader(path / "member").config
     assert member["requires"] == ["parent"] and member["parent"]["weights"] == digests["keyframe"] and member["parent"]["depth"] == 1
+
+
+def test_coded_vector_decodes_bit_for_bit() -> None:
+    """Format 1.2's vector (spec §6.3): lowrank segments whose codes are zstd frames, next to
+    uncoded ones; the repo lists `zstd-codes` in `requires`."""
+    reader, base, expected = _decode_all("coded")
+    assert reader.config["format_version"] == "1.2" and reader.config["requires"] == ["zstd-codes"]
+    coded = set()
+    for name in reader.names():
+        for comp in reader.record(name)["components"]:
+            coded.update(seg["bits"] for seg in comp["u"] + comp["v"] if "coding" in seg)
+        got = reader.decode(name, base[name])
+        assert torch.equal(got.view(torch.uint8), expected[name].view(torch.uint8)), f"{name} differs from its golden value"
+    assert coded == {2, 3}

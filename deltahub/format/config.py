@@ -10,10 +10,10 @@ from typing import Iterable, Mapping
 from ..errors import FormatError, UnsupportedFormatVersionError
 
 FORMAT_NAME = "deltahub"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 # Features of a minor version that change how a repo decodes (spec §1, ``requires``): a reader
 # refuses a repo that requires one it does not know instead of decoding it wrongly.
-KNOWN_REQUIREMENTS = ("parent",)
+KNOWN_REQUIREMENTS = ("parent", "zstd-codes")
 MAX_CHAIN_DEPTH = 64  # parents a version may stand on (spec §4.4): bounds the work of one load
 CONFIG_NAME = "delta_config.json"
 INDEX_NAME = "delta.safetensors.index.json"

@@ -201,10 +201,10 @@ def decode_record(name: str, record: Mapping, get: Callable[[str], torch.Tensor]
         raise FormatError(f"tensor {name!r}: the base tensor has shape {list(base.shape)}, the delta was made against {list(base_shape)}")
     if base_shape[1:] != shape[1:]:
         raise FormatError(f"tensor {name!r}: base_shape {list(base_shape)} and shape {list(shape)} may differ in dimension 0 only")
-    return sum_components(base, shape, dtype, tensors_by_comp)
+    return sum_components(base, shape, dtype, tensors_by_comp, name)
 
 
-def sum_components(base: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, parts) -> torch.Tensor:
+def sum_components(base: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, parts, name: str = "") -> torch.Tensor:
     """``cast(float32(base) + P_0 + P_1 + ...)`` (spec §5.4 steps 6-8), a stretch at a time.
 
     ``parts``: ``(component type, meta, stored fields)`` in component order. The base sits at
@@ -217,11 +217,15 @@ def sum_components(base: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtyp
     numel = flat_out.numel()
     width = math.prod(shape[1:]) if shape else 1  # elements per row of dimension 0
     spans = []  # (first element, end element, q, row adder) of each component
-    for ctype, meta, fetched in parts:
+    for i, (ctype, meta, fetched) in enumerate(parts):
         block = block_shape(shape, meta)
         rows = meta.get("rows")
         start = rows[0] * width if rows else 0
-        spans.append((start, start + math.prod(block), ctype.view(meta, block)[1], ctype.row_adder(meta, fetched, block)))
+        try:
+            adder = ctype.row_adder(meta, fetched, block)
+        except FormatError as e:  # a stored field that does not decode (coded codes that lie): name the tensor
+            raise type(e)(f"{CONFIG_NAME}: tensor {name!r} component {i} ({meta['type']}): {e}") from None
+        spans.append((start, start + math.prod(block), ctype.view(meta, block)[1], adder))
     if numel:
         # A stretch must hold whole matrix-view rows of every component it touches: cut at
         # multiples of every q, which needs each component to start on one; otherwise (a custom

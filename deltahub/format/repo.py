@@ -24,6 +24,7 @@ import torch
 from ..errors import FormatError, OutputError
 from . import records as rec
 from .components import check_fields
+from .components.lowrank import CODED_FEATURE
 from .config import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, SHARD_NAME, dumps_config, loads_config, shard_name, validate_config
 from .limits import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, confined_file, read_json
 from .safetensors_stream import MappedSafetensors, SafetensorsStreamWriter
@@ -465,6 +466,10 @@ class DeltaWriter:
         index = {"metadata": {"total_size": total_size, "format_version": FORMAT_VERSION, "sha256": checksums}, "weight_map": weight_map}
         (self._tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **{k: v for k, v in config.items() if k != "tensors"}}
+        # Coded codes change how the repo decodes: listed in `requires`, a reader that does not
+        # know them refuses the repo by name instead of failing on a field's size (spec §1.7).
+        if any(_has_coded_segment(r) for r in self._records.values()) and CODED_FEATURE not in cfg.get("requires", []):
+            cfg["requires"] = [*cfg.get("requires", []), CODED_FEATURE]
         cfg["tensors"] = self._records
         text = config_text(cfg, total_size + (self._tmp / INDEX_NAME).stat().st_size)
         (self._tmp / CONFIG_NAME).write_text(text)
@@ -630,3 +635,14 @@ def check_index(index: object, where: str = INDEX_NAME) -> dict[str, str]:
     if not isinstance(sha, dict) or not all(isinstance(k, str) and SHARD_NAME.match(k) and isinstance(v, str) and _HEX64.match(v) for k, v in sha.items()):
         raise FormatError(f"{where}: field 'metadata.sha256' must map shard names to 64 lowercase hex digits; the file is corrupted or hostile")
     return weight_map
+
+
+def _has_coded_segment(record: Mapping) -> bool:
+    """Whether a record holds a lowrank segment whose codes are coded (spec §6.3, format 1.2)."""
+    return any(
+        isinstance(seg, Mapping) and "coding" in seg
+        for comp in record.get("components") or []
+        if isinstance(comp, Mapping) and comp.get("type") == "lowrank"
+        for factor in ("u", "v")
+        for seg in comp.get(factor) or []
+    )

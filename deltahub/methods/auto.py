@@ -32,6 +32,11 @@ Why this shape (measured on the SmolLM2/Austen pairs, ``benchmarks/README.md``):
   1, facts kept went from 0.93/0.38/0.04 to 0.99/0.64/0.14 at 1/32, 1/64, 1/128, and PR on the
   heavy Austen pair from 0.953/0.861 to 0.958/0.894 at 1/64, 1/128, for 0.01 of PR at 1/16
   (1.008 to 0.998). At 1/64, 0.03 kept 0.675, 0.1 0.642 and 0.3 0.583; at 1/128, 0.3 kept 0.100.
+- The codes of 2-4-bit singular vectors are far from uniform (round to nearest fills the middle
+  codes), so each quantized segment's codes are stored as a zstd frame where that is smaller
+  (``zstd_codes``, format 1.2): the 2-bit planes of the heavy Austen pair's delta at 1/64 take
+  0.81 of their packed bytes. The encoder spends what coding saves on more vectors (+19% rank
+  there), re-planning the tensor for a larger budget until its coded record fills its own.
 - D-QRELO's 1-bit sign part is a fixed price for a different spectrum (the residual's): the plan
   takes it where, at the model's marginal price of a byte, it leaves less error for its bytes.
   On the heavy pair it was 2 tensors of 211 at 1/8 and none at 1/4 when first measured, and is
@@ -49,6 +54,7 @@ Bernoulli mask and k-bit values), so every reader decodes it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -74,6 +80,11 @@ _SLACK = 16
 VALUE_WIDTHS = (2, 4, 8)
 # Rounding noise against a dropped vector's error, measured against retention (module docstring).
 NOISE_WEIGHT = 0.1
+# zstd codes 2-4-bit planes of singular vectors to 0.79-0.92 of their bytes (benchmarks/README.md):
+# a record planned for budget / CODED_FRACTION_FLOOR is the most that can fit once coded, and
+# CODED_SEARCH_STEPS halvings find the largest that does to within 1.3% of the budget.
+CODED_FRACTION_FLOOR = 0.7
+CODED_SEARCH_STEPS = 5
 
 
 @register_method
@@ -86,7 +97,9 @@ class Auto(Method):
     1-bit sign part (D-QRELO's) where that removes more error for its bytes (``sign_part="auto"``;
     ``"always"`` or ``"never"`` to force it). ``noise_weight`` (in (0, 1]) is how much a kept
     vector's rounding noise counts against a dropped vector's error: lower buys more vectors at
-    fewer bits (1: plain Frobenius error).
+    fewer bits (1: plain Frobenius error). ``zstd_codes`` (default true) stores each quantized
+    segment's codes as a zstd frame where smaller and spends the bytes saved on more vectors
+    (format 1.2: a reader of 1.0 or 1.1 refuses such a repo by name, from its `requires`).
     ``lora=True``: low rank for every matrix and no sign part, so that ``export_lora`` is exact
     (many deltas served as LoRA adapters on one vLLM); ``max_rank`` caps the rank of every record.
     ``compress`` spreads the whole model's budget first (:meth:`plan`); alone, each tensor fills
@@ -110,6 +123,7 @@ class Auto(Method):
     lora: bool = False
     max_rank: int | None = None
     noise_weight: float = NOISE_WEIGHT
+    zstd_codes: bool = True
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
@@ -119,6 +133,8 @@ class Auto(Method):
             raise ValueError(f"auto levels must be increasing bit widths in 2..8, got {self.levels}")
         if self.sign_part not in ("auto", "always", "never"):
             raise ValueError(f"auto sign_part must be 'auto', 'always' or 'never', got {self.sign_part!r}")
+        if not isinstance(self.zstd_codes, bool):
+            raise ValueError(f"auto zstd_codes must be true or false, got {self.zstd_codes!r}")
         if not isinstance(self.lora, bool):
             raise ValueError(f"auto lora must be true or false, got {self.lora!r}")
         if self.lora:
@@ -300,17 +316,40 @@ class Auto(Method):
         else:
             u, s, v = truncated_svd(target, most)
             quantizer = quantize_groups
-        spectrum = self._fit(self._encoder_spectrum(s, p, q, ctx, [c.meta for c in extra]), ctx, [c.meta for c in extra], one)
-        rank = spectrum.counts[0]
-        while rank >= 1:  # the allocator's byte counts are estimates: drop the last vectors until the record fits
-            spectrum.counts = [min(c, rank) for c in spectrum.counts]
-            comp = encode_lowrank(u[:, :rank], s[:rank], v[:, :rank], spectrum.segments(self.levels), v_quantizer=quantizer)
-            if ctx.fits([c.meta for c in extra] + [comp.meta]):
-                return extra + [comp]
-            rank -= 1
-        if sign is not None and ctx.fits([sign.meta]):
-            return [sign]
-        raise ctx.infeasible("auto", [lowrank_meta(one)])
+        metas = [c.meta for c in extra]
+
+        def encoded(room: EncodeContext, tries: int) -> Component | None:
+            """The record the allocator chooses for ``room``'s budget that fits ``ctx``'s, dropping
+            the last vectors (at most ``tries`` times) where the estimate was too large."""
+            spectrum = self._fit(self._encoder_spectrum(s, p, q, room, metas), room, metas, one)
+            rank = spectrum.counts[0]
+            for _ in range(tries):
+                if rank < 1:
+                    break
+                spectrum.counts = [min(c, rank) for c in spectrum.counts]
+                comp = encode_lowrank(u[:, :rank], s[:rank], v[:, :rank], spectrum.segments(self.levels), v_quantizer=quantizer, coded=self.zstd_codes)
+                if ctx.fits(metas + [comp.meta]):
+                    return comp
+                rank -= 1
+            return None
+
+        comp = encoded(ctx, most)
+        if comp is None:
+            if sign is not None and ctx.fits([sign.meta]):
+                return [sign]
+            raise ctx.infeasible("auto", [lowrank_meta(one)])
+        if self.zstd_codes and any("coding" in seg for f in ("u", "v") for seg in comp.meta[f]):
+            # Coded codes take fewer bytes than the allocator counted: spend what they left on more
+            # vectors, planning for a larger budget (bisected) whose coded record still fits this one.
+            lo, hi = ctx.budget, int(ctx.budget / CODED_FRACTION_FLOOR)
+            for _ in range(CODED_SEARCH_STEPS):
+                mid = (lo + hi) // 2
+                trial = encoded(dataclasses.replace(ctx, budget=mid), 1)
+                if trial is not None:
+                    comp, lo = trial, mid
+                else:
+                    hi = mid
+        return extra + [comp]
 
     def _choose_sign(self, delta: torch.Tensor, ctx: EncodeContext, one: list[Segment]) -> tuple[Component | None, torch.Tensor]:
         """A sign part and the residual, or ``(None, delta)``: whichever the allocator expects to leave

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 from ..progress import progress as progress_bar
 
-from ..format import DeltaReader
+from ..format import CONFIG_NAME, DeltaReader
 from ..format.components import LowRank, block_shape, matrix_view
 from ..format.dtypes import parse_user_dtype
 from ..format.records import delta_from_components, record_nbytes, validate_record
@@ -212,8 +212,11 @@ def _stored_lowrank(name: str, record: dict, reader: DeltaReader) -> tuple[torch
     for meta, comp in zip(comps, stored_components(name, record, reader.get)):
         if meta["type"] != "lowrank":
             continue
-        u = LowRank.factor(meta, comp.tensors, "u", shape[0])  # [r, p], dequantized
-        v = LowRank.factor(meta, comp.tensors, "v", shape[1])  # [r, q]
+        try:
+            u = LowRank.factor(meta, comp.tensors, "u", shape[0])  # [r, p], dequantized
+            v = LowRank.factor(meta, comp.tensors, "v", shape[1])  # [r, q]
+        except FormatError as e:  # coded codes that do not decompress: name the tensor
+            raise type(e)(f"{CONFIG_NAME}: tensor {name!r} component {comps.index(meta)} (lowrank): {e}") from None
         s = comp.tensors["s"].to(torch.float32)
         us.append(u.t() * s)
         ss.append(s)

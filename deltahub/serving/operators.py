@@ -40,8 +40,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..format.components import Component, Sparse, block_shape, check_fields, component_type, matrix_view
+from ..format.components import Component, LowRank, Sparse, block_shape, check_fields, component_type, matrix_view
 from ..format.components.sparse import csr_from_mask
+from ..errors import FormatError
+from ..format.config import CONFIG_NAME
 from ..format.dtypes import to_torch
 from ..format.quant import dequantize_groups
 from ..format.records import decode_record, stored_key, validate_record
@@ -172,7 +174,12 @@ class SignOp(ComponentOp):
 
 
 class LowRankOp(ComponentOp):
-    """``U diag(S) Vᵀ`` applied as ``((x V) S) Uᵀ``; factors decoded per forward from their stored form."""
+    """``U diag(S) Vᵀ`` applied as ``((x V) S) Uᵀ``; factors decoded per forward from their stored form
+    (zstd-coded codes are decompressed once, here: a forward unpacks bits, it does not decompress)."""
+
+    def __init__(self, meta: Mapping, stored: Mapping[str, torch.Tensor], start: int, stop: int, p: int, q: int) -> None:
+        meta, stored = LowRank.uncoded(meta, stored, p, q)
+        super().__init__(meta, stored, start, stop, p, q)
 
     def factor(self, which: str, dtype: torch.dtype) -> torch.Tensor:
         """The factor vector-major, ``[r, L]`` (L = p for ``u``, q for ``v``), in ``dtype``."""
@@ -391,7 +398,9 @@ class TensorDelta(DeviceBound):
         for i, c in enumerate(self.comps):
             for f, t in c.stored().items():
                 stored[stored_key(self.name, i, f)] = t.cpu()
-        return decode_record(self.name, self.record, stored.__getitem__, base.detach().cpu())
+        # The components as the ops hold them (coded codes already decompressed: their metas say so).
+        record = {**self.record, "components": [getattr(c, "original", c).meta for c in self.comps]}
+        return decode_record(self.name, record, stored.__getitem__, base.detach().cpu())
 
 
 class ValueDelta(DeviceBound):
@@ -439,10 +448,13 @@ def build_operator(name: str, record: Mapping, get: Callable[[str], torch.Tensor
         value = decode_record(name, record, get, base.detach().cpu())
         return ValueDelta(name, record, value)
     ops: list[ComponentOp] = []
-    for c in stored_components(name, record, get):
+    for i, c in enumerate(stored_components(name, record, get)):
         p, q = matrix_view(block_shape(shape, c.meta), c.meta)
         rows = c.meta.get("rows") or [0, shape[0]]
-        ops.append(OPS[c.type](c.meta, c.tensors, rows[0], rows[1], p, q))
+        try:
+            ops.append(OPS[c.type](c.meta, c.tensors, rows[0], rows[1], p, q))
+        except FormatError as e:  # a field that does not decode (coded codes that lie): name the tensor
+            raise type(e)(f"{CONFIG_NAME}: tensor {name!r} component {i} ({c.type}): {e}") from None
     op = TensorDelta(name, record, ops)
     return op.as_matrix() if matrix else op
 

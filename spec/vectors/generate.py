@@ -1,5 +1,6 @@
 """Regenerate the golden vectors of spec/FORMAT.md. Run: ``python spec/vectors/generate.py``
-(format 1.0's vectors) or ``python spec/vectors/generate.py chain`` (format 1.1's chain vector).
+(format 1.0's vectors), ``python spec/vectors/generate.py chain`` (format 1.1's chain vector) or
+``python spec/vectors/generate.py coded`` (format 1.2's coded codes).
 
 Two vectors, each a delta repo plus ``base.safetensors`` (the base it applies to) and
 ``expected.safetensors`` (every decoded tensor; removed tensors are absent):
@@ -273,7 +274,51 @@ def chain_vector() -> None:
     save_file(base, str(root / "base.safetensors"))
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["chain"]:
+def coded_vector() -> tuple[dict, dict, dict]:
+    """``coded/`` (format 1.2): lowrank records whose quantized segments hold zstd-coded codes
+    (spec §6.3), with dyadic values as ``components/`` so that every decode is exact. Codes are
+    drawn skewed towards the middle codes, as round to nearest leaves them, so the frames are
+    smaller than the packed codes; the 8-bit segments stay uncoded, as a writer leaves a plane
+    that zstd does not shrink."""
+    import zstandard
+
+    g = torch.Generator().manual_seed(4)
+    base: dict[str, torch.Tensor] = {}
+    out: dict[str, tuple[dict, dict]] = {}
+    coded: set[int] = set()
+    for name, (p, q, r) in {"coded_a.weight": (21, 131, 37), "coded_b.weight": (64, 300, 12)}.items():
+        base[name] = dyadic(g, (p, q)).bfloat16()
+        segs = [Segment(0, 2, bits=8, group_size=128), Segment(2, r // 2, bits=3, group_size=64), Segment(r // 2, r, bits=2, group_size=128)]
+        meta: dict = {"type": "lowrank", "rank": r, "u": [], "v": []}
+        tensors: dict[str, torch.Tensor] = {"s": torch.full((r,), 0.5)}
+        for factor, length in (("u", p), ("v", q)):
+            for j, seg in enumerate(segs):
+                w, ng = seg.end - seg.start, -(-length // seg.group_size)
+                levels = 1 << seg.bits
+                weights = torch.exp(-((torch.arange(levels) - (levels - 1) / 2) ** 2) / (levels / 8))
+                codes = torch.multinomial(weights, w * length, replacement=True, generator=g)
+                packed = bitpack.pack(codes, seg.bits)
+                m = {"start": seg.start, "end": seg.end, "bits": seg.bits, "group_size": seg.group_size, "scale_dtype": "F16"}
+                frame = zstandard.ZstdCompressor(level=3).compress(packed.numpy().tobytes())
+                if seg.bits < 8 and len(frame) < packed.numel():  # coded where smaller, as writers do
+                    coded.add(seg.bits)
+                    m.update(coding="zstd", nbytes=len(frame))
+                    packed = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+                meta[factor].append(m)
+                tensors[f"{factor}.{j}.codes"] = packed
+                tensors[f"{factor}.{j}.scale"] = torch.full((w, ng), 2.0**-6, dtype=torch.float16)
+                tensors[f"{factor}.{j}.zero"] = torch.randint(0, levels, (w, ng), generator=g).to(torch.uint8)
+        out[name] = make_record("compressed", (p, q), "BF16", [Component(meta, tensors)], method="auto")
+    assert coded == {2, 3}, coded
+    return base, out, {}
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["coded"]:
+    b, r, _ = coded_vector()  # format 1.2's vector only: the older vectors are frozen
+    check_components_exact(r)
+    write_vector("coded", b, r, "auto")
+    print("coded", sorted(p.name for p in (HERE / "coded").iterdir()))
+elif __name__ == "__main__" and sys.argv[1:] == ["chain"]:
     chain_vector()  # format 1.1's vector only: the 1.0 vectors are frozen
     print("chain", sorted(str(p.relative_to(HERE)) for p in (HERE / "chain").rglob("*") if p.is_file()))
 elif __name__ == "__main__":

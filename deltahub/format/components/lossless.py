@@ -65,9 +65,9 @@ class Lossless(ComponentType):
 _CHECK_CHUNK = 1 << 20
 
 
-def decompress_planes(data: bytes, expected: int, keep: bool = True) -> bytearray:
-    """The byte planes a lossless component's ``data`` holds, which must be exactly ``expected``
-    bytes; :class:`FormatError` naming the field ``data`` otherwise.
+def decompress_planes(data: bytes, expected: int, keep: bool = True, field: str = "data") -> bytearray:
+    """The bytes a zstd-coded field holds (a lossless component's ``data``, a coded segment's
+    ``codes``), which must be exactly ``expected`` bytes; :class:`FormatError` naming ``field`` otherwise.
 
     A zstd frame may declare its content size, and a one-shot decompress allocates that size
     whatever it is told (python-zstandard ignores ``max_output_size`` then): a 17-byte frame can
@@ -80,10 +80,10 @@ def decompress_planes(data: bytes, expected: int, keep: bool = True) -> bytearra
     try:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError:
-        raise FormatError(f"field 'data' is not a zstd frame ({len(data)} bytes, no valid frame header); the file is corrupted") from None
+        raise FormatError(f"field '{field}' is not a zstd frame ({len(data)} bytes, no valid frame header); the file is corrupted") from None
     if declared > expected:  # -1: the frame does not say
         raise FormatError(
-            f"field 'data': its zstd frame declares {declared} bytes, but the tensor's byte planes are {expected} bytes (shape x dtype); "
+            f"field '{field}': its zstd frame declares {declared} bytes, but {expected} bytes are expected (the field's shape from the record's meta); "
             "the delta is corrupted or hostile"
         )
     reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
@@ -103,10 +103,10 @@ def decompress_planes(data: bytes, expected: int, keep: bool = True) -> bytearra
                     extra, got = got - expected, expected
                     break
     except zstandard.ZstdError as e:
-        raise FormatError(f"field 'data' does not decompress ({e}); the file is corrupted") from None
+        raise FormatError(f"field '{field}' does not decompress ({e}); the file is corrupted") from None
     if got != expected or extra:
         held = f"more than {expected}" if extra else str(got)
-        raise FormatError(f"field 'data' decompresses to {held} bytes, {expected} expected (the tensor's shape x dtype); the file is corrupted")
+        raise FormatError(f"field '{field}' decompresses to {held} bytes, {expected} expected (from the record's meta); the file is corrupted")
     return out
 
 
