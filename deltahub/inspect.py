@@ -7,6 +7,8 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .format.components.lowrank import CODED_FEATURE
+from .format.repo import has_coded_segment
 from .errors import DeltahubError, FormatError
 from .format import CONFIG_NAME, INDEX_NAME
 from .format.config import SHARD_NAME, is_repo_file, read_config
@@ -162,6 +164,12 @@ def verify(
             report.checked_tensors += 1
         except DeltahubError as e:
             report.problems.append(f"{name}: {e}")
+    coded = [n for n, r in reader.records.items() if isinstance(r, dict) and has_coded_segment(r)]
+    if coded and CODED_FEATURE not in (reader.config.get("requires") or []):
+        report.problems.append(
+            f"{CONFIG_NAME}: tensor {coded[0]!r} (and {len(coded) - 1} more) holds coded codes but 'requires' does not name "
+            f"{CODED_FEATURE!r} (spec §6.3): a 1.0 or 1.1 reader would fail on it instead of naming the feature; the writer is non-conforming"
+        )
     stray = sorted(set(reader.weight_map) - expected_keys)
     if stray:
         report.problems.append(f"{INDEX_NAME} lists {len(stray)} tensor(s) no record uses, e.g. {stray[0]!r}")

@@ -393,3 +393,14 @@ def test_a_repo_requires_zstd_codes_only_when_it_holds_them(pair):
     assert any("coding" in seg for seg in segs)
     assert coded.ratio <= 1 / 32 and plain.ratio <= 1 / 32
     assert deltahub.verify(coded.path, base=base).ok and deltahub.verify(plain.path, base=base).ok
+    # A writer that codes without saying so is non-conforming: verify names the missing feature.
+    import json
+    import shutil
+
+    edited = shutil.copytree(coded.path, root / "coded-no-requires")
+    cfg_file = edited / "delta_config.json"
+    doc = json.loads(cfg_file.read_text())
+    del doc["requires"]
+    cfg_file.write_text(json.dumps(doc))
+    report = deltahub.verify(edited)
+    assert not report.ok and any("'zstd-codes'" in problem for problem in report.problems), report

@@ -435,7 +435,7 @@ print("peak RSS MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     _no_output(tmp_path / "lora")
 
 
-@pytest.mark.parametrize("bomb", ["claim", "undeclared", "long", "coding"])
+@pytest.mark.parametrize("bomb", ["claim", "undeclared", "long", "coding", "amplify", "float"])
 def test_coded_codes_that_lie_are_refused_before_they_are_decompressed(llama, tmp_path, bomb):
     """Format 1.2's coded codes (spec §6.3) from an attacker: a 17-byte frame declaring 1 TiB, a
     frame without a content size that holds more than the packed codes, a frame longer than any
@@ -445,18 +445,20 @@ def test_coded_codes_that_lie_are_refused_before_they_are_decompressed(llama, tm
     base, delta = llama
     rec = json.loads((delta / "delta_config.json").read_text())["tensors"][LOWRANK]
     p, q = rec["shape"]
-    packed = (p * 2 + 7) // 8  # one 2-bit vector of length p
+    r = 64 if bomb == "amplify" else 1  # amplify: a 21-byte frame standing for 64 vectors' codes (65x)
+    packed = (r * p * 2 + 7) // 8  # r 2-bit vectors of length p
     frame = {"claim": _zstd_frame(0, 1 << 40), "undeclared": _zstd_frame(4 * packed, None), "long": _zstd_frame(1 << 32, None),
-             "coding": _zstd_frame(packed, packed)}[bomb]
-    seg = {"start": 0, "end": 1, "bits": 2, "group_size": 128, "scale_dtype": "F16", "coding": "brotli" if bomb == "coding" else "zstd", "nbytes": len(frame)}
+             "coding": _zstd_frame(packed, packed), "amplify": _zstd_frame(packed, packed), "float": _zstd_frame(packed, packed)}[bomb]
+    seg = {"start": 0, "end": r, "bits": 2, "group_size": 128, "scale_dtype": "F16", "coding": "brotli" if bomb == "coding" else "zstd", "nbytes": len(frame)}
+    v_seg = {"start": 0, "end": r, "dtype": "F16", **({"coding": "zstd", "nbytes": 5} if bomb == "float" else {})}
     g = -(-p // 128)
     bad = _rewrite_record(
         _copy(delta, tmp_path / "bomb"), LOWRANK,
         {"kind": "compressed", "shape": rec["shape"], "dtype": rec["dtype"], "method": "auto",
-         "components": [{"type": "lowrank", "rank": 1, "u": [seg], "v": [{"start": 0, "end": 1, "dtype": "F16"}]}]},
-        {"0.s": torch.ones(1), "0.u.0.codes": torch.frombuffer(bytearray(frame), dtype=torch.uint8),
-         "0.u.0.scale": torch.full((1, g), 0.01, dtype=torch.float16), "0.u.0.zero": torch.ones((1, g), dtype=torch.uint8),
-         "0.v.0.values": torch.full((1, q), 0.01, dtype=torch.float16)},
+         "components": [{"type": "lowrank", "rank": r, "u": [seg], "v": [v_seg]}]},
+        {"0.s": torch.ones(r), "0.u.0.codes": torch.frombuffer(bytearray(frame), dtype=torch.uint8),
+         "0.u.0.scale": torch.full((r, g), 0.01, dtype=torch.float16), "0.u.0.zero": torch.ones((r, g), dtype=torch.uint8),
+         "0.v.0.values": torch.full((r, q), 0.01, dtype=torch.float16)},
     )
     out = tmp_path / "out"
     code = f"""
@@ -484,10 +486,11 @@ for what, call in (("apply", lambda: deltahub.apply({str(bad)!r}, {str(out)!r}, 
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 5, run.stdout
     want = {"claim": "declares 1099511627776 bytes", "undeclared": f"decompresses to more than {packed} bytes",
-            "long": "u.0.nbytes", "coding": "'brotli', which this deltahub does not read"}[bomb]
+            "long": "u.0.nbytes", "coding": "'brotli', which this deltahub does not read", "amplify": "at most 64x its stored bytes",
+            "float": "'v.0.coding': only a quantized segment"}[bomb]
     for line in lines:
         assert "REFUSED" in line and LOWRANK in line and want in line, line
-        assert bomb in ("long", "coding") or "field 'u.0.codes'" in line, line
+        assert bomb not in ("claim", "undeclared") or "field 'u.0.codes'" in line, line
     _no_output(out)
     _no_output(tmp_path / "lora")
 

@@ -468,7 +468,7 @@ class DeltaWriter:
         cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **{k: v for k, v in config.items() if k != "tensors"}}
         # Coded codes change how the repo decodes: listed in `requires`, a reader that does not
         # know them refuses the repo by name instead of failing on a field's size (spec §1.7).
-        if any(_has_coded_segment(r) for r in self._records.values()) and CODED_FEATURE not in cfg.get("requires", []):
+        if any(has_coded_segment(r) for r in self._records.values()) and CODED_FEATURE not in cfg.get("requires", []):
             cfg["requires"] = [*cfg.get("requires", []), CODED_FEATURE]
         cfg["tensors"] = self._records
         text = config_text(cfg, total_size + (self._tmp / INDEX_NAME).stat().st_size)
@@ -637,10 +637,10 @@ def check_index(index: object, where: str = INDEX_NAME) -> dict[str, str]:
     return weight_map
 
 
-def _has_coded_segment(record: Mapping) -> bool:
+def has_coded_segment(record: Mapping) -> bool:
     """Whether a record holds a lowrank segment whose codes are coded (spec §6.3, format 1.2)."""
     return any(
-        isinstance(seg, Mapping) and "coding" in seg
+        isinstance(seg, Mapping) and "coding" in seg and "bits" in seg
         for comp in record.get("components") or []
         if isinstance(comp, Mapping) and comp.get("type") == "lowrank"
         for factor in ("u", "v")

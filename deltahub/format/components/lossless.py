@@ -61,6 +61,8 @@ class Lossless(ComponentType):
         raise FormatError("lossless decodes against the base; use records.decode_record")
 
 
+MAX_WINDOW_FLOOR = 1 << 23
+
 # What verify decompresses at a time: output is counted, not kept.
 _CHECK_CHUNK = 1 << 20
 
@@ -86,7 +88,10 @@ def decompress_planes(data: bytes, expected: int, keep: bool = True, field: str 
             f"field '{field}': its zstd frame declares {declared} bytes, but {expected} bytes are expected (the field's shape from the record's meta); "
             "the delta is corrupted or hostile"
         )
-    reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+    # A frame's header may ask for a window of up to 2 GiB, which the decoder reserves whatever
+    # the content: capped at what standard levels use (8 MiB at level 19) or the output's size.
+    window = max(MAX_WINDOW_FLOOR, 1 << max(expected - 1, 1).bit_length())
+    reader = zstandard.ZstdDecompressor(max_window_size=window).stream_reader(data, read_across_frames=True)
     try:
         if keep:
             out = bytearray(expected)

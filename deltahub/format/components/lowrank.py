@@ -46,6 +46,8 @@ def _segment_layout(prefix: str, seg: Mapping, length: int) -> Layout:
             f"{prefix}.scale": (sdt, (width, ng)),
             f"{prefix}.zero": ("U8", (width, ng)),
         }
+    if "coding" in seg or "nbytes" in seg:
+        raise FormatError(f"field '{prefix}.coding': only a quantized segment (with 'bits') has coded codes; this one stores float values")
     dt = seg.get("dtype")
     if not isinstance(dt, str) or dt not in FLOAT_NAMES:
         raise FormatError(f"lowrank segment {prefix} needs 'bits' or a float 'dtype' ({list(FLOAT_NAMES)}), got dtype {str(dt)[:40]!r}")
@@ -58,6 +60,12 @@ CODINGS = ("zstd",)
 CODED_FEATURE = "zstd-codes"  # what a repo with coded segments lists in `requires` (spec §1.7)
 
 
+# A coded plane decompresses to at most this many times its stored bytes (spec §6.3): real codes
+# shrink to 0.8-0.9, and the bound keeps what a reader allocates proportional to the file, not to
+# a shape the record declares (a 9-byte frame may not stand for a gigabyte of codes).
+MAX_CODED_EXPANSION = 64
+
+
 def _codes_nbytes(prefix: str, seg: Mapping, packed: int) -> int:
     """Stored bytes of a segment's codes: the packed size, or a coded segment's ``nbytes``."""
     if "coding" not in seg:
@@ -67,7 +75,20 @@ def _codes_nbytes(prefix: str, seg: Mapping, packed: int) -> int:
         raise FormatError(f"field '{prefix}.coding' is {str(coding)[:40]!r}, which this deltahub does not read (it reads {list(CODINGS)}); upgrade: pip install -U deltahub")
     # A frame of at least one byte; a coded plane never needs to be larger than its packed size
     # plus a frame's overhead, so anything beyond that is refused before it is read.
-    return check_int(f"{prefix}.nbytes", seg.get("nbytes"), 1, packed + 64)
+    n = check_int(f"{prefix}.nbytes", seg.get("nbytes"), 1, packed + 64)
+    if packed > MAX_CODED_EXPANSION * n:
+        raise FormatError(
+            f"field '{prefix}.nbytes' is {n}: a coded plane holds at most {MAX_CODED_EXPANSION}x its stored bytes, "
+            f"and this segment's packed codes are {packed} bytes (spec §6.3); the delta is corrupted or hostile"
+        )
+    return n
+
+
+def _decoded_codes(frame: torch.Tensor, packed: int, field: str) -> torch.Tensor:
+    """A coded segment's packed codes: its zstd frame decompressed to exactly ``packed`` bytes
+    (a frame for an empty segment too must decompress to nothing)."""
+    raw = decompress_planes(frame.cpu().numpy().tobytes(), packed, field=field)
+    return torch.frombuffer(raw, dtype=torch.uint8) if packed else torch.zeros(0, dtype=torch.uint8)
 
 
 def _check_segments(factor: str, segs: Sequence[Mapping], rank: int) -> None:
@@ -111,10 +132,10 @@ class LowRank(ComponentType):
         for factor, length in (("u", p), ("v", q)):
             segs = [dict(seg) for seg in meta[factor]]
             for j, seg in enumerate(segs):
-                if "coding" in seg:
+                if "coding" in seg and "bits" in seg:  # layout() refused coding on a float segment
                     packed = bitpack.packed_nbytes((seg["end"] - seg["start"]) * length, seg["bits"])
                     key = f"{factor}.{j}.codes"
-                    tensors[key] = torch.frombuffer(decompress_planes(tensors[key].cpu().numpy().tobytes(), packed, field=key), dtype=torch.uint8) if packed else tensors[key][:0]
+                    tensors[key] = _decoded_codes(tensors[key], packed, key)
                     del seg["coding"], seg["nbytes"]
             meta[factor] = segs
         return meta, tensors
@@ -129,8 +150,7 @@ class LowRank(ComponentType):
             if "bits" in seg:
                 data = tensors[f"{key}.codes"]
                 if "coding" in seg:  # zstd: exactly the packed bytes, bounded before and while decompressing
-                    packed = bitpack.packed_nbytes(width * length, seg["bits"])
-                    data = torch.frombuffer(decompress_planes(data.numpy().tobytes(), packed, field=f"{key}.codes"), dtype=torch.uint8) if packed else data[:0]
+                    data = _decoded_codes(data, bitpack.packed_nbytes(width * length, seg["bits"]), f"{key}.codes")
                 codes = bitpack.unpack(data, seg["bits"], width * length).view(width, length)
                 parts.append(dequantize_groups(codes, tensors[f"{key}.scale"], tensors[f"{key}.zero"], seg["group_size"]))
             else:
@@ -201,9 +221,14 @@ ZSTD_LEVEL = 3
 
 
 def code_zstd(packed: torch.Tensor) -> torch.Tensor | None:
-    """The packed codes as one zstd frame, or ``None`` where that is not smaller."""
+    """The packed codes as one zstd frame, or ``None`` where that is not smaller, counting the
+    segment's two more JSON fields (``,"coding":"zstd","nbytes":N`` in the record's compact JSON,
+    spec §11.1): a small plane can save fewer bytes than the fields cost."""
     frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(packed.numpy().tobytes())
-    return torch.frombuffer(bytearray(frame), dtype=torch.uint8) if len(frame) < packed.numel() else None
+    fields = len(f',"coding":"zstd","nbytes":{len(frame)}')
+    if len(frame) + fields >= packed.numel() or packed.numel() > MAX_CODED_EXPANSION * len(frame):
+        return None  # not smaller, or smaller than readers accept (a constant plane: store it packed)
+    return torch.frombuffer(bytearray(frame), dtype=torch.uint8)
 
 
 def _encode_factor(prefix: str, vectors: torch.Tensor, segs: Sequence[Segment], quantizer: Quantizer = quantize_groups, coded: bool = False) -> tuple[list[dict], dict[str, torch.Tensor]]:
