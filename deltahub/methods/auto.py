@@ -35,8 +35,9 @@ Why this shape (measured on the SmolLM2/Austen pairs, ``benchmarks/README.md``):
 - The codes of 2-4-bit singular vectors are far from uniform (round to nearest fills the middle
   codes), so each quantized segment's codes are stored as a zstd frame where that is smaller
   (``zstd_codes``, format 1.2): the 2-bit planes of the heavy Austen pair's delta at 1/64 take
-  0.81 of their packed bytes. The encoder spends what coding saves on more vectors (+19% rank
-  there), re-planning the tensor for a larger budget until its coded record fills its own.
+  0.81 of their packed bytes. The encoder spends what coding saves on more vectors (+17% rank
+  there), re-planning the tensor for a larger budget until its coded record fills its own
+  (at most 4 re-plannings; compress at 1/8 on the heavy pair: 62 s against 46 s uncoded).
 - D-QRELO's 1-bit sign part is a fixed price for a different spectrum (the residual's): the plan
   takes it where, at the model's marginal price of a byte, it leaves less error for its bytes.
   On the heavy pair it was 2 tensors of 211 at 1/8 and none at 1/4 when first measured, and is
@@ -48,8 +49,9 @@ Why this shape (measured on the SmolLM2/Austen pairs, ``benchmarks/README.md``):
   product and nothing else); the widths are still chosen for storage. ``max_rank`` caps every
   record's rank (vLLM's ``--max-lora-rank``: the LoRA kernels' cost grows with it).
 
-Every component is one the spec already defines (``lowrank``, ``sparse`` with a seeded
-Bernoulli mask and k-bit values), so every reader decodes it.
+Every component is one the spec defines (``lowrank``, ``sparse`` with a seeded Bernoulli mask
+and k-bit values); coded codes need a format 1.2 reader (``zstd_codes=False`` writes what 1.1
+readers decode).
 """
 
 from __future__ import annotations
@@ -80,11 +82,20 @@ _SLACK = 16
 VALUE_WIDTHS = (2, 4, 8)
 # Rounding noise against a dropped vector's error, measured against retention (module docstring).
 NOISE_WEIGHT = 0.1
-# zstd codes 2-4-bit planes of singular vectors to 0.79-0.92 of their bytes (benchmarks/README.md):
-# a record planned for budget / CODED_FRACTION_FLOOR is the most that can fit once coded, and
-# CODED_SEARCH_STEPS halvings find the largest that does to within 1.3% of the budget.
-CODED_FRACTION_FLOOR = 0.7
-CODED_SEARCH_STEPS = 5
+# Re-plannings that spend what zstd-coded codes saved (_spend_what_coding_saved): each costs a
+# quantization and a coding of the tensor's vectors.
+CODED_SEARCH_STEPS = 4
+
+
+def _coded_fraction(comp: Component, p: int, q: int) -> float:
+    """Stored bytes of the component's codes over their packed bytes (1: nothing coded)."""
+    stored = packed = 0
+    for f, length in (("u", p), ("v", q)):
+        for j, seg in enumerate(comp.meta[f]):
+            if "bits" in seg:
+                stored += comp.tensors[f"{f}.{j}.codes"].numel()
+                packed += -(-(seg["end"] - seg["start"]) * length * seg["bits"] // 8)
+    return stored / packed if packed else 1.0
 
 
 @register_method
@@ -316,6 +327,9 @@ class Auto(Method):
         else:
             u, s, v = truncated_svd(target, most)
             quantizer = quantize_groups
+        # Vector-major once: every trial below encodes a prefix of these rows (a tall factor's
+        # transpose, copied per trial, cost more than its quantization).
+        u, v = u.t().contiguous().to(torch.float32).t(), v.t().contiguous().to(torch.float32).t()
         metas = [c.meta for c in extra]
 
         def encoded(room: EncodeContext, tries: int) -> Component | None:
@@ -338,18 +352,35 @@ class Auto(Method):
             if sign is not None and ctx.fits([sign.meta]):
                 return [sign]
             raise ctx.infeasible("auto", [lowrank_meta(one)])
-        if self.zstd_codes and any("coding" in seg for f in ("u", "v") for seg in comp.meta[f]):
-            # Coded codes take fewer bytes than the allocator counted: spend what they left on more
-            # vectors, planning for a larger budget (bisected) whose coded record still fits this one.
-            lo, hi = ctx.budget, int(ctx.budget / CODED_FRACTION_FLOOR)
-            for _ in range(CODED_SEARCH_STEPS):
-                mid = (lo + hi) // 2
-                trial = encoded(dataclasses.replace(ctx, budget=mid), 1)
-                if trial is not None:
-                    comp, lo = trial, mid
-                else:
-                    hi = mid
+        if self.zstd_codes:
+            comp = self._spend_what_coding_saved(comp, ctx, metas, encoded, p, q)
         return extra + [comp]
+
+    @staticmethod
+    def _spend_what_coding_saved(
+        comp: Component, ctx: EncodeContext, metas: list[dict], encoded: Callable[[EncodeContext, int], Component | None], p: int, q: int,
+    ) -> Component:
+        """Coded codes take fewer bytes than the allocator counted: plan again for a budget larger
+        by what is left, scaled by how much coding shrank the codes, and keep the largest record
+        that still fits (a few secant steps: the record's other bytes do not shrink)."""
+        budget = lo = ctx.budget
+        hi = None
+        for _ in range(CODED_SEARCH_STEPS):
+            left = budget - ctx.measure(metas + [comp.meta])
+            shrink = _coded_fraction(comp, p, q)
+            if shrink >= 1 or left <= 0:
+                break
+            guess = lo + int(left / shrink)
+            if hi is not None:
+                guess = min(guess, (lo + hi) // 2)
+            if guess <= lo:
+                break
+            trial = encoded(dataclasses.replace(ctx, budget=guess), 1)
+            if trial is None:
+                hi = guess
+            else:
+                comp, lo = trial, guess
+        return comp
 
     def _choose_sign(self, delta: torch.Tensor, ctx: EncodeContext, one: list[Segment]) -> tuple[Component | None, torch.Tensor]:
         """A sign part and the residual, or ``(None, delta)``: whichever the allocator expects to leave
