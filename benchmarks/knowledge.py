@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import shutil
 import time
@@ -160,6 +161,16 @@ def results_name(pair: str) -> str:
     return "knowledge-retention" if pair == "knowledge" else f"retention-{pair}"
 
 
+def weights_digest(folder: Path) -> str:
+    """A short SHA-256 of the fine-tune's weight files: which build of the pair a row measured."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def run(methods: list[str], ratios: list[float], seeds: int, out_dir: Path, pair: str = "knowledge") -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -181,11 +192,20 @@ def run(methods: list[str], ratios: list[float], seeds: int, out_dir: Path, pair
     work.mkdir(parents=True, exist_ok=True)
     saved = out_dir / f"{results_name(pair)}.json"
     doc = json.loads(saved.read_text()) if saved.is_file() else {}
+    # The recipe's key names the fine-tune, not its weights: a rebuild on another machine trains
+    # to other weights (the knowledge pair's answer NLL was 0.031 on one build and 0.014 on the
+    # next). Rows of another build, or of an unknown one, are never mixed with this build's.
+    ref["weights"] = weights_digest(ft)
+    if doc.get("data_key") == ref["data_key"] and doc["reference"].get("weights") != ref["weights"]:
+        raise SystemExit(
+            f"{saved} was measured on another build of {ref['data_key']} (weights {doc['reference'].get('weights') or 'not recorded'}, "
+            f"this build {ref['weights']}): its rows do not apply here; pass --out DIR to measure this build in a file of its own"
+        )
     if doc.get("data_key") != ref["data_key"]:  # another fine-tune: nothing measured before applies
         if pair != "knowledge":
             ref["base_scores"] = scorer(AutoModelForCausalLM.from_pretrained(base))
             ref["scores"] = scorer(AutoModelForCausalLM.from_pretrained(ft))
-        doc = {"pair": pair, "data_key": ref["data_key"], "reference": {k: ref[k] for k in ("base_scores", "scores", "mean_abs_delta", "recipe")}, "rows": []}
+        doc = {"pair": pair, "data_key": ref["data_key"], "reference": {k: ref[k] for k in ("base_scores", "scores", "mean_abs_delta", "recipe", "weights")}, "rows": []}
     ref = {**ref, **doc["reference"]}
     rows: list[dict[str, Any]] = doc["rows"]
     done = {(r["method"], r["target"], r["seed"]) for r in rows}
