@@ -380,6 +380,38 @@ def _zstd_frame(size: int, declared: int | None) -> bytes:
     return head + b"".join(blocks)
 
 
+def _decode_every_way(bad: Path, base: Path, out: Path, lora: Path, what_it_is: str, load_delta: bool = False) -> subprocess.CompletedProcess:
+    """verify, apply, merged and unmerged load (and ``load_delta`` onto ``base``), export-lora of
+    ``bad`` under a 4 GiB address space; one line each, and the peak RSS with ``load_delta``."""
+    code = f"""
+import resource, sys, warnings
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+warnings.simplefilter("ignore")
+import deltahub, transformers
+from deltahub import DeltaModel
+from deltahub.errors import FormatError
+report = deltahub.verify({str(bad)!r})
+print("verify", "OK" if report.ok else "REFUSED", " ".join(report.problems))
+calls = [("apply", lambda: deltahub.apply({str(bad)!r}, {str(out)!r}, progress=False)),
+         ("load", lambda: DeltaModel.from_pretrained({str(bad)!r})),
+         ("unmerged", lambda: DeltaModel.from_pretrained({str(bad)!r}, merge=False))]
+if {load_delta!r}:
+    base = transformers.LlamaForCausalLM.from_pretrained({str(base)!r})
+    calls.append(("load_delta", lambda: DeltaModel.from_base(base).load_delta({str(bad)!r})))
+calls.append(("export-lora", lambda: deltahub.export_lora({str(bad)!r}, {str(lora)!r}, progress=False)))
+for what, call in calls:
+    try:
+        call()
+    except FormatError as e:
+        print(what, "REFUSED", e)
+    else:
+        sys.exit(what + " accepted {what_it_is}")
+if {load_delta!r}:
+    print("peak RSS MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.parametrize(
     "bomb, declared, holds",
     [("claim", 1 << 40, 0), ("real", 1 << 32, 1 << 32), ("undeclared", None, 1 << 32)],
@@ -400,30 +432,7 @@ def test_a_lossless_zstd_bomb_is_refused_before_it_is_decompressed(llama, tmp_pa
         {"0.data": torch.frombuffer(bytearray(frame), dtype=torch.uint8)},
     )
     out = tmp_path / "out"
-    code = f"""
-import resource, sys, warnings
-resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-warnings.simplefilter("ignore")
-import deltahub, transformers
-from deltahub import DeltaModel
-from deltahub.errors import FormatError
-report = deltahub.verify({str(bad)!r})
-print("verify", "OK" if report.ok else "REFUSED", " ".join(report.problems))
-base = transformers.LlamaForCausalLM.from_pretrained({str(base)!r})
-for what, call in (("apply", lambda: deltahub.apply({str(bad)!r}, {str(out)!r}, progress=False)),
-                   ("load", lambda: DeltaModel.from_pretrained({str(bad)!r})),
-                   ("unmerged", lambda: DeltaModel.from_pretrained({str(bad)!r}, merge=False)),
-                   ("load_delta", lambda: DeltaModel.from_base(base).load_delta({str(bad)!r})),
-                   ("export-lora", lambda: deltahub.export_lora({str(bad)!r}, {str(tmp_path / "lora")!r}, progress=False))):
-    try:
-        call()
-    except FormatError as e:
-        print(what, "REFUSED", e)
-    else:
-        sys.exit(what + " accepted a zstd bomb")
-print("peak RSS MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
-"""
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    run = _decode_every_way(bad, base, out, tmp_path / "lora", "a zstd bomb", load_delta=True)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 7, run.stdout
@@ -461,27 +470,7 @@ def test_coded_codes_that_lie_are_refused_before_they_are_decompressed(llama, tm
          "0.v.0.values": torch.full((r, q), 0.01, dtype=torch.float16)},
     )
     out = tmp_path / "out"
-    code = f"""
-import resource, sys, warnings
-resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-warnings.simplefilter("ignore")
-import deltahub
-from deltahub import DeltaModel
-from deltahub.errors import FormatError
-report = deltahub.verify({str(bad)!r})
-print("verify", "OK" if report.ok else "REFUSED", " ".join(report.problems))
-for what, call in (("apply", lambda: deltahub.apply({str(bad)!r}, {str(out)!r}, progress=False)),
-                   ("load", lambda: DeltaModel.from_pretrained({str(bad)!r})),
-                   ("unmerged", lambda: DeltaModel.from_pretrained({str(bad)!r}, merge=False)),
-                   ("export-lora", lambda: deltahub.export_lora({str(bad)!r}, {str(tmp_path / "lora")!r}, progress=False))):
-    try:
-        call()
-    except FormatError as e:
-        print(what, "REFUSED", e)
-    else:
-        sys.exit(what + " accepted lying coded codes")
-"""
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    run = _decode_every_way(bad, base, out, tmp_path / "lora", "lying coded codes")
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 5, run.stdout
